@@ -1,0 +1,101 @@
+"""Argument checks shared by the public functions.
+
+Every check runs in Python at trace time, so a mistake fails before anything is
+compiled, with a message that names the argument and what was expected.
+"""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    """Raises ValueError unless ``value`` is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}; got {value!r}.")
+
+
+def check_like(name: str, tree: Any, like_name: str, like: Any) -> None:
+    """Raises ValueError unless ``tree`` has the structure and shapes of ``like``."""
+    tree_def = jax.tree_util.tree_structure(tree)
+    like_def = jax.tree_util.tree_structure(like)
+    if tree_def != like_def:
+        raise ValueError(
+            f"{name} must have the same pytree structure as {like_name}; got "
+            f"{tree_def} but {like_name} is {like_def}."
+        )
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for (path, leaf), like_leaf in zip(leaves, jax.tree_util.tree_leaves(like)):
+        if jnp.shape(leaf) != jnp.shape(like_leaf):
+            where = jax.tree_util.keystr(path)
+            raise ValueError(
+                f"{name}{where} must have shape {jnp.shape(like_leaf)} like "
+                f"{like_name}{where}; got {jnp.shape(leaf)}."
+            )
+
+
+def checked_matvec(matvec: Callable, params: Any) -> Callable:
+    """``matvec`` with a check that each ``v`` it gets is shaped like ``params``."""
+
+    def checked(v):
+        check_like("v", v, "params", params)
+        return matvec(v)
+
+    return checked
+
+
+def check_floating(name: str, tree: Any) -> None:
+    """Raises TypeError unless every leaf of ``tree`` has a floating dtype."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            where = jax.tree_util.keystr(path)
+            raise TypeError(
+                f"{name}{where} must have a floating dtype to be differentiated; "
+                f"got {jnp.result_type(leaf)}. Cast it, or close over it instead "
+                f"of passing it as {name}."
+            )
+
+
+def scalar_fn(name: str, fn: Callable, *args) -> Callable:
+    """``params -> fn(params, *args)``, raising ValueError if the value is not a scalar.
+
+    The check runs while the function is traced by the transformation that uses
+    it, so it costs no extra trace.
+    """
+
+    def wrapped(params):
+        out = fn(params, *args)
+        shape = () if isinstance(out, (int, float)) else getattr(out, "shape", None)
+        if shape != ():
+            got = type(out).__name__ if shape is None else f"shape {shape}"
+            raise ValueError(
+                f"{name} must return a scalar (the loss); got {got}. Reduce it, "
+                "for example with .mean() or .sum()."
+            )
+        return out
+
+    return wrapped
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raises ValueError unless ``value`` is a positive Python integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+
+
+def leading_size(name: str, tree: Any) -> int:
+    """Size of the leading (example) axis shared by every leaf of ``tree``."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves or any(jnp.ndim(leaf) == 0 for leaf in leaves):
+        raise ValueError(f"{name} must be arrays with a leading example axis.")
+    sizes = {jnp.shape(leaf)[0] for leaf in leaves}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"every array in {name} must have the same leading (example) axis; "
+            f"got sizes {sorted(sizes)}."
+        )
+    return sizes.pop()

@@ -1,0 +1,12 @@
+"""Small flax (NNX) models, each returned as a pure ``model_fn(params, inputs)``.
+
+The curvature functions take a plain parameter pytree and a pure function, so
+every constructor here returns ``(model_fn, params)`` with ``params`` the
+model's ``nnx.Param`` state (a pytree) and ``model_fn`` merging it back into the
+module to run it.
+"""
+
+from hvpopt.models.mlp import mlp
+from hvpopt.models.transformer import TransformerConfig, transformer_lm
+
+__all__ = ["TransformerConfig", "mlp", "transformer_lm"]
