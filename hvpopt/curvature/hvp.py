@@ -23,13 +23,13 @@ References:
   reverse-mode".
 """
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
 from hvpopt import _checks
+from hvpopt.curvature.forward_mode import trace_jvp, warn_reverse_fallback
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -97,18 +97,17 @@ def hessian_operator(f: Callable, params: PyTree, *args, mode: str = "auto") -> 
     _checks.check_choice("mode", mode, HVP_MODES)
     _checks.check_floating("params", params)
     loss = _checks.scalar_fn("f", f, *args)
-    if mode == "rev_fwd":
-        product = lambda v: _rev_fwd(loss, params, v)
+    if mode == "auto":
+        reason = trace_jvp(jax.grad(loss), params, params)[1]
+        if reason is not None:
+            warn_reverse_fallback(reason, "Hessian-vector product", _SILENCE_HINT)
+        mode = "fwd_rev" if reason is None else "rev_rev"
+    if mode == "fwd_rev":
+        product = jax.linearize(jax.grad(loss), params)[1]
     elif mode == "rev_rev":
         product = _reverse_linearization(loss, params)
-    elif mode == "fwd_rev":
-        product = jax.linearize(jax.grad(loss), params)[1]
     else:
-        try:
-            product = jax.linearize(jax.grad(loss), params)[1]
-        except (TypeError, NotImplementedError) as err:
-            _raise_unless_forward_mode_undefined(err)
-            product = _reverse_linearization(loss, params)
+        product = lambda v: _rev_fwd(loss, params, v)
     return _checks.checked_matvec(product, params)
 
 
@@ -132,11 +131,11 @@ def _rev_fwd(loss: Callable, params: PyTree, v: PyTree) -> PyTree:
 
 
 def _auto(loss: Callable, params: PyTree, v: PyTree) -> PyTree:
-    try:
-        return _fwd_rev(loss, params, v)
-    except (TypeError, NotImplementedError) as err:
-        _raise_unless_forward_mode_undefined(err)
+    run, reason = trace_jvp(jax.grad(loss), params, v)
+    if run is None:
+        warn_reverse_fallback(reason, "Hessian-vector product", _SILENCE_HINT)
         return _rev_rev(loss, params, v)
+    return run(params, v)
 
 
 def _reverse_linearization(loss: Callable, params: PyTree) -> MatVec:
@@ -145,22 +144,5 @@ def _reverse_linearization(loss: Callable, params: PyTree) -> MatVec:
     return lambda v: grad_vjp(v)[0]
 
 
-def _raise_unless_forward_mode_undefined(err: Exception) -> None:
-    """Re-raises ``err`` unless it says forward mode is undefined; else warns."""
-    message = str(err)
-    undefined = (
-        "forward-mode" in message
-        or "jvp" in message.lower()
-        or "Differentiation rule for" in message
-    )
-    if not undefined:
-        raise err
-    warnings.warn(
-        "hvpopt: forward-mode autodiff is not defined inside the loss "
-        f"({message.splitlines()[0]}); using reverse-over-reverse for the "
-        "Hessian-vector product. Pass mode='rev_rev' to silence this.",
-        stacklevel=3,
-    )
-
-
+_SILENCE_HINT = "Pass mode='rev_rev' to silence this."
 _HVP_BY_MODE = {"auto": _auto, "fwd_rev": _fwd_rev, "rev_rev": _rev_rev, "rev_fwd": _rev_fwd}

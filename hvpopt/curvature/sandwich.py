@@ -5,7 +5,9 @@ have this form: ``J`` is the Jacobian of some function of the parameters (model
 outputs, or per-example losses) and ``M`` a small matrix acting on its outputs.
 The function is linearized once (``jax.linearize``); ``J v`` is its tangent map
 and ``J^T u`` the transpose of that same linear map (``jax.linear_transpose``),
-so one forward pass serves every product (Schraudolph, 2002).
+so one forward pass serves every product (Schraudolph, 2002). Where forward
+mode is undefined in the function (a ``custom_vjp`` inside it), ``J v`` is
+computed as the VJP of the linear map ``u -> J^T u`` instead, with a warning.
 
 Reference:
   Schraudolph, "Fast curvature matrix-vector products for second-order
@@ -16,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+
+from hvpopt.curvature.forward_mode import trace_jvp, warn_reverse_fallback
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -36,7 +40,15 @@ def sandwich_operator(
     Returns:
       The matvec; it reuses one linearization of ``fn`` for every product.
     """
-    outputs, jvp_fn = jax.linearize(fn, params)
-    transpose_fn = jax.linear_transpose(jvp_fn, params)
+    reason = trace_jvp(fn, params, params)[1]
+    if reason is None:
+        outputs, jvp = jax.linearize(fn, params)
+        transpose = jax.linear_transpose(jvp, params)
+        vjp = lambda u: transpose(u)[0]
+    else:
+        warn_reverse_fallback(reason, "Jacobian-vector product J v")
+        outputs, vjp_fn = jax.vjp(fn, params)
+        vjp = lambda u: vjp_fn(u)[0]
+        jvp = lambda v: jax.vjp(vjp, outputs)[1](v)[0]
     middle_matvec = middle(outputs)
-    return lambda v: transpose_fn(middle_matvec(jvp_fn(v)))[0]
+    return lambda v: vjp(middle_matvec(jvp(v)))

@@ -79,8 +79,13 @@ class TransformerLM(nnx.Module):
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed = nnx.Embed(config.vocab_size, config.d_model, rngs=rngs)
-        self.positions = nnx.Embed(config.context_length, config.d_model, rngs=rngs)
+        # Plain parameters rather than nnx.Embed, whose lookup casts to float32
+        # even when the parameters are float64.
+        init = nnx.initializers.normal(stddev=0.02)
+        self.token_embedding = nnx.Param(init(rngs.params(), (config.vocab_size, config.d_model)))
+        self.position_embedding = nnx.Param(
+            init(rngs.params(), (config.context_length, config.d_model))
+        )
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = nnx.LayerNorm(config.d_model, rngs=rngs)
         self.head = nnx.Linear(config.d_model, config.vocab_size, rngs=rngs)
@@ -92,7 +97,8 @@ class TransformerLM(nnx.Module):
                 f"tokens has length {length}, longer than the model's context_length "
                 f"{self.config.context_length}."
             )
-        x = self.embed(tokens) + self.positions(jnp.arange(length))
+        x = jnp.take(self.token_embedding[...], tokens, axis=0)
+        x = x + self.position_embedding[...][:length]
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))

@@ -1,0 +1,145 @@
+"""Shared small problems. Every test in this suite runs in float64."""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import hvpopt
+from hvpopt.models import TransformerConfig
+
+jax.config.update("jax_enable_x64", True)
+
+
+class Problem(NamedTuple):
+    """``loss(model_fn(params, inputs), targets)`` and its pieces."""
+
+    name: str
+    model_fn: Callable
+    loss: Callable
+    params: Any
+    inputs: Any
+    targets: Any
+    # The same function written without custom_vjp, for ground truth.
+    reference_model_fn: Callable | None = None
+
+    def objective(self, params, inputs=None, targets=None):
+        inputs = self.inputs if inputs is None else inputs
+        targets = self.targets if targets is None else targets
+        return self.loss(self.model_fn(params, inputs), targets)
+
+    def reference_objective(self, params):
+        model_fn = self.reference_model_fn or self.model_fn
+        return self.loss(model_fn(params, self.inputs), self.targets)
+
+
+def to_float64(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+@jax.custom_vjp
+def custom_sigmoid(x):
+    return jax.nn.sigmoid(x)
+
+
+custom_sigmoid.defvjp(
+    lambda x: (jax.nn.sigmoid(x), x),
+    lambda x, g: (g * jax.nn.sigmoid(x) * (1 - jax.nn.sigmoid(x)),),
+)
+
+
+@jax.custom_vjp
+def custom_softplus(x):
+    """Softplus whose backward rule calls another custom_vjp, as library code does.
+
+    Forward-over-reverse differentiates the backward rule in forward mode and
+    meets ``custom_sigmoid``, where forward mode is undefined.
+    """
+    return jax.nn.softplus(x)
+
+
+custom_softplus.defvjp(lambda x: (jax.nn.softplus(x), x), lambda x, g: (g * custom_sigmoid(x),))
+
+
+def make_mlp() -> Problem:
+    model_fn, params = hvpopt.models.mlp((4, 6, 3), seed=1)
+    x = jax.random.normal(jax.random.key(0), (8, 4), jnp.float64)
+    y = jax.random.randint(jax.random.key(1), (8,), 0, 3)
+    return Problem("mlp", model_fn, hvpopt.losses.softmax_cross_entropy, to_float64(params), x, y)
+
+
+def make_transformer() -> Problem:
+    config = TransformerConfig(
+        vocab_size=5, d_model=4, num_layers=1, num_heads=2, context_length=4, mlp_ratio=2
+    )
+    model_fn, params = hvpopt.models.transformer_lm(config, seed=2)
+    tokens = jax.random.randint(jax.random.key(3), (3, 5), 0, 5)
+    return Problem(
+        "transformer",
+        model_fn,
+        hvpopt.losses.softmax_cross_entropy,
+        to_float64(params),
+        tokens[:, :-1],
+        tokens[:, 1:],
+    )
+
+
+def make_custom_vjp() -> Problem:
+    model_fn, params = hvpopt.models.mlp((4, 5, 3), activation=custom_softplus, seed=4)
+    reference_model_fn, _ = hvpopt.models.mlp((4, 5, 3), activation=jax.nn.softplus, seed=4)
+    x = jax.random.normal(jax.random.key(5), (6, 4), jnp.float64)
+    y = jax.random.randint(jax.random.key(6), (6,), 0, 3)
+    loss = hvpopt.losses.softmax_cross_entropy
+    return Problem("custom_vjp", model_fn, loss, to_float64(params), x, y, reference_model_fn)
+
+
+PROBLEMS = {"mlp": make_mlp, "transformer": make_transformer, "custom_vjp": make_custom_vjp}
+
+
+@pytest.fixture(params=sorted(PROBLEMS), scope="module")
+def problem(request) -> Problem:
+    return PROBLEMS[request.param]()
+
+
+def random_like(key, tree):
+    flat, unravel = ravel_pytree(tree)
+    return unravel(jax.random.normal(key, flat.shape, flat.dtype))
+
+
+def flat(tree) -> np.ndarray:
+    return np.asarray(ravel_pytree(tree)[0])
+
+
+def dense_hessian(f, params) -> np.ndarray:
+    """Ground truth: ``jax.hessian`` of ``f`` on the raveled parameters."""
+    x, unravel = ravel_pytree(params)
+    return np.asarray(jax.jit(jax.hessian(lambda z: f(unravel(z))))(x))
+
+
+def problem_hessian(problem: Problem) -> np.ndarray:
+    """The dense Hessian of a problem's objective, from its custom_vjp-free twin."""
+    if problem.name not in _HESSIANS:
+        _HESSIANS[problem.name] = dense_hessian(problem.reference_objective, problem.params)
+    return _HESSIANS[problem.name]
+
+
+_HESSIANS: dict[str, np.ndarray] = {}
+
+
+def dense_ggn(problem: Problem) -> np.ndarray:
+    """Ground truth: explicit ``J^T H_L J`` from dense Jacobian and output Hessian."""
+    x, unravel = ravel_pytree(problem.params)
+    model_fn = problem.reference_model_fn or problem.model_fn
+    outputs = model_fn(problem.params, problem.inputs)
+    jac = jax.jit(jax.jacobian(lambda z: model_fn(unravel(z), problem.inputs).ravel()))(x)
+    loss = lambda o: problem.loss(o.reshape(outputs.shape), problem.targets)
+    hess_out = jax.jit(jax.hessian(loss))(outputs.ravel())
+    return np.asarray(jac.T @ hess_out @ jac)
+
+
+def rel_error(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
