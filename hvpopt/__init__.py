@@ -5,7 +5,7 @@ pytree, the matrix-free solvers built on them, and the optimizers and influence
 estimators built on those.
 """
 
-from hvpopt import losses, models
+from hvpopt import demo, losses, models
 from hvpopt.curvature import (
     HVP_MODES,
     average_over_batches,
