@@ -5,6 +5,7 @@ import json
 import sys
 
 import hvpopt
+from hvpopt import demo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,17 +16,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hvpopt {hvpopt.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = commands.add_parser(
+    tour = commands.add_parser(
         "demo",
         help="tour the curvature products on a built-in model",
         description="Times every curvature-vector product next to a gradient on a built-in "
         "model, checks that the HVP modes agree, and reports the curvature along the gradient.",
     )
-    demo.add_argument("--model", choices=hvpopt.demo.MODELS, default="transformer")
-    demo.add_argument("--batch-size", type=_positive_int, default=16)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--repeats", type=_positive_int, default=5, help="timed calls per product")
-    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    tour.add_argument("--model", choices=demo.MODELS, default="transformer")
+    tour.add_argument("--batch-size", type=_positive_int, default=16)
+    tour.add_argument("--seed", type=int, default=0)
+    tour.add_argument("--repeats", type=_positive_int, default=5, help="timed calls per product")
+    tour.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -36,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        report = hvpopt.demo.curvature_tour(
+        report = demo.curvature_tour(
             args.model, batch_size=args.batch_size, seed=args.seed, repeats=args.repeats
         )
     except (ValueError, TypeError) as err:
         print(f"hvpopt: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2) if args.json else hvpopt.demo.format_report(report))
+    print(json.dumps(report, indent=2) if args.json else demo.format_report(report))
     return 0
 
 

@@ -99,10 +99,15 @@ def test_auto_falls_back_with_one_warning_through_custom_vjp():
     assert rel_error(flat(matvec(v)), hessian @ flat(v)) < 1e-10
 
 
-def test_explicit_forward_mode_through_custom_vjp_fails():
+def test_explicit_forward_mode_through_custom_vjp_fails_clearly():
     f = lambda w: jnp.sum(custom_softplus(w) ** 2)
-    with pytest.raises((TypeError, NotImplementedError)):
-        hvpopt.hvp(f, jnp.ones(3), jnp.ones(3), mode="rev_fwd")
+    w = jnp.ones(3)
+    with pytest.raises(TypeError, match="mode='fwd_rev' needs forward-mode autodiff"):
+        jax.jit(lambda w: hvpopt.hvp(f, w, w, mode="fwd_rev"))(w)
+    with pytest.raises(TypeError, match="mode='fwd_rev' needs forward-mode autodiff"):
+        hvpopt.hessian_operator(f, w, mode="fwd_rev")
+    with pytest.raises((TypeError, NotImplementedError)):  # JAX's own error
+        hvpopt.hvp(f, w, w, mode="rev_fwd")
 
 
 def test_auto_reraises_unrelated_errors():

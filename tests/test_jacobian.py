@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hvpopt
-from hvpopt.jacobian import jacobian_mode_prefers_forward
+from hvpopt.jacobian_modes import jacobian_mode_prefers_forward
 
 
 def tall(x):  # R^2 -> R^6: forward mode is cheaper

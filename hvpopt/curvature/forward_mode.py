@@ -5,9 +5,9 @@ Forward mode fails in two ways. At trace time: a primitive with no JVP rule
 Or silently: differentiating a ``custom_vjp`` *backward rule* in forward mode
 (as forward-over-reverse does) can leave a ``custom_lin`` primitive in the
 traced program that only fails when it is lowered for compilation, long after
-a ``try`` around the transformation has returned. :func:`trace_jvp` traces
-once and checks for both, so callers can choose another mode in time, and
-reuse the trace when forward mode works.
+a ``try`` around the transformation has returned. :func:`trace_jvp` and
+:func:`try_linearize` trace once and check for both, so callers can choose
+another mode in time, and reuse the trace when forward mode works.
 """
 
 import warnings
@@ -38,7 +38,7 @@ def trace_jvp(fn: Callable, primal: PyTree, tangent: PyTree):
             raise
         return None, str(err).splitlines()[0]
     if _contains_primitive(closed.jaxpr, "custom_lin"):
-        return None, "a custom_vjp backward rule calls a function with no forward-mode rule"
+        return None, _CUSTOM_LIN_REASON
     out_tree = jax.tree.structure(out_shape)
 
     def run(p: PyTree, t: PyTree) -> PyTree:
@@ -46,6 +46,27 @@ def trace_jvp(fn: Callable, primal: PyTree, tangent: PyTree):
         return jax.tree.unflatten(out_tree, flat_out)
 
     return run, None
+
+
+def try_linearize(fn: Callable, primal: PyTree):
+    """``jax.linearize(fn, primal)``, checked for forward mode.
+
+    Returns:
+      ``((outputs, jvp_fn), None)``, or ``(None, reason)`` when forward mode is
+      undefined in ``fn``.
+
+    Raises:
+      Any error of ``fn`` that is not about forward mode.
+    """
+    try:
+        outputs, jvp_fn = jax.linearize(fn, primal)
+    except (TypeError, NotImplementedError) as err:
+        if not _says_forward_mode_undefined(err):
+            raise
+        return None, str(err).splitlines()[0]
+    if _contains_primitive(jax.make_jaxpr(jvp_fn)(primal).jaxpr, "custom_lin"):
+        return None, _CUSTOM_LIN_REASON
+    return (outputs, jvp_fn), None
 
 
 def warn_reverse_fallback(reason: str, product: str, hint: str = "") -> None:
@@ -56,6 +77,9 @@ def warn_reverse_fallback(reason: str, product: str, hint: str = "") -> None:
         + hint,
         stacklevel=4,
     )
+
+
+_CUSTOM_LIN_REASON = "a custom_vjp function, or one called by a custom_vjp backward rule"
 
 
 def _says_forward_mode_undefined(err: Exception) -> bool:

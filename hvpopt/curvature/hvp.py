@@ -14,8 +14,11 @@ product:
 
 ``"auto"`` uses forward-over-reverse and falls back to reverse-over-reverse,
 with a warning, when forward mode is not defined inside ``f``: a
-``jax.custom_vjp`` whose backward rule calls another ``custom_vjp``, or a fused
-kernel with no JVP rule.
+``jax.custom_vjp`` whose backward rule cannot be differentiated in forward mode
+(it calls another ``custom_vjp``, say), or a fused kernel with no JVP rule.
+Under ``jit`` JAX reports the first case only when compiling, so ``"auto"``
+traces the product once, inspects it (:mod:`hvpopt.curvature.forward_mode`)
+and reuses that trace.
 
 References:
   Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
@@ -29,7 +32,7 @@ from typing import Any
 import jax
 
 from hvpopt import _checks
-from hvpopt.curvature.forward_mode import trace_jvp, warn_reverse_fallback
+from hvpopt.curvature.forward_mode import trace_jvp, try_linearize, warn_reverse_fallback
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -73,9 +76,11 @@ def hessian_operator(f: Callable, params: PyTree, *args, mode: str = "auto") -> 
     For ``"fwd_rev"`` the gradient is linearized once (``jax.linearize``) and each
     product evaluates only the linear (tangent) part; for ``"rev_rev"`` the
     gradient's VJP is built once. Both keep the linearization's residuals in
-    memory (about what one gradient needs) and make repeated products, as in a
-    CG or Lanczos loop, cheaper than calling :func:`hvp` each time.
-    ``"rev_fwd"`` has nothing to reuse and calls :func:`hvp`.
+    memory (about what one gradient needs), so the primal forward and backward
+    passes run once however many products follow, as in a CG or Lanczos loop.
+    Inside one ``jit`` XLA often finds that sharing by itself for repeated
+    :func:`hvp` calls (``scripts/bench_curvature.py`` measures both equal per
+    product); the operator guarantees it. ``"rev_fwd"`` has nothing to reuse.
 
     Args:
       f: ``f(params, *args) -> scalar``.
@@ -97,17 +102,17 @@ def hessian_operator(f: Callable, params: PyTree, *args, mode: str = "auto") -> 
     _checks.check_choice("mode", mode, HVP_MODES)
     _checks.check_floating("params", params)
     loss = _checks.scalar_fn("f", f, *args)
-    if mode == "auto":
-        reason = trace_jvp(jax.grad(loss), params, params)[1]
-        if reason is not None:
-            warn_reverse_fallback(reason, "Hessian-vector product", _SILENCE_HINT)
-        mode = "fwd_rev" if reason is None else "rev_rev"
-    if mode == "fwd_rev":
-        product = jax.linearize(jax.grad(loss), params)[1]
+    if mode == "rev_fwd":
+        product = lambda v: _rev_fwd(loss, params, v)
     elif mode == "rev_rev":
         product = _reverse_linearization(loss, params)
     else:
-        product = lambda v: _rev_fwd(loss, params, v)
+        linearized, reason = try_linearize(jax.grad(loss), params)
+        if linearized is not None:
+            product = linearized[1]
+        else:
+            _fallback_or_raise(mode, reason)
+            product = _reverse_linearization(loss, params)
     return _checks.checked_matvec(product, params)
 
 
@@ -117,8 +122,12 @@ def _check_inputs(params: PyTree, v: PyTree, mode: str) -> None:
     _checks.check_like("v", v, "params", params)
 
 
-def _fwd_rev(loss: Callable, params: PyTree, v: PyTree) -> PyTree:
-    return jax.jvp(jax.grad(loss), (params,), (v,))[1]
+def _fwd_rev(loss: Callable, params: PyTree, v: PyTree, *, mode: str = "fwd_rev") -> PyTree:
+    run, reason = trace_jvp(jax.grad(loss), params, v)
+    if run is not None:
+        return run(params, v)
+    _fallback_or_raise(mode, reason)
+    return _rev_rev(loss, params, v)
 
 
 def _rev_rev(loss: Callable, params: PyTree, v: PyTree) -> PyTree:
@@ -131,11 +140,17 @@ def _rev_fwd(loss: Callable, params: PyTree, v: PyTree) -> PyTree:
 
 
 def _auto(loss: Callable, params: PyTree, v: PyTree) -> PyTree:
-    run, reason = trace_jvp(jax.grad(loss), params, v)
-    if run is None:
-        warn_reverse_fallback(reason, "Hessian-vector product", _SILENCE_HINT)
-        return _rev_rev(loss, params, v)
-    return run(params, v)
+    return _fwd_rev(loss, params, v, mode="auto")
+
+
+def _fallback_or_raise(mode: str, reason: str) -> None:
+    """Where forward mode is undefined: warn for ``"auto"``, refuse ``"fwd_rev"``."""
+    if mode != "auto":
+        raise TypeError(
+            f"mode={mode!r} needs forward-mode autodiff, which is not defined inside f "
+            f"({reason}). Use mode='auto' or mode='rev_rev'."
+        )
+    warn_reverse_fallback(reason, "Hessian-vector product", "Pass mode='rev_rev' to silence this.")
 
 
 def _reverse_linearization(loss: Callable, params: PyTree) -> MatVec:
@@ -144,5 +159,4 @@ def _reverse_linearization(loss: Callable, params: PyTree) -> MatVec:
     return lambda v: grad_vjp(v)[0]
 
 
-_SILENCE_HINT = "Pass mode='rev_rev' to silence this."
 _HVP_BY_MODE = {"auto": _auto, "fwd_rev": _fwd_rev, "rev_rev": _rev_rev, "rev_fwd": _rev_fwd}

@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from hvpopt.curvature.forward_mode import trace_jvp, warn_reverse_fallback
+from hvpopt.curvature.forward_mode import try_linearize, warn_reverse_fallback
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -40,9 +40,9 @@ def sandwich_operator(
     Returns:
       The matvec; it reuses one linearization of ``fn`` for every product.
     """
-    reason = trace_jvp(fn, params, params)[1]
-    if reason is None:
-        outputs, jvp = jax.linearize(fn, params)
+    linearized, reason = try_linearize(fn, params)
+    if linearized is not None:
+        outputs, jvp = linearized
         transpose = jax.linear_transpose(jvp, params)
         vjp = lambda u: transpose(u)[0]
     else:
