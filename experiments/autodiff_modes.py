@@ -2,7 +2,7 @@
 
 Two claims of the library's docstrings are measured on this machine:
 
-1. ``hvpopt/jacobian_modes.py``: for ``f: R^n -> R^m`` forward mode (``jax.jacfwd``)
+1. ``hvpopt.jacobians.py``: for ``f: R^n -> R^m`` forward mode (``jax.jacfwd``)
    costs about ``n`` passes and reverse mode (``jax.jacrev``) about ``m``, so
    forward should win for ``n < m`` and reverse for ``n > m``; ``hvpopt.jacobian``
    (``mode="auto"``) picks forward exactly when ``n < m``. We time both on
@@ -58,7 +58,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import hvpopt
-from hvpopt.jacobian_modes import jacobian_mode_prefers_forward
+from hvpopt.jacobians import jacobian_mode_prefers_forward
 
 # Relative tolerance under which two timings count as a tie for "correct pick".
 TIE_TOLERANCE = 0.05

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hvpopt
-from hvpopt.jacobian_modes import jacobian_mode_prefers_forward
+from hvpopt.jacobians import jacobian_mode_prefers_forward
 
 
 def tall(x):  # R^2 -> R^6: forward mode is cheaper
@@ -45,3 +45,29 @@ def test_bad_input_names_the_argument():
         hvpopt.jacobian(tall, jnp.ones(2), mode="forward")
     with pytest.raises(TypeError, match="x must have a floating dtype"):
         hvpopt.jacobian(tall, jnp.arange(2))
+
+
+def test_spectral_norm_matches_svd_of_the_dense_jacobian():
+    model_fn, params = hvpopt.models.mlp((6, 16, 4), seed=3)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    x = jax.random.normal(jax.random.key(0), (6,), jnp.float64)
+    f = lambda x, p: model_fn(p, x)
+    estimate = hvpopt.jacobian_spectral_norm(f, x, params, key=jax.random.key(1), num_iters=200)
+    singular_values = np.linalg.svd(jax.jacfwd(f)(x, params), compute_uv=False)
+    np.testing.assert_allclose(estimate.value, singular_values[0], rtol=1e-10)
+    assert estimate.relative_change < 1e-10
+    jv = jax.jvp(lambda x_: f(x_, params), (x,), (estimate.input_vector,))[1]
+    np.testing.assert_allclose(jnp.linalg.norm(estimate.input_vector), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(jv / estimate.value, estimate.output_vector, rtol=1e-10)
+
+
+def test_spectral_norm_of_a_pytree_input_in_few_iterations_is_a_lower_bound():
+    w = {"a": jnp.diag(jnp.array([5.0, 1.0])), "b": jnp.array([[0.0, 2.0]])}
+    f = lambda x: {"y": w["a"] @ x["u"], "z": w["b"] @ x["u"] + x["s"]}
+    x = {"u": jnp.ones(2), "s": jnp.ones(1)}
+    estimate = hvpopt.jacobian_spectral_norm(f, x, key=jax.random.key(2), num_iters=2)
+    assert estimate.value <= 5.0 + 1e-12
+    exact = hvpopt.jacobian_spectral_norm(f, x, key=jax.random.key(2), num_iters=100)
+    np.testing.assert_allclose(exact.value, 5.0, rtol=1e-10)
+    with pytest.raises(ValueError, match="num_iters must be a positive integer"):
+        hvpopt.jacobian_spectral_norm(f, x, key=jax.random.key(2), num_iters=0)

@@ -1,0 +1,347 @@
+"""Conjugate gradient with diagnostics, for curvature systems ``(A + damping I) x = b``.
+
+Preconditioned CG (Hestenes & Stiefel, 1952) minimises the quadratic model
+
+.. math:: q(x) = \\tfrac12 x^\\top (A + \\lambda I) x - b^\\top x
+
+over growing Krylov spaces. It assumes ``A + lambda I`` is positive definite; a
+damped Hessian often is not. Where CG meets a direction ``p`` with
+``p^T (A + lambda I) p <= 0`` this solver stops, keeps the last iterate (all
+finite) and says so, instead of stepping to a meaningless point or returning
+NaN. The options the second-order optimizers need are built in:
+
+* ``radius``: Steihaug-Toint truncation (Steihaug, 1983): stop where the
+  iterate leaves the ball ``||x|| <= radius``, or on negative curvature, at the
+  boundary point of the last direction.
+* ``progress_tol``: Martens' (2010) relative-progress rule: stop at iteration
+  ``i`` once ``(q_i - q_{i-k}) / q_i < k * progress_tol`` with
+  ``k = max(10, i // 10)``.
+* ``save_at`` and ``model_values``: iterates at chosen iterations and ``q`` at
+  every iteration, for Martens' CG backtracking.
+* ``x0`` (warm start), ``precond`` (a callable ``r -> M^{-1} r``; see
+  :func:`jacobi_preconditioner`), and ``differentiable`` (gradients through
+  the solution by ``lax.custom_linear_solve``).
+
+References:
+  Hestenes, Stiefel, "Methods of conjugate gradients for solving linear
+  systems", J. Res. NBS 1952.
+  Steihaug, "The conjugate gradient method and trust regions in large scale
+  optimization", SIAM J. Numer. Anal. 1983.
+  Martens, "Deep learning via Hessian-free optimization", ICML 2010.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax.tree_utils as otu
+from jax.flatten_util import ravel_pytree
+
+from hvpopt import _checks
+
+PyTree = Any
+MatVec = Callable[[PyTree], PyTree]
+
+
+class CGStatus:
+    """Why :func:`cg` stopped (the ``status`` field of :class:`CGResult`)."""
+
+    CONVERGED = 0  #: ``||r|| <= max(rtol ||b||, atol)``.
+    MAX_ITERATIONS = 1  #: ``maxiter`` iterations without converging.
+    NEGATIVE_CURVATURE = 2  #: met ``p^T (A + damping I) p <= 0``.
+    TRUST_REGION = 3  #: the iterate reached ``||x|| = radius``.
+    NO_PROGRESS = 4  #: Martens' relative-progress rule fired.
+    NON_FINITE = 5  #: the matvec returned NaN or inf.
+
+    NAMES = (
+        "converged",
+        "max_iterations",
+        "negative_curvature",
+        "trust_region",
+        "no_progress",
+        "non_finite",
+    )
+
+
+class CGResult(NamedTuple):
+    """The outcome of :func:`cg`.
+
+    Attributes:
+      x: the solution estimate, a pytree like ``b``; always finite.
+      iterations: CG iterations taken.
+      num_matvecs: products with ``A`` used (one more than ``iterations`` with
+        a warm start).
+      residual_norm: ``||b - (A + damping I) x||`` by the CG recurrence (no
+        extra matvec); near machine precision it drifts from the true residual.
+      converged: whether the residual reached the tolerance.
+      negative_curvature: whether a direction of non-positive curvature was met.
+      hit_boundary: whether the trust-region boundary was reached.
+      status: a :class:`CGStatus` code; ``CGStatus.NAMES[status]`` in words.
+      model_values: ``q(x_i)`` for ``i = 0..maxiter``; entries past
+        ``iterations`` repeat the final value.
+      saved_iterates: the iterates at iterations ``save_at`` (leading axis of
+        size ``len(save_at)``); an iteration not reached holds the final
+        iterate.
+      saved_iterations: the iteration each saved iterate comes from.
+    """
+
+    x: PyTree
+    iterations: jax.Array
+    num_matvecs: jax.Array
+    residual_norm: jax.Array
+    converged: jax.Array
+    negative_curvature: jax.Array
+    hit_boundary: jax.Array
+    status: jax.Array
+    model_values: jax.Array
+    saved_iterates: PyTree
+    saved_iterations: jax.Array
+
+
+def cg(
+    matvec: MatVec,
+    b: PyTree,
+    *,
+    x0: PyTree | None = None,
+    damping: float | jax.Array = 0.0,
+    precond: MatVec | None = None,
+    rtol: float = 1e-5,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    radius: float | jax.Array | None = None,
+    progress_tol: float | None = None,
+    save_at: Sequence[int] = (),
+    differentiable: bool = False,
+) -> CGResult:
+    """Solves ``(A + damping I) x = b`` by (preconditioned) conjugate gradient.
+
+    Args:
+      matvec: ``v -> A v`` on pytrees shaped like ``b`` (a Hessian, Gauss-Newton
+        or Fisher operator, say). ``A`` should be symmetric.
+      b: the right-hand side, any pytree of floating arrays.
+      x0: a warm start (costs one extra matvec); zero by default.
+      damping: ``lambda >= 0`` added to the diagonal; may be traced.
+      precond: ``r -> M^{-1} r`` with ``M`` symmetric positive definite.
+      rtol, atol: stop when ``||r|| <= max(rtol * ||b||, atol)``.
+      maxiter: the most iterations; the size of ``b`` by default.
+      radius: trust-region radius for Steihaug-Toint truncation; none by default.
+      progress_tol: Martens' relative-progress tolerance (he uses 5e-4); off by
+        default.
+      save_at: iterations whose iterates to keep, for CG backtracking (Martens
+        saves ``ceil(1.3^j)``).
+      differentiable: make ``x`` differentiable in ``b`` and in what ``matvec``
+        closes over, by implicit differentiation (``lax.custom_linear_solve``).
+
+    Returns:
+      A :class:`CGResult`.
+
+    Example:
+      >>> import jax.numpy as jnp, hvpopt
+      >>> a = jnp.array([[4.0, 1.0], [1.0, 3.0]])
+      >>> result = hvpopt.cg(lambda v: a @ v, jnp.array([1.0, 2.0]))
+      >>> result.x, bool(result.converged), int(result.iterations)
+      (Array([0.09090909, 0.6363636 ], dtype=float32), True, 2)
+      >>> indefinite = hvpopt.cg(lambda v: -v, jnp.ones(2))
+      >>> hvpopt.CGStatus.NAMES[int(indefinite.status)], indefinite.x
+      ('negative_curvature', Array([0., 0.], dtype=float32))
+    """
+    _checks.check_floating("b", b)
+    if x0 is not None:
+        _checks.check_like("x0", x0, "b", b)
+    size = ravel_pytree(b)[0].size
+    maxiter = size if maxiter is None else maxiter
+    _checks.check_positive_int("maxiter", maxiter)
+    _check_nonnegative("damping", damping)
+    _check_nonnegative("rtol", rtol)
+    _check_nonnegative("atol", atol)
+    if radius is not None:
+        _check_nonnegative("radius", radius)
+    if progress_tol is not None:
+        _check_nonnegative("progress_tol", progress_tol)
+    save_at = tuple(save_at)
+    for index in save_at:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= maxiter:
+            raise ValueError(f"save_at must hold iterations in [0, maxiter={maxiter}]; got {index!r}.")
+
+    damped = lambda v: otu.tree_add_scale(matvec(v), damping, v)
+    options = dict(
+        x0=x0, precond=precond, rtol=rtol, atol=atol, maxiter=maxiter, radius=radius,
+        progress_tol=progress_tol, save_at=save_at,
+    )
+    if not differentiable:
+        return _cg(damped, b, **options)
+
+    def solve(operator, rhs):
+        result = _cg(operator, rhs, **options)
+        return result.x, result._replace(x=None)
+
+    x, diagnostics = jax.lax.custom_linear_solve(damped, b, solve, symmetric=True, has_aux=True)
+    return diagnostics._replace(x=x)
+
+
+def jacobi_preconditioner(
+    diagonal: PyTree, *, damping: float = 0.0, exponent: float = 1.0
+) -> MatVec:
+    """``r -> r / (|d| + damping)^exponent``, a diagonal (Jacobi) preconditioner.
+
+    ``diagonal`` is the curvature's diagonal, exact or estimated (see
+    :func:`hvpopt.hutchinson_diagonal`); its absolute value is used because an
+    estimate of a positive diagonal can come out negative. Martens (2010) uses
+    the empirical Fisher diagonal with ``exponent=0.75``. Entries are floored at
+    a tiny multiple of the largest so the division stays finite.
+
+    Example:
+      >>> import jax.numpy as jnp, hvpopt
+      >>> hvpopt.jacobi_preconditioner(jnp.array([4.0, 1.0]))(jnp.array([2.0, 2.0]))
+      Array([0.5, 2. ], dtype=float32)
+    """
+    scale = jax.tree.map(lambda d: (jnp.abs(d) + damping) ** exponent, diagonal)
+    largest = otu.tree_max(scale)
+    floor = jnp.finfo(ravel_pytree(scale)[0].dtype).tiny + 1e-12 * largest
+    scale = jax.tree.map(lambda s: jnp.maximum(s, floor), scale)
+    return lambda r: otu.tree_div(r, scale)
+
+
+class _State(NamedTuple):
+    iteration: jax.Array
+    x: PyTree
+    r: PyTree
+    z: PyTree
+    p: PyTree
+    rz: jax.Array
+    status: jax.Array
+    done: jax.Array
+    model_values: jax.Array
+    saved: PyTree
+    saved_iterations: jax.Array
+
+
+def _cg(matvec, b, *, x0, precond, rtol, atol, maxiter, radius, progress_tol, save_at) -> CGResult:
+    precond = precond or (lambda r: r)
+    dtype = ravel_pytree(b)[0].dtype
+    b_norm = otu.tree_norm(b)
+    tolerance = jnp.maximum(rtol * b_norm, atol)
+    x = otu.tree_zeros_like(b) if x0 is None else x0
+    r = b if x0 is None else otu.tree_sub(b, matvec(x0))
+    z = precond(r)
+    model = lambda x, r: -0.5 * otu.tree_vdot(x, otu.tree_add(b, r))  # q(x), as b - r = A x
+    model_values = jnp.zeros(maxiter + 1, dtype).at[0].set(model(x, r))
+    saved = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (len(save_at), *leaf.shape)), x)
+    save_at_array = jnp.asarray(save_at, jnp.int32).reshape(len(save_at))
+    converged0 = otu.tree_norm(r) <= tolerance
+    state = _State(
+        iteration=jnp.asarray(0, jnp.int32),
+        x=x,
+        r=r,
+        z=z,
+        p=z,
+        rz=otu.tree_vdot(r, z),
+        status=jnp.where(converged0, CGStatus.CONVERGED, CGStatus.MAX_ITERATIONS).astype(jnp.int32),
+        done=converged0,
+        model_values=model_values,
+        saved=saved,
+        saved_iterations=jnp.zeros(len(save_at), jnp.int32),
+    )
+
+    def step(state: _State) -> _State:
+        i = state.iteration + 1
+        ap = matvec(state.p)
+        curvature = otu.tree_vdot(state.p, ap)
+        finite = jnp.isfinite(curvature)
+        negative = curvature <= 0
+        alpha = state.rz / jnp.where(negative | ~finite, 1.0, curvature)
+        x_next = otu.tree_add_scale(state.x, alpha, state.p)
+        r_next = otu.tree_add_scale(state.r, -alpha, ap)
+        status = state.status
+        if radius is None:
+            x_next = _select(negative | ~finite, state.x, x_next)
+            r_next = _select(negative | ~finite, state.r, r_next)
+            hit_boundary = jnp.asarray(False)
+        else:
+            outside = otu.tree_norm(x_next) >= radius
+            hit_boundary = finite & (negative | outside)
+            tau = _to_boundary(state.x, state.p, radius)
+            x_boundary = otu.tree_add_scale(state.x, tau, state.p)
+            r_boundary = otu.tree_add_scale(state.r, -tau, ap)
+            x_next = _select(hit_boundary, x_boundary, _select(~finite, state.x, x_next))
+            r_next = _select(hit_boundary, r_boundary, _select(~finite, state.r, r_next))
+            status = jnp.where(outside & ~negative, CGStatus.TRUST_REGION, status)
+        z_next = precond(r_next)
+        rz_next = otu.tree_vdot(r_next, z_next)
+        beta = rz_next / jnp.where(state.rz == 0, 1.0, state.rz)
+        p_next = otu.tree_add_scale(z_next, beta, state.p)
+        q_next = model(x_next, r_next)
+        model_values = state.model_values.at[i].set(q_next)
+        window = jnp.maximum(10, i // 10)
+        converged = otu.tree_norm(r_next) <= tolerance
+        stalled = jnp.asarray(False)
+        if progress_tol is not None:
+            q_before = model_values[jnp.maximum(i - window, 0)]
+            stalled = (i > window) & (q_next < 0) & ((q_next - q_before) / q_next < window * progress_tol)
+        status = jnp.select(
+            [~finite, negative, hit_boundary, converged, stalled],
+            [CGStatus.NON_FINITE, CGStatus.NEGATIVE_CURVATURE, status, CGStatus.CONVERGED,
+             CGStatus.NO_PROGRESS],
+            status,
+        ).astype(jnp.int32)
+        done = ~finite | negative | hit_boundary | converged | stalled | (i >= maxiter)
+        is_saved = save_at_array == i
+        saved = jax.tree.map(
+            lambda s, leaf: jnp.where(is_saved.reshape(-1, *([1] * leaf.ndim)), leaf[None], s),
+            state.saved,
+            x_next,
+        )
+        return _State(
+            iteration=i,
+            x=x_next,
+            r=r_next,
+            z=z_next,
+            p=p_next,
+            rz=rz_next,
+            status=status,
+            done=done,
+            model_values=model_values,
+            saved=saved,
+            saved_iterations=jnp.where(is_saved, i, state.saved_iterations),
+        )
+
+    final = jax.lax.while_loop(lambda s: ~s.done, step, state)
+    reached = save_at_array <= final.iteration
+    saved = jax.tree.map(
+        lambda s, leaf: jnp.where(reached.reshape(-1, *([1] * leaf.ndim)), s, leaf[None]),
+        final.saved,
+        final.x,
+    )
+    last_value = final.model_values[final.iteration]
+    steps = jnp.arange(maxiter + 1)
+    return CGResult(
+        x=final.x,
+        iterations=final.iteration,
+        num_matvecs=final.iteration + (0 if x0 is None else 1),
+        residual_norm=otu.tree_norm(final.r),
+        converged=final.status == CGStatus.CONVERGED,
+        negative_curvature=final.status == CGStatus.NEGATIVE_CURVATURE,
+        hit_boundary=(final.status == CGStatus.TRUST_REGION)
+        | ((final.status == CGStatus.NEGATIVE_CURVATURE) & (radius is not None)),
+        status=final.status,
+        model_values=jnp.where(steps <= final.iteration, final.model_values, last_value),
+        saved_iterates=saved,
+        saved_iterations=jnp.where(reached, final.saved_iterations, final.iteration),
+    )
+
+
+def _to_boundary(x: PyTree, p: PyTree, radius) -> jax.Array:
+    """``tau >= 0`` with ``||x + tau p|| = radius`` (``||x|| <= radius``)."""
+    xp, pp, xx = otu.tree_vdot(x, p), otu.tree_vdot(p, p), otu.tree_vdot(x, x)
+    pp = jnp.where(pp > 0, pp, 1.0)
+    return (-xp + jnp.sqrt(jnp.maximum(xp**2 + pp * (radius**2 - xx), 0.0))) / pp
+
+
+def _select(condition: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true, on_false)
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+    if isinstance(value, (int, float)) and not value >= 0:
+        raise ValueError(f"{name} must be >= 0; got {value!r}.")

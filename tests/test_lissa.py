@@ -1,0 +1,91 @@
+"""LiSSA against the exact inverse, and its divergence report."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_error
+
+import hvpopt
+
+
+def matrix_with_spectrum(eigenvalues, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(len(eigenvalues), len(eigenvalues))))
+    return (q * np.asarray(eigenvalues)) @ q.T
+
+
+@pytest.fixture(scope="module")
+def system():
+    a = matrix_with_spectrum(np.linspace(0.05, 2.0, 30))
+    b = np.random.default_rng(1).normal(size=30)
+    return a, b
+
+
+def test_matches_the_exact_inverse_with_automatic_scale(system):
+    a, b = system
+    run = jax.jit(lambda b: hvpopt.lissa(lambda v: jnp.asarray(a) @ v, b, damping=0.1, depth=600,
+                                        key=jax.random.key(0)))
+    result = run(jnp.asarray(b))
+    assert not bool(result.diverged)
+    assert rel_error(result.x, np.linalg.solve(a + 0.1 * np.eye(30), b)) < 1e-8
+    largest = 2.0 + 0.1
+    assert largest / 2 < float(result.scale) <= 1.1 * largest + 1e-9  # the series converges
+    assert int(result.num_matvecs) == 20 + 600
+
+
+def test_stochastic_products_averaged_over_repeats(system):
+    a, b = system
+    rng = np.random.default_rng(2)
+    # A = mean of 8 random PSD pieces; each step sees one piece, drawn with its key.
+    pieces = np.stack([matrix_with_spectrum(rng.uniform(0, 2, 30), seed=s) for s in range(8)])
+    mean = pieces.mean(0)
+    sample = lambda v, key: jnp.asarray(pieces)[jax.random.randint(key, (), 0, 8)] @ v
+    result = hvpopt.lissa(sample, jnp.asarray(b), damping=0.5, depth=200, num_repeats=64,
+                          key=jax.random.key(3), stochastic=True, scale=4.0)
+    exact = np.linalg.solve(mean + 0.5 * np.eye(30), b)
+    assert not bool(result.diverged)
+    assert rel_error(result.x, exact) < 0.1
+    single = hvpopt.lissa(sample, jnp.asarray(b), damping=0.5, depth=200, num_repeats=1,
+                          key=jax.random.key(3), stochastic=True, scale=4.0)
+    assert rel_error(result.x, exact) < rel_error(single.x, exact)  # repeats reduce the noise
+
+
+def test_divergence_is_reported_not_overflowed():
+    a = matrix_with_spectrum(np.linspace(-1.0, 2.0, 20), seed=4)  # indefinite
+    b = jnp.asarray(np.random.default_rng(5).normal(size=20))
+    result = hvpopt.lissa(lambda v: jnp.asarray(a) @ v, b, damping=0.0, depth=100_000,
+                          key=jax.random.key(6))
+    assert bool(result.diverged)
+    assert np.all(np.isfinite(result.x)) and np.isfinite(result.step_norm)
+    assert int(result.num_matvecs) < 100_000  # it stopped at the first sign of growth
+
+
+def test_a_scale_too_small_diverges(system):
+    a, b = system
+    result = hvpopt.lissa(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), damping=0.0, depth=500,
+                          key=jax.random.key(7), scale=0.5)  # needs s > 1
+    assert bool(result.diverged) and np.all(np.isfinite(result.x))
+
+
+def test_pytree_right_hand_side():
+    b = {"x": jnp.ones(2), "y": jnp.ones(1)}
+    matvec = lambda v: {"x": v["x"] * jnp.array([1.0, 2.0]), "y": 4.0 * v["y"]}
+    result = hvpopt.lissa(matvec, b, damping=0.0, depth=400, key=jax.random.key(8))
+    np.testing.assert_allclose(result.x["x"], [1.0, 0.5], rtol=1e-10)
+    np.testing.assert_allclose(result.x["y"], [0.25], rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(depth=0), "depth must be a positive integer"),
+        (dict(num_repeats=0), "num_repeats must be a positive integer"),
+        (dict(damping=-0.1), "damping must be >= 0"),
+        (dict(scale=0.0), "scale must be > 0"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, match):
+    options = dict(damping=0.0, depth=5, key=jax.random.key(0)) | kwargs
+    with pytest.raises(ValueError, match=match):
+        hvpopt.lissa(lambda v: v, jnp.ones(3), **options)
