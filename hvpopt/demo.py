@@ -17,9 +17,8 @@ import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 import hvpopt
-from hvpopt.models import TransformerConfig
-
-MODELS = ("transformer", "mlp")
+from hvpopt import _checks
+from hvpopt.models.builtin import builtin_problem
 
 
 def curvature_tour(model: str = "transformer", *, batch_size: int = 16, seed: int = 0,
@@ -32,10 +31,10 @@ def curvature_tour(model: str = "transformer", *, batch_size: int = 16, seed: in
       seed: seed of the parameters, the data and the random probes.
       repeats: timed calls per product after compilation; the median is kept.
     """
-    hvpopt._checks.check_choice("model", model, MODELS)
-    hvpopt._checks.check_positive_int("batch_size", batch_size)
-    hvpopt._checks.check_positive_int("repeats", repeats)
-    model_fn, params, inputs, targets, description = _problem(model, batch_size, seed)
+    _checks.check_positive_int("repeats", repeats)
+    description, model_fn, params, inputs, targets = builtin_problem(
+        model, batch_size=batch_size, seed=seed
+    )
     loss = hvpopt.losses.softmax_cross_entropy
     objective = lambda p: loss(model_fn(p, inputs), targets)
     grads = jax.jit(jax.grad(objective))(params)
@@ -80,22 +79,6 @@ def curvature_tour(model: str = "transformer", *, batch_size: int = 16, seed: in
         "jax_version": jax.__version__,
         "hvpopt_version": hvpopt.__version__,
     }
-
-
-def _problem(model: str, batch_size: int, seed: int):
-    data_key, param_seed = jax.random.key(seed + 1), seed
-    if model == "transformer":
-        config = TransformerConfig()
-        model_fn, params = hvpopt.models.transformer_lm(config, seed=param_seed)
-        tokens = jax.random.randint(data_key, (batch_size, config.context_length + 1), 0, config.vocab_size)
-        description = f"transformer LM {config}"
-        return model_fn, params, tokens[:, :-1], tokens[:, 1:], description
-    sizes = (32, 64, 64, 10)
-    model_fn, params = hvpopt.models.mlp(sizes, seed=param_seed)
-    x_key, y_key = jax.random.split(data_key)
-    inputs = jax.random.normal(x_key, (batch_size, sizes[0]))
-    targets = jax.random.randint(y_key, (batch_size,), 0, sizes[-1])
-    return model_fn, params, inputs, targets, f"MLP {sizes}"
 
 
 def _time(fn: Callable, params, v, repeats: int):

@@ -1,0 +1,75 @@
+"""The spectrum report against dense eigenvalues, and the `hvpopt spectrum` command."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import make_mlp, problem_hessian
+
+import hvpopt
+from hvpopt import cli, spectrum
+
+
+def test_report_matches_the_dense_spectrum():
+    problem = make_mlp()
+    hessian = problem_hessian(problem)
+    eigenvalues = np.linalg.eigvalsh(hessian)
+    size = len(eigenvalues)
+
+    @jax.jit
+    def report(params, key):
+        matvec = hvpopt.hessian_operator(problem.objective, params)
+        return spectrum.curvature_spectrum(
+            matvec, params, key=key, k=3, num_iters=size, density_iters=size,
+            density_probes=2, trace_samples=3 * size,
+        )
+
+    summary = spectrum.summarize(report(problem.params, jax.random.key(0)))
+    np.testing.assert_allclose(summary["top_eigenvalues"], eigenvalues[::-1][:3], rtol=1e-8)
+    np.testing.assert_allclose(summary["smallest_eigenvalue"], eigenvalues[0], rtol=1e-8)
+    # Hutch++ with 3P products: the sketch spans the whole space, so the trace is exact.
+    np.testing.assert_allclose(summary["trace"], eigenvalues.sum(), rtol=1e-8, atol=1e-10)
+
+
+def test_cli_writes_the_report_and_the_plot(tmp_path, capsys):
+    out = tmp_path / "spectrum"
+    args = ["spectrum", "--model", "mlp", "--batch-size", "4", "--k", "2", "--lanczos-iters", "10",
+            "--density-iters", "8", "--density-probes", "1", "--trace-samples", "6",
+            "--out", str(out), "--json"]
+    assert cli.main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "spectrum.json").read_text())
+    assert printed == saved and len(saved["top_eigenvalues"]) == 2
+    assert saved["top_eigenvalues"][0] >= saved["top_eigenvalues"][1] >= saved["smallest_eigenvalue"]
+    assert (out / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(out)) == ["density.png", "spectrum.json"]
+
+
+def test_a_failure_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
+    def broken_plot(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(spectrum, "save_density_plot", broken_plot)
+    out = tmp_path / "spectrum"
+    args = ["spectrum", "--model", "mlp", "--batch-size", "2", "--k", "1", "--lanczos-iters", "4",
+            "--density-iters", "4", "--density-probes", "1", "--trace-samples", "4", "--out", str(out)]
+    assert cli.main(args) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert os.listdir(out) == []
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("keep me")
+    assert cli.main(["spectrum", "--model", "mlp", "--out", str(not_a_folder)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert not_a_folder.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args", [["spectrum", "--curvature", "fisher"], ["spectrum", "--k", "0"]])
+def test_bad_arguments_exit_2(args):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2
