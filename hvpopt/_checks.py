@@ -4,6 +4,7 @@ Every check runs in Python at trace time, so a mistake fails before anything is
 compiled, with a message that names the argument and what was expected.
 """
 
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,8 +20,8 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
         raise ValueError(f"{name} must be one of {options}; got {value!r}.")
 
 
-def check_like(name: str, tree: Any, like_name: str, like: Any) -> None:
-    """Raises ValueError unless ``tree`` has the structure and shapes of ``like``."""
+def check_like(name: str, tree: Any, like_name: str, like: Any, *, dtypes: bool = True) -> None:
+    """Raises ValueError unless ``tree`` has the structure, shapes (and dtypes) of ``like``."""
     tree_def = jax.tree_util.tree_structure(tree)
     like_def = jax.tree_util.tree_structure(like)
     if tree_def != like_def:
@@ -30,12 +31,26 @@ def check_like(name: str, tree: Any, like_name: str, like: Any) -> None:
         )
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     for (path, leaf), like_leaf in zip(leaves, jax.tree_util.tree_leaves(like)):
+        where = jax.tree_util.keystr(path)
         if jnp.shape(leaf) != jnp.shape(like_leaf):
-            where = jax.tree_util.keystr(path)
             raise ValueError(
                 f"{name}{where} must have shape {jnp.shape(like_leaf)} like "
                 f"{like_name}{where}; got {jnp.shape(leaf)}."
             )
+        if dtypes and jnp.result_type(leaf) != jnp.result_type(like_leaf):
+            raise ValueError(
+                f"{name}{where} must have dtype {jnp.result_type(like_leaf)} like "
+                f"{like_name}{where}; got {jnp.result_type(leaf)}. Cast it with .astype."
+            )
+
+
+def check_matvec_output(matvec: Callable, like: Any, like_name: str) -> None:
+    """Raises ValueError unless ``matvec`` maps ``like`` to the structure and shapes of ``like``.
+
+    Checked abstractly (``jax.eval_shape``): nothing is computed.
+    """
+    out = jax.eval_shape(matvec, like)
+    check_like(f"matvec({like_name})", out, like_name, like, dtypes=False)
 
 
 def checked_matvec(matvec: Callable, params: Any) -> Callable:
@@ -81,10 +96,15 @@ def scalar_fn(name: str, fn: Callable, *args) -> Callable:
     return wrapped
 
 
-def check_positive_int(name: str, value: Any) -> None:
-    """Raises ValueError unless ``value`` is a positive Python integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def check_positive_int(name: str, value: Any) -> int:
+    """Returns ``value`` as an ``int``; raises ValueError unless it is a positive integer."""
+    try:
+        number = operator.index(value)  # int and NumPy integers, not bool-like floats
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None or number < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    return number
 
 
 def leading_size(name: str, tree: Any) -> int:

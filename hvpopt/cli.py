@@ -74,9 +74,13 @@ def run_demo(args) -> int:
 def run_spectrum(args) -> int:
     from hvpopt import spectrum
 
+    if not args.out:
+        raise ValueError("--out must name a folder.")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} exists and is not a folder.")
     problem = builtin_problem(args.model, batch_size=args.batch_size, seed=args.seed)
+    size = int(sum(x.size for x in jax.tree.leaves(problem.params)))
+    _check_spectrum_sizes(args, size)
     loss = hvpopt.losses.softmax_cross_entropy
 
     @jax.jit
@@ -96,7 +100,7 @@ def run_spectrum(args) -> int:
     summary = {
         "model": problem.description,
         "curvature": args.curvature,
-        "parameters": int(sum(x.size for x in jax.tree.leaves(problem.params))),
+        "parameters": size,
         **spectrum.summarize(result),
         "hvpopt_version": hvpopt.__version__,
     }
@@ -109,6 +113,18 @@ def run_spectrum(args) -> int:
             json.dump(summary, file, indent=2)
     print(json.dumps(summary, indent=2) if args.json else _format_spectrum(summary, args.out))
     return 0
+
+
+def _check_spectrum_sizes(args, size: int) -> None:
+    """Names the flag at fault before any work (the library would name its own argument)."""
+    if args.lanczos_iters > size:
+        raise ValueError(f"--lanczos-iters must be at most the {size} parameters; got {args.lanczos_iters}.")
+    if args.density_iters > size:
+        raise ValueError(f"--density-iters must be at most the {size} parameters; got {args.density_iters}.")
+    if args.k > args.lanczos_iters:
+        raise ValueError(f"--k must be at most --lanczos-iters ({args.lanczos_iters}); got {args.k}.")
+    if args.trace_samples < 4:
+        raise ValueError(f"--trace-samples must be at least 4 for Hutch++; got {args.trace_samples}.")
 
 
 def _format_spectrum(summary: dict, out: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
+from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
 
@@ -136,10 +137,15 @@ def jacobian_spectral_norm(
         v_next = jax.tree.map(lambda a, b: jnp.where(w_norm > 0, a, b), v_next, v)
         return (v_next, otu.tree_norm(jv)), None
 
-    zero = jnp.zeros((), otu.tree_dtype(x))
+    zero = jnp.zeros((), ravel_pytree(x)[0].dtype)
     (v, previous), _ = jax.lax.scan(step, (v, zero), None, length=num_iters)
+    # sigma is stationary in v at the top singular vector, so its gradient is
+    # u^T dJ v with v held fixed: no need to differentiate the iterations.
+    v = jax.lax.stop_gradient(v)
     jv = jvp(v)
-    sigma = otu.tree_norm(jv)
+    squared = otu.tree_vdot(jv, jv)
+    positive = squared > 0  # both wheres keep the gradient at J = 0 finite
+    sigma = jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
     safe = jnp.where(sigma > 0, sigma, 1.0)
     return SpectralNorm(
         value=sigma,

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
 from hvpopt.linalg.density import SpectralDensity, spectral_density
@@ -53,13 +54,16 @@ def curvature_spectrum(
       key: a JAX PRNG key.
       k: how many of the largest eigenvalues.
       num_iters: Lanczos steps for the eigenvalues (``eigsh``'s default if None).
-      density_iters, density_probes: stochastic Lanczos quadrature sizes.
+      density_iters, density_probes: stochastic Lanczos quadrature sizes
+        (``density_iters`` is clamped to the number of parameters).
       trace_samples: products for the Hutch++ trace estimate.
 
     Returns:
       A :class:`SpectrumReport`; :func:`summarize` turns it into JSON-able numbers.
     """
     _checks.check_positive_int("k", k)
+    density_iters = min(_checks.check_positive_int("density_iters", density_iters),
+                        ravel_pytree(like)[0].size)  # exact at P, as eigsh clamps too
     top_key, bottom_key, trace_key, density_key = jax.random.split(key, 4)
     top = eigsh(matvec, like, k, key=top_key, which="LA", num_iters=num_iters)
     smallest = eigsh(matvec, like, 1, key=bottom_key, which="SA", num_iters=num_iters)

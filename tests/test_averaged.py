@@ -48,3 +48,11 @@ def test_bad_data_is_refused(setup):
         hvpopt.average_over_chunks(batch_ggn, (x, y), chunk_size=0)
     with pytest.raises(ValueError, match="same leading"):
         hvpopt.average_over_chunks(batch_ggn, (x, y[:5]), chunk_size=2)
+
+
+def test_empty_batches_add_nothing_and_empty_data_is_refused(setup):
+    batch_ggn, (x, y), v, full = setup
+    batches = [(x[:4], y[:4]), (x[4:4], y[4:4]), (x[4:], y[4:])]
+    assert rel_error(flat(hvpopt.average_over_batches(batch_ggn, batches)(v)), full) < 1e-12
+    with pytest.raises(ValueError, match="data holds no examples"):
+        hvpopt.average_over_chunks(batch_ggn, (x[:0], y[:0]), chunk_size=2)

@@ -212,3 +212,40 @@ def test_bad_input_names_the_argument(kwargs, error, match):
 def test_integer_right_hand_side_is_refused():
     with pytest.raises(TypeError, match="b must have a floating dtype"):
         hvpopt.cg(lambda v: v, jnp.arange(3))
+
+
+def test_mixed_precision_pytree_keeps_each_leaf_dtype():
+    b = {"full": jnp.ones(3, jnp.float32), "half": jnp.ones(2, jnp.bfloat16)}
+    matvec = lambda v: {"full": 2.0 * v["full"], "half": 4.0 * v["half"]}
+    for damping in (0.0, np.float64(0.5)):  # a float64 damping must not promote the iterates
+        result = jax.jit(lambda b: hvpopt.cg(matvec, b, damping=damping, radius=np.float64(10.0)))(b)
+        assert bool(result.converged)
+        assert result.x["full"].dtype == jnp.float32 and result.x["half"].dtype == jnp.bfloat16
+        np.testing.assert_allclose(result.x["full"], 1 / (2 + damping), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(result.x["half"], np.float32), 1 / (4 + damping), rtol=1e-2)
+
+
+def test_warm_start_outside_the_trust_region_is_brought_onto_it():
+    a = spd_matrix(6, 10.0, seed=18)
+    b = jnp.asarray(np.random.default_rng(19).normal(size=6))
+    result = hvpopt.cg(lambda v: jnp.asarray(a) @ v, b, x0=3 * jnp.ones(6), radius=1.0)
+    assert np.linalg.norm(result.x) <= 1.0 + 1e-12
+
+
+def test_indefinite_preconditioner_is_reported():
+    a = spd_matrix(5, 10.0, seed=20)
+    b = jnp.ones(5)
+    flip = jnp.array([1.0, -1.0, 1.0, -1.0, 1.0])
+    for precond in (lambda r: 0.0 * r, lambda r: flip * r):
+        result = hvpopt.cg(lambda v: jnp.asarray(a) @ v, b, precond=precond, maxiter=50)
+        assert CGStatus.NAMES[int(result.status)] == "bad_preconditioner"
+        assert np.all(np.isfinite(result.x))
+
+
+def test_matvec_output_and_sizes_are_checked():
+    with pytest.raises(ValueError, match=r"matvec\(b\) must have shape \(3,\)"):
+        hvpopt.cg(lambda v: v[:2], jnp.ones(3))
+    with pytest.raises(ValueError, match="b must hold at least one number"):
+        hvpopt.cg(lambda v: v, jnp.zeros(0))
+    result = hvpopt.cg(lambda v: 2 * v, jnp.ones(3), maxiter=np.int64(3), save_at=np.array([1, 2]))
+    assert bool(result.converged)

@@ -146,3 +146,9 @@ def test_bad_input_names_the_argument(call, match):
 def test_integer_params_are_refused():
     with pytest.raises(TypeError, match=r"params\['n'\] must have a floating dtype"):
         hvpopt.hvp(lambda p: 1.0 * jnp.sum(p["n"]), {"n": jnp.arange(3)}, {"n": jnp.arange(3)})
+
+
+def test_a_vector_of_another_dtype_is_refused_clearly():
+    p = {"w": jnp.ones(2, jnp.float64)}
+    with pytest.raises(ValueError, match=r"v\['w'\] must have dtype float64"):
+        hvpopt.hvp(lambda q: jnp.sum(q["w"] ** 3), p, {"w": jnp.ones(2, jnp.float32)})

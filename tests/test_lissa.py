@@ -89,3 +89,30 @@ def test_bad_input_names_the_argument(kwargs, match):
     options = dict(damping=0.0, depth=5, key=jax.random.key(0)) | kwargs
     with pytest.raises(ValueError, match=match):
         hvpopt.lissa(lambda v: v, jnp.ones(3), **options)
+
+
+@pytest.mark.parametrize("scale, depth", [(0.95, 50), (0.99, 200)])
+def test_slow_divergence_is_caught(system, scale, depth):
+    a, b = system  # largest eigenvalue 2: a scale just under 1 diverges slowly
+    result = hvpopt.lissa(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), damping=0.0, depth=depth,
+                          key=jax.random.key(9), scale=scale)
+    assert bool(result.diverged)
+
+
+def test_a_traced_nonpositive_scale_is_divergence_not_infinity(system):
+    a, b = system
+    run = jax.jit(lambda s: hvpopt.lissa(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), damping=0.1,
+                                        depth=20, key=jax.random.key(10), scale=s))
+    for scale in (0.0, -1.0):
+        result = run(scale)
+        assert bool(result.diverged)
+        assert np.all(np.isfinite(result.x)) and np.isfinite(result.step_norm)
+
+
+def test_mixed_precision_and_a_float64_damping():
+    b = {"full": jnp.ones(2, jnp.float32), "half": jnp.ones(2, jnp.bfloat16)}
+    matvec = lambda v: jax.tree.map(lambda x: 2.0 * x, v)
+    result = hvpopt.lissa(matvec, b, damping=np.float64(0.5), depth=200, key=jax.random.key(11))
+    assert result.x["full"].dtype == jnp.float32 and result.x["half"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(result.x["full"], 0.4, rtol=1e-5)
+    assert not bool(result.diverged)

@@ -73,3 +73,21 @@ def test_bad_arguments_exit_2(args):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(args)
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lanczos-iters", "9000"], "--lanczos-iters must be at most the 6922 parameters"),
+        (["--density-iters", "9000"], "--density-iters must be at most the 6922 parameters"),
+        (["--k", "50"], "--k must be at most --lanczos-iters (40)"),
+        (["--trace-samples", "2"], "--trace-samples must be at least 4"),
+        (["--out="], "--out must name a folder"),
+    ],
+)
+def test_sizes_are_checked_against_the_flags(tmp_path, capsys, flags, message):
+    out = tmp_path / "spectrum"
+    assert cli.main(["spectrum", "--model", "mlp", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -49,6 +49,8 @@ def average_over_chunks(batch_matvec: BatchMatVec, data: Any, *, chunk_size: int
     """
     _checks.check_positive_int("chunk_size", chunk_size)
     num_examples = _checks.leading_size("data", data)
+    if num_examples == 0:
+        raise ValueError("data holds no examples; the average is undefined.")
     num_full = num_examples // chunk_size
     cut = num_full * chunk_size
     full = jax.tree.map(lambda x: x[:cut].reshape(num_full, chunk_size, *x.shape[1:]), data)
@@ -106,6 +108,8 @@ def average_over_batches(
         total, count = None, 0
         for batch in iterate():
             size = _checks.leading_size("each batch", batch)
+            if size == 0:
+                continue  # adds nothing; its own mean would be 0/0
             part = otu.tree_scale(size, product(v, batch))
             total = part if total is None else otu.tree_add(total, part)
             count += size

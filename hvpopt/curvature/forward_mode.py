@@ -84,10 +84,9 @@ _CUSTOM_LIN_REASON = "a custom_vjp function, or one called by a custom_vjp backw
 
 def _says_forward_mode_undefined(err: Exception) -> bool:
     message = str(err)
-    return (
-        "forward-mode" in message
-        or "jvp" in message.lower()
-        or "Differentiation rule for" in message
+    return any(
+        phrase in message
+        for phrase in ("forward-mode", "custom_vjp", "Differentiation rule for", "JVP rule")
     )
 
 

@@ -30,6 +30,7 @@ References:
   Martens, "Deep learning via Hessian-free optimization", ICML 2010.
 """
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -39,6 +40,7 @@ import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
+from hvpopt.linalg._tree import add_scaled, cast_like
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -53,6 +55,7 @@ class CGStatus:
     TRUST_REGION = 3  #: the iterate reached ``||x|| = radius``.
     NO_PROGRESS = 4  #: Martens' relative-progress rule fired.
     NON_FINITE = 5  #: the matvec returned NaN or inf.
+    BAD_PRECONDITIONER = 6  #: ``r^T M^{-1} r <= 0``: the preconditioner is not positive definite.
 
     NAMES = (
         "converged",
@@ -61,6 +64,7 @@ class CGStatus:
         "trust_region",
         "no_progress",
         "non_finite",
+        "bad_preconditioner",
     )
 
 
@@ -119,12 +123,16 @@ def cg(
     Args:
       matvec: ``v -> A v`` on pytrees shaped like ``b`` (a Hessian, Gauss-Newton
         or Fisher operator, say). ``A`` should be symmetric.
-      b: the right-hand side, any pytree of floating arrays.
-      x0: a warm start (costs one extra matvec); zero by default.
+      b: the right-hand side, any pytree of floating arrays (mixed precision
+        is fine: every iterate keeps each leaf's dtype).
+      x0: a warm start (costs one extra matvec); zero by default. With
+        ``radius``, a start outside the trust region is scaled onto its boundary.
       damping: ``lambda >= 0`` added to the diagonal; may be traced.
-      precond: ``r -> M^{-1} r`` with ``M`` symmetric positive definite.
+      precond: ``r -> M^{-1} r`` with ``M`` symmetric positive definite (if
+        ``r^T M^{-1} r <= 0`` CG stops with ``BAD_PRECONDITIONER``).
       rtol, atol: stop when ``||r|| <= max(rtol * ||b||, atol)``.
-      maxiter: the most iterations; the size of ``b`` by default.
+      maxiter: the most iterations; the size of ``b`` by default. ``model_values``
+        holds ``maxiter + 1`` numbers.
       radius: trust-region radius for Steihaug-Toint truncation; none by default.
       progress_tol: Martens' relative-progress tolerance (he uses 5e-4); off by
         default.
@@ -147,11 +155,13 @@ def cg(
       ('negative_curvature', Array([0., 0.], dtype=float32))
     """
     _checks.check_floating("b", b)
+    size = ravel_pytree(b)[0].size
+    if size == 0:
+        raise ValueError("b must hold at least one number; got none.")
     if x0 is not None:
         _checks.check_like("x0", x0, "b", b)
-    size = ravel_pytree(b)[0].size
-    maxiter = size if maxiter is None else maxiter
-    _checks.check_positive_int("maxiter", maxiter)
+    _checks.check_matvec_output(matvec, b, "b")
+    maxiter = _checks.check_positive_int("maxiter", size if maxiter is None else maxiter)
     _check_nonnegative("damping", damping)
     _check_nonnegative("rtol", rtol)
     _check_nonnegative("atol", atol)
@@ -159,12 +169,9 @@ def cg(
         _check_nonnegative("radius", radius)
     if progress_tol is not None:
         _check_nonnegative("progress_tol", progress_tol)
-    save_at = tuple(save_at)
-    for index in save_at:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= maxiter:
-            raise ValueError(f"save_at must hold iterations in [0, maxiter={maxiter}]; got {index!r}.")
+    save_at = tuple(_check_iteration(index, maxiter) for index in save_at)
 
-    damped = lambda v: otu.tree_add_scale(matvec(v), damping, v)
+    damped = lambda v: cast_like(add_scaled(matvec(v), damping, v), v)
     options = dict(
         x0=x0, precond=precond, rtol=rtol, atol=atol, maxiter=maxiter, radius=radius,
         progress_tol=progress_tol, save_at=save_at,
@@ -223,22 +230,29 @@ def _cg(matvec, b, *, x0, precond, rtol, atol, maxiter, radius, progress_tol, sa
     b_norm = otu.tree_norm(b)
     tolerance = jnp.maximum(rtol * b_norm, atol)
     x = otu.tree_zeros_like(b) if x0 is None else x0
-    r = b if x0 is None else otu.tree_sub(b, matvec(x0))
+    if x0 is not None and radius is not None:  # a warm start outside the region: onto its boundary
+        x = otu.tree_scale(jnp.minimum(1.0, radius / jnp.maximum(otu.tree_norm(x), 1e-30)), x)
+        x = cast_like(x, b)
+    r = b if x0 is None else cast_like(otu.tree_sub(b, matvec(x)), b)
     z = precond(r)
     model = lambda x, r: -0.5 * otu.tree_vdot(x, otu.tree_add(b, r))  # q(x), as b - r = A x
-    model_values = jnp.zeros(maxiter + 1, dtype).at[0].set(model(x, r))
+    model_values = jnp.zeros(maxiter + 1, dtype).at[0].set(model(x, r).astype(dtype))
     saved = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (len(save_at), *leaf.shape)), x)
     save_at_array = jnp.asarray(save_at, jnp.int32).reshape(len(save_at))
     converged0 = otu.tree_norm(r) <= tolerance
+    rz0 = otu.tree_vdot(r, z)
+    bad0 = ~converged0 & ~(rz0 > 0)
+    status0 = jnp.select([converged0, bad0], [CGStatus.CONVERGED, CGStatus.BAD_PRECONDITIONER],
+                         CGStatus.MAX_ITERATIONS)
     state = _State(
         iteration=jnp.asarray(0, jnp.int32),
         x=x,
         r=r,
         z=z,
         p=z,
-        rz=otu.tree_vdot(r, z),
-        status=jnp.where(converged0, CGStatus.CONVERGED, CGStatus.MAX_ITERATIONS).astype(jnp.int32),
-        done=converged0,
+        rz=rz0,
+        status=status0.astype(jnp.int32),
+        done=converged0 | bad0,
         model_values=model_values,
         saved=saved,
         saved_iterations=jnp.zeros(len(save_at), jnp.int32),
@@ -251,8 +265,8 @@ def _cg(matvec, b, *, x0, precond, rtol, atol, maxiter, radius, progress_tol, sa
         finite = jnp.isfinite(curvature)
         negative = curvature <= 0
         alpha = state.rz / jnp.where(negative | ~finite, 1.0, curvature)
-        x_next = otu.tree_add_scale(state.x, alpha, state.p)
-        r_next = otu.tree_add_scale(state.r, -alpha, ap)
+        x_next = add_scaled(state.x, alpha, state.p)
+        r_next = add_scaled(state.r, -alpha, ap)
         status = state.status
         if radius is None:
             x_next = _select(negative | ~finite, state.x, x_next)
@@ -262,30 +276,31 @@ def _cg(matvec, b, *, x0, precond, rtol, atol, maxiter, radius, progress_tol, sa
             outside = otu.tree_norm(x_next) >= radius
             hit_boundary = finite & (negative | outside)
             tau = _to_boundary(state.x, state.p, radius)
-            x_boundary = otu.tree_add_scale(state.x, tau, state.p)
-            r_boundary = otu.tree_add_scale(state.r, -tau, ap)
+            x_boundary = add_scaled(state.x, tau, state.p)
+            r_boundary = add_scaled(state.r, -tau, ap)
             x_next = _select(hit_boundary, x_boundary, _select(~finite, state.x, x_next))
             r_next = _select(hit_boundary, r_boundary, _select(~finite, state.r, r_next))
             status = jnp.where(outside & ~negative, CGStatus.TRUST_REGION, status)
         z_next = precond(r_next)
         rz_next = otu.tree_vdot(r_next, z_next)
         beta = rz_next / jnp.where(state.rz == 0, 1.0, state.rz)
-        p_next = otu.tree_add_scale(z_next, beta, state.p)
+        p_next = add_scaled(z_next, beta, state.p)
         q_next = model(x_next, r_next)
-        model_values = state.model_values.at[i].set(q_next)
+        model_values = state.model_values.at[i].set(q_next.astype(dtype))
         window = jnp.maximum(10, i // 10)
         converged = otu.tree_norm(r_next) <= tolerance
+        bad_precond = ~converged & ~(rz_next > 0)
         stalled = jnp.asarray(False)
         if progress_tol is not None:
             q_before = model_values[jnp.maximum(i - window, 0)]
             stalled = (i > window) & (q_next < 0) & ((q_next - q_before) / q_next < window * progress_tol)
         status = jnp.select(
-            [~finite, negative, hit_boundary, converged, stalled],
+            [~finite, negative, hit_boundary, converged, bad_precond, stalled],
             [CGStatus.NON_FINITE, CGStatus.NEGATIVE_CURVATURE, status, CGStatus.CONVERGED,
-             CGStatus.NO_PROGRESS],
+             CGStatus.BAD_PRECONDITIONER, CGStatus.NO_PROGRESS],
             status,
         ).astype(jnp.int32)
-        done = ~finite | negative | hit_boundary | converged | stalled | (i >= maxiter)
+        done = ~finite | negative | hit_boundary | converged | bad_precond | stalled | (i >= maxiter)
         is_saved = save_at_array == i
         saved = jax.tree.map(
             lambda s, leaf: jnp.where(is_saved.reshape(-1, *([1] * leaf.ndim)), leaf[None], s),
@@ -336,6 +351,16 @@ def _to_boundary(x: PyTree, p: PyTree, radius) -> jax.Array:
     xp, pp, xx = otu.tree_vdot(x, p), otu.tree_vdot(p, p), otu.tree_vdot(x, x)
     pp = jnp.where(pp > 0, pp, 1.0)
     return (-xp + jnp.sqrt(jnp.maximum(xp**2 + pp * (radius**2 - xx), 0.0))) / pp
+
+
+def _check_iteration(index: Any, maxiter: int) -> int:
+    try:
+        number = operator.index(index)
+    except TypeError:
+        number = None
+    if isinstance(index, bool) or number is None or not 0 <= number <= maxiter:
+        raise ValueError(f"save_at must hold iterations in [0, maxiter={maxiter}]; got {index!r}.")
+    return number
 
 
 def _select(condition: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:

@@ -308,7 +308,7 @@ def flat_operator(
 
     def flat_matvec(x: jax.Array) -> jax.Array:
         out = matvec(unravel(x))
-        _checks.check_like("matvec(v)", out, name, like)
+        _checks.check_like("matvec(v)", out, name, like, dtypes=False)
         return ravel_pytree(out)[0].astype(flat.dtype)
 
     return flat, unravel, flat_matvec

@@ -14,7 +14,9 @@ exceeds half its largest eigenvalue. When ``scale`` is not given it is set to
 ``1.1`` times a power-iteration estimate of that eigenvalue. If the series
 diverges anyway (an indefinite matrix, a scale too small) the recursion stops
 at the first sign of growth and the result says ``diverged`` instead of
-overflowing.
+overflowing: with deterministic products, the first step longer than an
+earlier one (the terms of a convergent series never grow); with stochastic
+ones, a step 100 times ``||b||``.
 
 References:
   Agarwal, Bullins, Hazan, "Second-order stochastic optimization for machine
@@ -29,13 +31,20 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
+from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
+from hvpopt.linalg._tree import add_scaled, cast_like
 
 PyTree = Any
 
-#: The series is declared divergent once a step is this many times ``||b||``:
-#: for a convergent series every step is at most ``||b||`` long.
+#: Deterministic products: the series is declared divergent once a step is
+#: longer than the shortest so far by this fraction (beyond rounding). The steps
+#: ``(I - B)^j b`` of a convergent series never grow.
+GROWTH_TOLERANCE = 1e-3
+
+#: Stochastic products, whose steps fluctuate: divergent once a step is this
+#: many times ``||b||``.
 DIVERGENCE_FACTOR = 100.0
 
 
@@ -49,7 +58,9 @@ class LissaResult(NamedTuple):
       diverged: whether any repeat's series diverged (then ``x`` holds the
         partial sums before the divergence and should not be trusted).
       step_norm: ``||h_depth - h_{depth-1}|| / s``, the size of the last term,
-        averaged over repeats: a convergence gauge.
+        averaged over repeats. It shows whether the terms still matter, but it
+        is no error bound: the remaining error is about ``step_norm`` divided
+        by the smallest eigenvalue of ``(A + damping I) / s``.
       num_matvecs: products with ``A`` used, the scale estimate included.
     """
 
@@ -99,47 +110,58 @@ def lissa(
       (Array([1. , 0.5], dtype=float32), False)
     """
     _checks.check_floating("b", b)
-    _checks.check_positive_int("depth", depth)
-    _checks.check_positive_int("num_repeats", num_repeats)
-    _checks.check_positive_int("power_iters", power_iters)
+    depth = _checks.check_positive_int("depth", depth)
+    num_repeats = _checks.check_positive_int("num_repeats", num_repeats)
+    power_iters = _checks.check_positive_int("power_iters", power_iters)
     if isinstance(damping, (int, float)) and not damping >= 0:
         raise ValueError(f"damping must be >= 0; got {damping!r}.")
     if isinstance(scale, (int, float)) and not scale > 0:
         raise ValueError(f"scale must be > 0; got {scale!r}.")
     product = matvec if stochastic else (lambda v, _: matvec(v))
-    damped = lambda v, k: otu.tree_add_scale(product(v, k), damping, v)
+    _checks.check_matvec_output(lambda v: product(v, key), b, "b")
+    damped = lambda v, k: cast_like(add_scaled(product(v, k), damping, v), v)
+    dtype = ravel_pytree(b)[0].dtype
     scale_key, series_key = jax.random.split(key)
     used = 0
     if scale is None:
         scale = 1.1 * _largest_eigenvalue(damped, b, scale_key, power_iters)
         used = power_iters
+    scale = jnp.asarray(scale, dtype)
+    valid = scale > 0  # a traced scale is checked here
+    inverse_scale = jnp.where(valid, 1.0 / jnp.where(valid, scale, 1.0), 0.0).astype(dtype)
     b_norm = otu.tree_norm(b)
+    rounding = 1e3 * jnp.finfo(dtype).eps * b_norm
 
     def series(repeat_key: jax.Array):
         def step(carry):
-            j, h, last_size, _, k = carry
+            j, h, last_size, smallest, _, k = carry
             k, step_key = jax.random.split(k)
-            update = otu.tree_sub(b, otu.tree_scale(1.0 / scale, damped(h, step_key)))
-            size = otu.tree_norm(update)
-            bad = ~jnp.isfinite(size) | (size > DIVERGENCE_FACTOR * b_norm)
-            h_next = jax.tree.map(lambda a, u: jnp.where(bad, a, a + u), h, update)
-            return j + 1, h_next, jnp.where(bad, last_size, size), bad, k
+            update = add_scaled(b, -inverse_scale, damped(h, step_key))
+            size = otu.tree_norm(update).astype(dtype)
+            if stochastic:  # noisy steps: only a blow-up is a sure sign
+                growing = size > DIVERGENCE_FACTOR * b_norm
+            else:  # a convergent series has non-increasing steps
+                growing = (size > (1 + GROWTH_TOLERANCE) * smallest) & (size > rounding)
+            bad = ~jnp.isfinite(size) | growing
+            h_next = jax.tree.map(lambda a, u: jnp.where(bad, a, a + u).astype(a.dtype), h, update)
+            size = jnp.where(bad, last_size, size)
+            return j + 1, h_next, size, jnp.minimum(smallest, size), bad, k
 
         def keep_going(carry):
-            j, _, _, bad, _ = carry
+            j, _, _, _, bad, _ = carry
             return (j < depth) & ~bad
 
-        start = (jnp.asarray(0, jnp.int32), b, b_norm, jnp.asarray(False), repeat_key)
-        steps, h, size, bad, _ = jax.lax.while_loop(keep_going, step, start)
-        return otu.tree_scale(1.0 / scale, h), size / scale, bad, steps
+        start = (jnp.asarray(0, jnp.int32), b, b_norm, b_norm, ~valid, repeat_key)
+        steps, h, size, _, bad, _ = jax.lax.while_loop(keep_going, step, start)
+        return otu.tree_scale(inverse_scale, h), size * inverse_scale, bad, steps
 
     estimates, sizes, bad, steps = jax.lax.map(series, jax.random.split(series_key, num_repeats))
     return LissaResult(
-        x=jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates),
-        scale=jnp.asarray(scale),
+        x=cast_like(jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates), b),
+        scale=scale,
         diverged=jnp.any(bad),
         step_norm=jnp.mean(sizes),
-        num_matvecs=used + jnp.sum(steps),
+        num_matvecs=(used + jnp.sum(steps)).astype(jnp.int32),
     )
 
 
@@ -147,14 +169,15 @@ def _largest_eigenvalue(damped: Callable, like: PyTree, key: jax.Array, num_iter
     """Power iteration: ``|lambda|_max`` of ``damped`` (a lower estimate)."""
     start_key, product_key = jax.random.split(key)
     v = otu.tree_random_like(start_key, like, jax.random.normal)
-    v = otu.tree_scale(1.0 / otu.tree_norm(v), v)
+    v = cast_like(otu.tree_scale(1.0 / otu.tree_norm(v), v), like)
+    zero = jnp.zeros((), ravel_pytree(like)[0].dtype)
 
     def step(carry, step_key):
         v, _ = carry
         av = damped(v, step_key)
         norm = otu.tree_norm(av)
-        return (otu.tree_scale(1.0 / jnp.where(norm > 0, norm, 1.0), av), norm), None
+        v_next = cast_like(otu.tree_scale(1.0 / jnp.where(norm > 0, norm, 1.0), av), v)
+        return (v_next, norm.astype(zero.dtype)), None
 
-    (_, estimate), _ = jax.lax.scan(step, (v, jnp.zeros((), otu.tree_dtype(like))),
-                                    jax.random.split(product_key, num_iters))
+    (_, estimate), _ = jax.lax.scan(step, (v, zero), jax.random.split(product_key, num_iters))
     return jnp.where(estimate > 0, estimate, 1.0)
