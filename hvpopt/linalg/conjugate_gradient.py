@@ -171,7 +171,10 @@ def cg(
         _check_nonnegative("progress_tol", progress_tol)
     save_at = tuple(_check_iteration(index, maxiter) for index in save_at)
 
-    damped = lambda v: cast_like(add_scaled(matvec(v), damping, v), v)
+    if isinstance(damping, (int, float)) and damping == 0:
+        damped = lambda v: cast_like(matvec(v), v)
+    else:
+        damped = lambda v: cast_like(add_scaled(matvec(v), damping, v), v)
     options = dict(
         x0=x0, precond=precond, rtol=rtol, atol=atol, maxiter=maxiter, radius=radius,
         progress_tol=progress_tol, save_at=save_at,
