@@ -31,15 +31,10 @@ Usage:
 """
 
 import argparse
-import datetime
-import hashlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hvpopt
+from benchmark_env import cpu_load, environment
 from hvpopt.models import TransformerConfig, transformer_lm
 
 ce = hvpopt.losses.softmax_cross_entropy
@@ -304,13 +300,6 @@ def normalized_hlo(compiled) -> str | None:
     text = "\n".join(lines[start:])
     text = re.sub(r",?\s*metadata=\{[^}]*\}", "", text)
     return re.sub(r",?\s*stack_frame_id=\d+", "", text)
-
-
-def cpu_load() -> dict:
-    try:
-        return dict(zip(("1min", "5min", "15min"), os.getloadavg()))
-    except OSError:
-        return {}
 
 
 def bench_jax_case(
@@ -637,77 +626,6 @@ def bench_torch(
 # --------------------------------------------------------------------------
 
 
-def git_state() -> dict:
-    """Commit and local modifications of the hvpopt sources that were measured."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(hvpopt.__file__)))
-
-    def git(*cmd):
-        try:
-            return subprocess.run(
-                ["git", "-C", root, *cmd], capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    status = git("status", "--porcelain", "--", "hvpopt")
-    return {
-        "path": root,
-        "commit": git("rev-parse", "HEAD"),
-        "modified_files": status.splitlines() if status else [],
-        "diff_sha1": (
-            hashlib.sha1(git("diff", "HEAD", "--", "hvpopt").encode()).hexdigest()
-            if status
-            else None
-        ),
-    }
-
-
-def environment() -> dict:
-    def version(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    return {
-        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "hvpopt_source": git_state(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_model": cpu_model,
-            "uname": platform.uname()._asdict(),
-            "cpu_count": os.cpu_count(),
-            "cpu_affinity_count": affinity,
-            "python": sys.version,
-        },
-        "jax_devices": [str(d) for d in jax.devices()],
-        "jax_backend": jax.default_backend(),
-        "versions": {
-            "jax": jax.__version__,
-            "jaxlib": version("jaxlib"),
-            "flax": version("flax"),
-            "optax": version("optax"),
-            "numpy": np.__version__,
-            "torch": version("torch"),
-            "hvpopt": getattr(hvpopt, "__version__", version("hvpopt")),
-        },
-    }
-
-
 def _mb(x):
     return "-" if x is None else f"{x / 2**20:8.2f}"
 
@@ -860,7 +778,7 @@ def main(argv=None) -> int:
         args.warmup, args.min_repeats, args.max_repeats, args.budget_per_case = 3, 20, 200, 20.0
 
     start = time.perf_counter()
-    env = environment()
+    env = environment(("jax", "jaxlib", "flax", "optax", "numpy", "torch", "hvpopt"))
     print(f"JAX {jax.__version__} on {env['jax_devices']}; {env['machine']['cpu_count']} CPUs; "
           f"{'quick' if args.quick else 'full'} run", flush=True)
     jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.zeros(())))  # absorb one-time init

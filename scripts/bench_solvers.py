@@ -96,14 +96,9 @@ Usage:
 """
 
 import argparse
-import datetime
-import hashlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -118,6 +113,7 @@ import scipy.linalg
 from jax.flatten_util import ravel_pytree
 
 import hvpopt
+from benchmark_env import cpu_load, environment
 from hvpopt.models import TransformerConfig, transformer_lm
 
 ce = hvpopt.losses.softmax_cross_entropy
@@ -151,13 +147,6 @@ def summarize(times: list[float]) -> dict:
         "min_s": float(arr.min()),
         "repeats": int(arr.size),
     }
-
-
-def cpu_load() -> dict:
-    try:
-        return dict(zip(("1min", "5min", "15min"), os.getloadavg()))
-    except OSError:
-        return {}
 
 
 def round_robin(calls: dict[str, Callable[[], Any]], *, min_rounds: int, max_rounds: int,
@@ -1127,73 +1116,6 @@ def print_targets(t: dict) -> None:
               f"<= {i['threshold']}   {i.get('note', '')}")
 
 
-def git_state() -> dict:
-    """Commit and local modifications (tracked and untracked) of the hvpopt sources."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(hvpopt.__file__)))
-
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True,
-                                  timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    status = git("status", "--porcelain", "--", "hvpopt").strip()
-    digest = hashlib.sha1(git("diff", "HEAD", "--", "hvpopt").encode())
-    for line in status.splitlines():
-        if line.startswith("??"):
-            path = os.path.join(root, line[3:].strip())
-            for dirpath, _, files in os.walk(path) if os.path.isdir(path) else [("", None, [path])]:
-                for f in sorted(files):
-                    with open(os.path.join(dirpath, f), "rb") as fh:
-                        digest.update(fh.read())
-    return {
-        "path": root,
-        "commit": git("rev-parse", "HEAD").strip() or None,
-        "modified_files": status.splitlines(),
-        "diff_and_untracked_sha1": digest.hexdigest() if status else None,
-    }
-
-
-def environment() -> dict:
-    def version(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    return {
-        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "hvpopt_source": git_state(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_model": cpu_model,
-            "uname": platform.uname()._asdict(),
-            "cpu_count": os.cpu_count(),
-            "cpu_affinity_count": affinity,
-            "python": sys.version,
-        },
-        "jax_devices": [str(d) for d in jax.devices()],
-        "jax_backend": jax.default_backend(),
-        "versions": {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "scipy",
-                                              "lineax", "equinox", "hvpopt")},
-    }
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (< 1 minute), smaller problems")
@@ -1233,7 +1155,7 @@ def main(argv=None) -> int:
     )
 
     start = time.perf_counter()
-    env = environment()
+    env = environment(("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "lineax", "equinox", "hvpopt"))
     print(f"JAX {jax.__version__} on {env['jax_devices']}; {env['machine']['cpu_count']} CPUs; "
           f"{'quick' if args.quick else 'full'} run", flush=True)
     jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.zeros(())))

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import flat, make_mlp, problem_hessian, random_like, rel_error
+from conftest import flat, make_mlp, problem_hessian, rel_error
 from jax.flatten_util import ravel_pytree
 
 import hvpopt
