@@ -31,9 +31,7 @@ Usage:
 """
 
 import argparse
-import json
 import math
-import os
 import re
 import sys
 import time
@@ -45,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hvpopt
-from benchmark_env import cpu_load, environment
+from benchmark_env import cpu_load, environment, write_results
 from hvpopt.models import TransformerConfig, transformer_lm
 
 ce = hvpopt.losses.softmax_cross_entropy
@@ -857,11 +855,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_s": total,
     }
-    out_dir = os.path.dirname(args.out)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(report, fh, indent=2, default=str)
+    write_results(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

@@ -96,9 +96,7 @@ Usage:
 """
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -113,7 +111,7 @@ import scipy.linalg
 from jax.flatten_util import ravel_pytree
 
 import hvpopt
-from benchmark_env import cpu_load, environment
+from benchmark_env import cpu_load, environment, write_results
 from hvpopt.models import TransformerConfig, transformer_lm
 
 ce = hvpopt.losses.softmax_cross_entropy
@@ -1219,11 +1217,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "wall_s": {"cg": t_cg, "total": total},
     }
-    out_dir = os.path.dirname(args.out)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(report, fh, indent=2, default=str)
+    write_results(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

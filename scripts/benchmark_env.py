@@ -3,6 +3,7 @@
 import datetime
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import jax
 
 import hvpopt
+from hvpopt._io import atomic_path
 
 
 def cpu_load() -> dict:
@@ -86,3 +88,12 @@ def environment(packages: tuple[str, ...]) -> dict:
         "jax_backend": jax.default_backend(),
         "versions": {p: version(p) for p in packages},
     }
+
+
+def write_results(path: str, report: dict) -> None:
+    """Writes a results JSON atomically (a crash leaves the previous results whole)."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with atomic_path(path) as temporary, open(temporary, "w") as file:
+        json.dump(report, file, indent=2, default=str)
