@@ -98,13 +98,26 @@ def scalar_fn(name: str, fn: Callable, *args) -> Callable:
 
 def check_positive_int(name: str, value: Any) -> int:
     """Returns ``value`` as an ``int``; raises ValueError unless it is a positive integer."""
-    try:
-        number = operator.index(value)  # int and NumPy integers, not bool-like floats
-    except TypeError:
-        number = None
-    if isinstance(value, bool) or number is None or number < 1:
+    number = as_int(value)
+    if number is None or number < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}.")
     return number
+
+
+def as_int(value: Any) -> int | None:
+    """``value`` as an ``int`` if it is a Python or NumPy integer (not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """Raises ValueError if a concrete number is negative (or NaN); traced values pass."""
+    if isinstance(value, (int, float)) and not value >= 0:
+        raise ValueError(f"{name} must be >= 0; got {value!r}.")
 
 
 def leading_size(name: str, tree: Any) -> int:

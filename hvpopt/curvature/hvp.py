@@ -66,7 +66,8 @@ def hvp(f: Callable, params: PyTree, v: PyTree, *args, mode: str = "auto") -> Py
       >>> hvpopt.hvp(f, {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([1.0, 1.0])})
       {'w': Array([ 6., 12.], dtype=float32)}
     """
-    _check_inputs(params, v, mode)
+    _check_mode_and_params(mode, params)
+    _checks.check_like("v", v, "params", params)
     return _HVP_BY_MODE[mode](_checks.scalar_fn("f", f, *args), params, v)
 
 
@@ -99,8 +100,7 @@ def hessian_operator(f: Callable, params: PyTree, *args, mode: str = "auto") -> 
       >>> matvec(jnp.array([1.0, 0.0]))
       Array([2., 1.], dtype=float32)
     """
-    _checks.check_choice("mode", mode, HVP_MODES)
-    _checks.check_floating("params", params)
+    _check_mode_and_params(mode, params)
     loss = _checks.scalar_fn("f", f, *args)
     if mode == "rev_fwd":
         product = lambda v: _rev_fwd(loss, params, v)
@@ -116,10 +116,9 @@ def hessian_operator(f: Callable, params: PyTree, *args, mode: str = "auto") -> 
     return _checks.checked_matvec(product, params)
 
 
-def _check_inputs(params: PyTree, v: PyTree, mode: str) -> None:
+def _check_mode_and_params(mode: str, params: PyTree) -> None:
     _checks.check_choice("mode", mode, HVP_MODES)
     _checks.check_floating("params", params)
-    _checks.check_like("v", v, "params", params)
 
 
 def _fwd_rev(loss: Callable, params: PyTree, v: PyTree, *, mode: str = "fwd_rev") -> PyTree:

@@ -30,7 +30,6 @@ References:
   Martens, "Deep learning via Hessian-free optimization", ICML 2010.
 """
 
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -162,13 +161,13 @@ def cg(
         _checks.check_like("x0", x0, "b", b)
     _checks.check_matvec_output(matvec, b, "b")
     maxiter = _checks.check_positive_int("maxiter", size if maxiter is None else maxiter)
-    _check_nonnegative("damping", damping)
-    _check_nonnegative("rtol", rtol)
-    _check_nonnegative("atol", atol)
+    _checks.check_nonnegative("damping", damping)
+    _checks.check_nonnegative("rtol", rtol)
+    _checks.check_nonnegative("atol", atol)
     if radius is not None:
-        _check_nonnegative("radius", radius)
+        _checks.check_nonnegative("radius", radius)
     if progress_tol is not None:
-        _check_nonnegative("progress_tol", progress_tol)
+        _checks.check_nonnegative("progress_tol", progress_tol)
     save_at = tuple(_check_iteration(index, maxiter) for index in save_at)
 
     if isinstance(damping, (int, float)) and damping == 0:
@@ -357,11 +356,8 @@ def _to_boundary(x: PyTree, p: PyTree, radius) -> jax.Array:
 
 
 def _check_iteration(index: Any, maxiter: int) -> int:
-    try:
-        number = operator.index(index)
-    except TypeError:
-        number = None
-    if isinstance(index, bool) or number is None or not 0 <= number <= maxiter:
+    number = _checks.as_int(index)
+    if number is None or not 0 <= number <= maxiter:
         raise ValueError(f"save_at must hold iterations in [0, maxiter={maxiter}]; got {index!r}.")
     return number
 
@@ -369,7 +365,3 @@ def _check_iteration(index: Any, maxiter: int) -> int:
 def _select(condition: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true, on_false)
 
-
-def _check_nonnegative(name: str, value: Any) -> None:
-    if isinstance(value, (int, float)) and not value >= 0:
-        raise ValueError(f"{name} must be >= 0; got {value!r}.")

@@ -113,8 +113,7 @@ def lissa(
     depth = _checks.check_positive_int("depth", depth)
     num_repeats = _checks.check_positive_int("num_repeats", num_repeats)
     power_iters = _checks.check_positive_int("power_iters", power_iters)
-    if isinstance(damping, (int, float)) and not damping >= 0:
-        raise ValueError(f"damping must be >= 0; got {damping!r}.")
+    _checks.check_nonnegative("damping", damping)
     if isinstance(scale, (int, float)) and not scale > 0:
         raise ValueError(f"scale must be > 0; got {scale!r}.")
     product = matvec if stochastic else (lambda v, _: matvec(v))
