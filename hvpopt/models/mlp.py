@@ -1,10 +1,13 @@
-"""A multi-layer perceptron."""
+"""A multi-layer perceptron, and multinomial logistic regression (the MLP with no hidden layer)."""
 
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from hvpopt import _checks
+from hvpopt.models._functional import pure
 
 
 class MLP(nnx.Module):
@@ -43,5 +46,21 @@ def mlp(
     """
     if len(sizes) < 2:
         raise ValueError(f"sizes must name an input and an output width; got {sizes!r}.")
-    graphdef, params = nnx.split(MLP(sizes, activation, rngs=nnx.Rngs(seed)), nnx.Param)
-    return (lambda p, x: nnx.merge(graphdef, p)(x)), params
+    sizes = [_checks.check_positive_int("sizes", size) for size in sizes]
+    return pure(MLP(sizes, activation, rngs=nnx.Rngs(seed)))
+
+
+def logistic_regression(num_features: int, num_classes: int, *, seed: int = 0) -> tuple[Callable, nnx.State]:
+    """Multinomial logistic regression, ``x -> x W + b``, as ``(model_fn, params)``.
+
+    With softmax cross-entropy the loss is convex in ``(W, b)``, and strictly
+    convex with an L2 penalty: the model of the exact checks (leave-one-out
+    retraining, Newton's method in one step on quadratics' neighbours).
+
+    Example:
+      >>> import jax.numpy as jnp, hvpopt
+      >>> model_fn, params = hvpopt.models.logistic_regression(4, 3)
+      >>> model_fn(params, jnp.ones((5, 4))).shape
+      (5, 3)
+    """
+    return mlp((num_features, num_classes), seed=seed)
