@@ -1,6 +1,7 @@
 """The ``hvpopt`` command line. It parses, calls the library and writes; no math here."""
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -9,7 +10,7 @@ import jax
 
 import hvpopt
 from hvpopt import _io, demo
-from hvpopt.models.builtin import BUILTIN_MODELS, builtin_problem
+from hvpopt.tasks import DEFAULT_TASK, TASKS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,44 @@ def build_parser() -> argparse.ArgumentParser:
     spectrum.add_argument("--trace-samples", type=_positive_int, default=30)
     spectrum.add_argument("--out", default="spectrum-out", help="output folder (created)")
     spectrum.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    train = commands.add_parser(
+        "train",
+        help="train a built-in task and write a checkpoint",
+        description="Trains a built-in task (the transformer language model of the shipped "
+        "corpus by default, about a minute on 2 CPU cores) and writes a checkpoint "
+        "(params.msgpack, config.json) and metrics.jsonl to --out at every evaluation.",
+    )
+    defaults = hvpopt.training.TrainOptions()
+    train.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder (created)")
+    train.add_argument("--task", choices=TASKS, default=DEFAULT_TASK)
+    train.add_argument("--steps", type=_positive_int, default=defaults.steps)
+    train.add_argument("--batch-size", type=_batch_size, default=defaults.batch_size,
+                       help="examples per step, or 'full' for the whole training set")
+    train.add_argument("--optimizer", choices=tuple(hvpopt.training.OPTIMIZERS), default=defaults.optimizer)
+    train.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    train.add_argument("--eval-every", type=_positive_int, default=defaults.eval_every)
+    train.add_argument("--seed", type=int, default=0, help="seed of the data, the initialization and the batch order")
+    train.add_argument("--flip-fraction", type=float, default=0.0,
+                       help="fraction of training labels to flip (classification and reverse tasks)")
+    train.add_argument("--l2", type=float, default=None, help="L2 penalty of the objective (default: the task's)")
+    train.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                       help="a data option of the task, e.g. modulus=7 (repeatable)")
+    train.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                       help="a model option, e.g. d_model=32 or positions=rotary (repeatable)")
+    train.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    evaluation = commands.add_parser(
+        "eval", help="validation loss and accuracy of a checkpoint",
+        description="Reports the mean loss, accuracy (and perplexity for language models) of a "
+        "checkpoint on its validation or training split.",
+    )
+    evaluation.add_argument("--checkpoint", required=True, metavar="DIR")
+    evaluation.add_argument("--split", choices=("validation", "train"), default="validation")
+    evaluation.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return parser
 
 
@@ -64,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_demo(args) -> int:
+    task, params = _load_problem(args)
     report = demo.curvature_tour(
-        args.model, batch_size=args.batch_size, seed=args.seed, repeats=args.repeats
+        task, params, batch_size=args.batch_size, seed=args.seed, repeats=args.repeats
     )
     print(json.dumps(report, indent=2) if args.json else demo.format_report(report))
     return 0
@@ -78,34 +118,33 @@ def run_spectrum(args) -> int:
         raise ValueError("--out must name a folder.")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} exists and is not a folder.")
-    problem = builtin_problem(args.model, batch_size=args.batch_size, seed=args.seed)
-    size = int(sum(x.size for x in jax.tree.leaves(problem.params)))
+    task, params = _load_problem(args)
+    inputs, targets = hvpopt.tasks.first_batch(task, args.batch_size)
+    size = int(sum(x.size for x in jax.tree.leaves(params)))
     _check_spectrum_sizes(args, size)
-    loss = hvpopt.losses.softmax_cross_entropy
 
     @jax.jit
     def report(params, key):
         if args.curvature == "hessian":
-            objective = lambda p: loss(problem.model_fn(p, problem.inputs), problem.targets)
-            matvec = hvpopt.hessian_operator(objective, params)
+            matvec = hvpopt.hessian_operator(task.batch_loss, params, inputs, targets)
         else:
-            matvec = hvpopt.ggn_operator(problem.model_fn, loss, params, problem.inputs, problem.targets)
+            matvec = hvpopt.ggn_operator(task.model_fn, task.loss, params, inputs, targets)
         return spectrum.curvature_spectrum(
             matvec, params, key=key, k=args.k, num_iters=args.lanczos_iters,
             density_iters=args.density_iters, density_probes=args.density_probes,
             trace_samples=args.trace_samples,
         )
 
-    result = report(problem.params, jax.random.key(args.seed))
+    result = report(params, jax.random.key(args.seed))
     summary = {
-        "model": problem.description,
+        "model": task.describe(),
         "curvature": args.curvature,
         "parameters": size,
         **spectrum.summarize(result),
         "hvpopt_version": hvpopt.__version__,
     }
     os.makedirs(args.out, exist_ok=True)
-    title = f"{args.curvature} spectral density, {problem.description}"
+    title = f"{args.curvature} spectral density, {task.name}"
     png_path, json_path = (os.path.join(args.out, name) for name in ("density.png", "spectrum.json"))
     with _io.atomic_path(png_path) as png_temporary, _io.atomic_path(json_path) as json_temporary:
         spectrum.save_density_plot(result.density, png_temporary, title)
@@ -113,6 +152,87 @@ def run_spectrum(args) -> int:
             json.dump(summary, file, indent=2)
     print(json.dumps(summary, indent=2) if args.json else _format_spectrum(summary, args.out))
     return 0
+
+
+def run_train(args) -> int:
+    from hvpopt import checkpoint, tasks, training
+
+    config_path = os.path.join(args.out, checkpoint.CONFIG_FILE)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} exists and is not a folder.")
+    if os.path.exists(config_path) and not args.overwrite:
+        raise ValueError(f"--out {args.out!r} already holds a checkpoint; pass --overwrite or choose another folder.")
+    task = tasks.make_task(
+        args.task, seed=args.seed, flip_fraction=args.flip_fraction, l2=args.l2,
+        data_options=_key_values("--data", args.data), model_options=_key_values("--model", args.model),
+    )
+    options = training.TrainOptions(
+        steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer,
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        eval_every=args.eval_every, seed=args.seed,
+    )
+    tasks.check_batch_size(task, options.batch_size or task.train.num_examples)
+    if os.path.exists(config_path):
+        os.remove(config_path)  # --overwrite: the folder stops being a checkpoint until the first save
+
+    def save(params, history, completed=False):
+        config = {"task": task.config, "train": dataclasses.asdict(options), "step": history[-1]["step"],
+                  "completed": completed, "metrics": history[-1], **_versions()}
+        checkpoint.save_checkpoint(args.out, params, config)
+        with _io.atomic_path(os.path.join(args.out, "metrics.jsonl")) as temporary:
+            with open(temporary, "w") as file:
+                file.writelines(json.dumps(record) + "\n" for record in history)
+
+    print(f"training {task.describe()}", file=sys.stderr)
+    result = training.train(task, options, on_evaluation=save, progress=not args.no_progress)
+    if result.interrupted:
+        where = f"the checkpoint of step {result.history[-1]['step']}" if result.history else "no checkpoint"
+        print(f"hvpopt train: interrupted after {result.steps_done} steps; {args.out} keeps {where}.",
+              file=sys.stderr)
+        return 130
+    save(result.params, result.history, completed=True)
+    summary = {
+        "out": args.out, "task": task.name, "parameters": int(sum(x.size for x in jax.tree.leaves(task.params))),
+        "steps": result.steps_done, "steps_per_second": result.steps_per_second,
+        "compile_seconds": result.compile_seconds, **result.history[-1],
+    }
+    print(json.dumps(summary, indent=2) if args.json else _format_metrics(summary))
+    return 0
+
+
+def run_eval(args) -> int:
+    from hvpopt import checkpoint, training
+
+    loaded = checkpoint.load_checkpoint(args.checkpoint)
+    dataset = getattr(loaded.task, args.split)
+    metrics = training.evaluate(loaded.task, loaded.params, dataset)
+    summary = {"checkpoint": args.checkpoint, "task": loaded.task.name, "step": loaded.config.get("step"),
+               "split": args.split, "examples": dataset.num_examples, **metrics}
+    print(json.dumps(summary, indent=2) if args.json else _format_metrics(summary))
+    return 0
+
+
+def _format_metrics(summary: dict) -> str:
+    return "\n".join(f"{name:<28}{value:.4f}" if isinstance(value, float) else f"{name:<28}{value}"
+                     for name, value in summary.items())
+
+
+def _versions() -> dict:
+    return {"hvpopt_version": hvpopt.__version__, "jax_version": jax.__version__}
+
+
+def _key_values(flag: str, items: list[str]) -> dict:
+    """``["modulus=7", "alphabet=abc"]`` -> ``{"modulus": 7, "alphabet": "abc"}`` (values read as JSON if they parse)."""
+    options = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE; got {item!r}.")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
 
 
 def _check_spectrum_sizes(args, size: int) -> None:
@@ -141,9 +261,26 @@ def _format_spectrum(summary: dict, out: str) -> str:
 
 
 def _add_problem_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=BUILTIN_MODELS, default="transformer")
-    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--task", choices=TASKS, default=DEFAULT_TASK,
+                        help="a built-in task at its initial parameters (default: %(default)s)")
+    source.add_argument("--checkpoint", metavar="DIR", help="a checkpoint written by 'hvpopt train'")
+    parser.add_argument("--batch-size", type=_positive_int, default=16,
+                        help="the first N training examples form the batch")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _load_problem(args):
+    """``(task, params)`` of ``--checkpoint``, or of ``--task`` at its initial parameters."""
+    if args.checkpoint:
+        loaded = hvpopt.checkpoint.load_checkpoint(args.checkpoint)
+        return loaded.task, loaded.params
+    task = hvpopt.tasks.make_task(args.task, seed=args.seed)
+    return task, task.params
+
+
+def _batch_size(text: str) -> int | None:
+    return None if text == "full" else _positive_int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -153,7 +290,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-COMMANDS = {"demo": run_demo, "spectrum": run_spectrum}
+COMMANDS = {"demo": run_demo, "spectrum": run_spectrum, "train": run_train, "eval": run_eval}
 
 if __name__ == "__main__":
     sys.exit(main())

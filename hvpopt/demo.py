@@ -1,9 +1,9 @@
 """A tour of the curvature products on a built-in model, with timings and checks.
 
-``hvpopt demo`` runs :func:`curvature_tour`: it builds the default small
-transformer language model on a batch of random tokens and reports what each
-product costs next to a gradient, how the modes agree, and how much curvature
-the loss has along its gradient.
+``hvpopt demo`` runs :func:`curvature_tour`: on a batch of a built-in task (the
+small transformer language model of the shipped corpus by default) or of a
+trained checkpoint, it reports what each product costs next to a gradient, how
+the modes agree, and how much curvature the loss has along its gradient.
 """
 
 import statistics
@@ -18,25 +18,24 @@ from jax.flatten_util import ravel_pytree
 
 import hvpopt
 from hvpopt import _checks
-from hvpopt.models.builtin import builtin_problem
+from hvpopt.tasks import Task, first_batch
 
 
-def curvature_tour(model: str = "transformer", *, batch_size: int = 16, seed: int = 0,
+def curvature_tour(task: Task, params: Any, *, batch_size: int = 16, seed: int = 0,
                    repeats: int = 5) -> dict[str, Any]:
     """Runs every product once compiled and returns a report (a JSON-able dict).
 
     Args:
-      model: ``"transformer"`` (the default small language model) or ``"mlp"``.
-      batch_size: sequences (or examples) in the batch.
-      seed: seed of the parameters, the data and the random probes.
+      task: a built-in task (:func:`hvpopt.tasks.make_task`).
+      params: its parameters (``task.params``, or a checkpoint's).
+      batch_size: the first ``batch_size`` training examples form the batch.
+      seed: seed of the random probes.
       repeats: timed calls per product after compilation; the median is kept.
     """
     _checks.check_positive_int("repeats", repeats)
-    description, model_fn, params, inputs, targets = builtin_problem(
-        model, batch_size=batch_size, seed=seed
-    )
-    loss = hvpopt.losses.softmax_cross_entropy
-    objective = lambda p: loss(model_fn(p, inputs), targets)
+    inputs, targets = first_batch(task, batch_size)
+    model_fn, loss = task.model_fn, task.loss
+    objective = lambda p: task.batch_loss(p, inputs, targets)
     grads = jax.jit(jax.grad(objective))(params)
     key_mc, key_diag = jax.random.split(jax.random.key(seed))
 
@@ -65,7 +64,7 @@ def curvature_tour(model: str = "transformer", *, batch_size: int = 16, seed: in
     hutchinson = jax.jit(lambda p: hvpopt.hutchinson_diagonal(
         hvpopt.ggn_operator(model_fn, loss, p, inputs, targets), p, key=key_diag, num_samples=8))(params)
     return {
-        "model": description,
+        "model": task.describe(),
         "parameters": int(ravel_pytree(params)[0].size),
         "loss": float(objective(params)),
         "grad_norm": float(jnp.sqrt(g_norm2)),

@@ -221,7 +221,7 @@ def test_mixed_precision_pytree_keeps_each_leaf_dtype():
         result = jax.jit(lambda b: hvpopt.cg(matvec, b, damping=damping, radius=np.float64(10.0)))(b)
         assert bool(result.converged)
         assert result.x["full"].dtype == jnp.float32 and result.x["half"].dtype == jnp.bfloat16
-        np.testing.assert_allclose(result.x["full"], 1 / (2 + damping), rtol=1e-6)
+        np.testing.assert_allclose(result.x["full"], 1 / (2 + damping), rtol=1e-5)  # float32 on any backend
         np.testing.assert_allclose(np.asarray(result.x["half"], np.float32), 1 / (4 + damping), rtol=1e-2)
 
 

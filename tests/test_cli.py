@@ -1,9 +1,11 @@
-"""The command line: version, help, the demo, and bad input."""
+"""The command line: version, help, demo, train, eval, and bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import hvpopt
@@ -24,9 +26,9 @@ def test_version_and_help():
 
 
 def test_demo_reports_agreeing_modes(capsys):
-    assert cli.main(["demo", "--model", "mlp", "--batch-size", "4", "--repeats", "1", "--json"]) == 0
+    assert cli.main(["demo", "--task", "blobs", "--batch-size", "4", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["parameters"] == 32 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+    assert report["parameters"] == 8 * 3 + 3  # logistic regression on 8 features, 3 classes
     for name, row in report["products"].items():
         assert row["seconds"] > 0
         if name.startswith("hvp["):
@@ -37,7 +39,7 @@ def test_demo_reports_agreeing_modes(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["demo", "--model", "resnet"], "invalid choice"),
+        (["demo", "--task", "resnet"], "invalid choice"),
         (["demo", "--batch-size", "0"], "must be a positive integer"),
         (["demo", "--repeats", "x"], "invalid"),
         (["nonsense"], "invalid choice"),
@@ -47,3 +49,49 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
     result = run(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+TINY_TRAIN = ["--task", "modular", "--data", "modulus=7", "--model", "d_model=8", "--model", "num_heads=2",
+              "--steps", "6", "--eval-every", "3", "--batch-size", "8", "--no-progress"]
+
+
+def test_train_writes_a_checkpoint_that_eval_reads(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--out", out, *TINY_TRAIN, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl", "params.msgpack"]
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [3, 6] and summary["validation_loss"] == records[-1]["validation_loss"]
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["completed"] and config["task"]["data_options"]["modulus"] == 7 and config["train"]["steps"] == 6
+    assert cli.main(["eval", "--checkpoint", out, "--json"]) == 0
+    evaluation = json.loads(capsys.readouterr().out)
+    assert evaluation["step"] == 6 and evaluation["loss"] == pytest.approx(summary["validation_loss"])
+    task, params = cli._load_problem(cli.build_parser().parse_args(["demo", "--checkpoint", out]))
+    assert task.config == config["task"] and jax.tree.structure(params) == jax.tree.structure(task.params)
+
+    assert cli.main(["train", "--out", out, *TINY_TRAIN]) == 2  # would replace finished work
+    assert "already holds a checkpoint; pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["train", "--out", out, *TINY_TRAIN, "--overwrite", "--seed", "1"]) == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "modulos=7"], "no data option 'modulos'"),
+    (["--model", "d_model"], "--model takes KEY=VALUE"),
+    (["--batch-size", "500"], "batch_size (500) exceeds the 25 training examples"),
+    (["--flip-fraction", "1.5"], "flip_fraction must lie in [0, 1)"),
+    (["--learning-rate", "-1"], "learning_rate must be positive"),
+])
+def test_train_refuses_bad_options_before_writing_anything(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--out", str(out), *TINY_TRAIN, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_eval_of_a_broken_checkpoint_exits_2_with_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{")
+    result = run("eval", "--checkpoint", str(tmp_path))
+    assert result.returncode == 2 and "not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1

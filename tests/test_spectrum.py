@@ -35,7 +35,7 @@ def test_report_matches_the_dense_spectrum():
 
 def test_cli_writes_the_report_and_the_plot(tmp_path, capsys):
     out = tmp_path / "spectrum"
-    args = ["spectrum", "--model", "mlp", "--batch-size", "4", "--k", "2", "--lanczos-iters", "10",
+    args = ["spectrum", "--task", "blobs", "--batch-size", "4", "--k", "2", "--lanczos-iters", "10",
             "--density-iters", "8", "--density-probes", "1", "--trace-samples", "6",
             "--out", str(out), "--json"]
     assert cli.main(args) == 0
@@ -53,7 +53,7 @@ def test_a_failure_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(spectrum, "save_density_plot", broken_plot)
     out = tmp_path / "spectrum"
-    args = ["spectrum", "--model", "mlp", "--batch-size", "2", "--k", "1", "--lanczos-iters", "4",
+    args = ["spectrum", "--task", "blobs", "--batch-size", "2", "--k", "1", "--lanczos-iters", "4",
             "--density-iters", "4", "--density-probes", "1", "--trace-samples", "4", "--out", str(out)]
     assert cli.main(args) == 2
     assert "disk full" in capsys.readouterr().err
@@ -63,7 +63,7 @@ def test_a_failure_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("keep me")
-    assert cli.main(["spectrum", "--model", "mlp", "--out", str(not_a_folder)]) == 2
+    assert cli.main(["spectrum", "--task", "blobs", "--out", str(not_a_folder)]) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert not_a_folder.read_text() == "keep me"
 
@@ -78,16 +78,17 @@ def test_bad_arguments_exit_2(args):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--lanczos-iters", "9000"], "--lanczos-iters must be at most the 6922 parameters"),
-        (["--density-iters", "9000"], "--density-iters must be at most the 6922 parameters"),
-        (["--k", "50"], "--k must be at most --lanczos-iters (40)"),
+        (["--lanczos-iters", "9000"], "--lanczos-iters must be at most the 27 parameters"),
+        (["--density-iters", "9000"], "--density-iters must be at most the 27 parameters"),
+        (["--k", "12"], "--k must be at most --lanczos-iters (10)"),
         (["--trace-samples", "2"], "--trace-samples must be at least 4"),
         (["--out="], "--out must name a folder"),
     ],
 )
 def test_sizes_are_checked_against_the_flags(tmp_path, capsys, flags, message):
     out = tmp_path / "spectrum"
-    assert cli.main(["spectrum", "--model", "mlp", "--out", str(out), *flags]) == 2
+    base = ["spectrum", "--task", "blobs", "--lanczos-iters", "10", "--density-iters", "10"]
+    assert cli.main([*base, "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()

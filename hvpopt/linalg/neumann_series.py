@@ -106,7 +106,7 @@ def lissa(
       >>> a = jnp.diag(jnp.array([1.0, 2.0]))
       >>> result = hvpopt.lissa(lambda v: a @ v, jnp.ones(2), damping=0.0, depth=100,
       ...                       key=jax.random.key(0))
-      >>> result.x, bool(result.diverged)
+      >>> result.x.round(4), bool(result.diverged)
       (Array([1. , 0.5], dtype=float32), False)
     """
     _checks.check_floating("b", b)

@@ -1,0 +1,140 @@
+"""Checkpoints of a task's parameters: msgpack arrays plus a JSON config, validated on load.
+
+A checkpoint is a folder holding
+
+* ``params.msgpack``: the parameters, one array per parameter path
+  (``flax.serialization``; never pickle);
+* ``config.json``: how to rebuild the task (:func:`hvpopt.tasks.make_task`),
+  the training options, and a manifest of the parameters: every array's path,
+  shape and dtype and the file's SHA-256.
+
+Each file is written to a temporary name and renamed, parameters first: a
+crash leaves the previous checkpoint or the new one, never a mix that loads.
+Loading rebuilds the task from the config and refuses, with a one-line
+message naming the file, anything that does not match it: a missing or
+truncated file, a changed byte, an array of another shape or dtype.
+"""
+
+import hashlib
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from flax import serialization
+
+from hvpopt import _io, tasks
+
+PARAMS_FILE = "params.msgpack"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+
+
+class Checkpoint(NamedTuple):
+    """A loaded checkpoint: the rebuilt task, the trained parameters and the config."""
+
+    task: tasks.Task
+    params: Any
+    config: dict
+
+
+def save_checkpoint(directory: str, params: Any, config: dict) -> None:
+    """Writes ``params`` and ``config`` (must hold ``"task"``, a task config) to ``directory``.
+
+    Example:
+      >>> import tempfile, hvpopt
+      >>> task = hvpopt.tasks.make_task("blobs")
+      >>> folder = tempfile.mkdtemp()
+      >>> save_checkpoint(folder, task.params, {"task": task.config})
+      >>> load_checkpoint(folder).task.name
+      'blobs'
+    """
+    if "task" not in config:
+        raise ValueError("config must hold the task's config under 'task'.")
+    arrays = _flatten(params)
+    payload = serialization.msgpack_serialize(arrays)
+    os.makedirs(directory, exist_ok=True)
+    with _io.atomic_path(os.path.join(directory, PARAMS_FILE)) as temporary:
+        with open(temporary, "wb") as file:
+            file.write(payload)
+    manifest = {
+        "file": PARAMS_FILE,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "arrays": {path: {"shape": list(x.shape), "dtype": str(x.dtype)} for path, x in arrays.items()},
+    }
+    record = {"format_version": FORMAT_VERSION, **config, "params": manifest}
+    with _io.atomic_path(os.path.join(directory, CONFIG_FILE)) as temporary:
+        with open(temporary, "w") as file:
+            json.dump(record, file, indent=2)
+
+
+def load_checkpoint(directory: str) -> Checkpoint:
+    """Loads a checkpoint written by :func:`save_checkpoint` (or ``hvpopt train``).
+
+    Raises:
+      ValueError: naming the file and what is wrong with it.
+    """
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isdir(directory):
+        raise ValueError(f"checkpoint folder {directory!r} does not exist.")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{config_path} is missing: {directory!r} is not a finished checkpoint.")
+    try:
+        with open(config_path) as file:
+            config = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}).") from None
+    if not isinstance(config, dict) or not isinstance(config.get("task"), dict) or "params" not in config:
+        raise ValueError(f"{config_path} lacks the 'task' and 'params' entries of an hvpopt checkpoint.")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_path} has format_version {config.get('format_version')!r}; "
+                         f"this hvpopt reads version {FORMAT_VERSION}.")
+    try:
+        task = tasks.make_task(**config["task"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_path}: the task config does not build: {err}") from None
+    params = _restore(os.path.join(directory, PARAMS_FILE), task.params, config["params"])
+    return Checkpoint(task, params, config)
+
+
+def _restore(path: str, like: Any, manifest: dict) -> Any:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing.")
+    with open(path, "rb") as file:
+        payload = file.read()
+    if hashlib.sha256(payload).hexdigest() != manifest.get("sha256"):
+        raise ValueError(f"{path} is truncated or was changed after saving (its SHA-256 does not "
+                         f"match {CONFIG_FILE}).")
+    try:
+        arrays = serialization.msgpack_restore(payload)
+    except Exception as err:  # msgpack raises several types; all mean the same to a user
+        raise ValueError(f"{path} is not a readable msgpack file ({err}).") from None
+    expected = _flatten(like)
+    if not isinstance(arrays, dict) or set(arrays) != set(expected):
+        missing = sorted(set(expected) - set(arrays if isinstance(arrays, dict) else {}))
+        raise ValueError(f"{path} does not hold the parameters the config builds "
+                         f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}).")
+    for name, reference in expected.items():
+        array = arrays[name]
+        if not isinstance(array, np.ndarray) or array.shape != reference.shape or array.dtype != reference.dtype:
+            shape, dtype = np.shape(array), getattr(array, "dtype", type(array).__name__)
+            raise ValueError(f"{path}: parameter {name!r} has shape {shape} and dtype {dtype}; the "
+                             f"config builds shape {reference.shape} and dtype {reference.dtype}.")
+    treedef = jax.tree.structure(like)
+    return jax.tree.unflatten(treedef, [jax.numpy.asarray(arrays[name]) for name in expected])
+
+
+def _flatten(params: Any) -> dict[str, np.ndarray]:
+    """``{"body/blocks/0/up/kernel": array, ...}`` in the pytree's leaf order."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {_path_name(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def _path_name(path) -> str:
+    parts = []
+    for key in path:
+        part = getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))
+        if not (isinstance(key, jax.tree_util.GetAttrKey) and part == "value"):
+            parts.append(str(part))
+    return "/".join(parts)

@@ -1,0 +1,182 @@
+"""The built-in tasks: data, model and loss together, rebuilt exactly from a JSON-able config.
+
+A :class:`Task` is what ``hvpopt train`` trains, what a checkpoint stores the
+config of, and what the optimizers and influence estimators run on. Its loss is
+split the way the curvature code needs it: ``model_fn(params, inputs) ->
+outputs`` and ``loss(outputs, targets)`` (a :class:`hvpopt.losses.Loss` with
+its closed-form output Hessian), so ``ggn_vp(task.model_fn, task.loss, ...)``
+works directly; ``example_loss`` is the loss of one example, for influence.
+
+========== ====================================== ===========================
+task       data                                   model
+========== ====================================== ===========================
+shakespeare next character of the shipped corpus  transformer language model
+reverse    complete ``"abc>"`` with ``"cba"``     transformer language model
+modular    ``"aa+bb="`` -> ``(a + b) mod p``      transformer classifier
+dyck       is a bracket string balanced?          transformer classifier
+blobs      Gaussian clusters                      logistic regression or MLP
+========== ====================================== ===========================
+"""
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax.tree_utils as otu
+
+from hvpopt import _checks, data, losses
+from hvpopt.models import TransformerConfig, mlp, transformer_classifier, transformer_lm
+
+#: Model options of the transformer tasks (the vocabulary and context come from the data).
+TRANSFORMER_OPTIONS = {"d_model": 64, "num_layers": 2, "num_heads": 4, "mlp_ratio": 4,
+                       "positions": "learned", "tie_embeddings": False}
+_SMALL_TRANSFORMER = {**TRANSFORMER_OPTIONS, "d_model": 32}
+
+_TASKS: dict[str, tuple[Callable, dict, float]] = {
+    # name: (data generator, default model options, default L2 penalty)
+    "shakespeare": (data.char_lm, TRANSFORMER_OPTIONS, 0.0),
+    "reverse": (data.reverse_strings, _SMALL_TRANSFORMER, 0.0),
+    "modular": (data.modular_addition, _SMALL_TRANSFORMER, 0.0),
+    "dyck": (data.bracket_matching, _SMALL_TRANSFORMER, 0.0),
+    "blobs": (data.gaussian_blobs, {"hidden_sizes": []}, 1e-2),
+}
+TASKS = tuple(_TASKS)
+DEFAULT_TASK = "shakespeare"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity, so jit can take it as static
+class Task:
+    """A dataset, a model and its loss.
+
+    Attributes:
+      name: one of :data:`TASKS`.
+      config: JSON-able; ``make_task(**config)`` rebuilds this task exactly.
+      model_fn: ``(params, inputs) -> outputs``.
+      params: the initial parameters (a pytree).
+      loss: the loss on the outputs of a batch, ``loss(outputs, targets)``: the
+        mean of the examples' losses.
+      train, validation: the splits.
+      tokenizer: how text becomes ``inputs`` (None for feature tasks).
+      l2: the training objective adds ``(l2 / 2) * ||params||^2``.
+    """
+
+    name: str
+    config: dict
+    model_fn: Callable
+    params: Any
+    loss: losses.Loss
+    train: data.Dataset
+    validation: data.Dataset
+    tokenizer: data.CharTokenizer | None
+    l2: float
+
+    def batch_loss(self, params, inputs, targets) -> jax.Array:
+        """The mean loss of a batch of examples."""
+        return self.loss(self.model_fn(params, inputs), targets)
+
+    def objective(self, params, inputs, targets) -> jax.Array:
+        """What training minimises: the batch loss plus the L2 penalty."""
+        penalty = 0.5 * self.l2 * otu.tree_norm(params, squared=True) if self.l2 else 0.0
+        return self.batch_loss(params, inputs, targets) + penalty
+
+    def example_loss(self, params, example) -> jax.Array:
+        """The loss of ONE example ``(inputs, targets)`` (no leading example axis)."""
+        inputs, targets = jax.tree.map(lambda x: jnp.asarray(x)[None], example)
+        return self.batch_loss(params, inputs, targets)
+
+    def describe(self) -> str:
+        """One line naming the task, its options and its size."""
+        size = sum(x.size for x in jax.tree.leaves(self.params))
+        options = ", ".join(f"{k}={v}" for k, v in {**self.config["data_options"], **self.config["model_options"]}.items())
+        return f"{self.name} ({options}; {size:,} parameters, {self.train.num_examples} training examples)"
+
+    def correct(self, params, inputs, targets) -> tuple[jax.Array, jax.Array]:
+        """``(number of correct predictions, number of predictions)`` on a batch."""
+        labels, mask = targets if isinstance(targets, tuple) else (targets, jnp.ones_like(targets))
+        hits = jnp.argmax(self.model_fn(params, inputs), axis=-1) == labels
+        return jnp.sum(hits * mask), jnp.sum(mask)
+
+
+def make_task(name: str = DEFAULT_TASK, *, seed: int = 0, flip_fraction: float = 0.0,
+              l2: float | None = None, data_options: dict | None = None,
+              model_options: dict | None = None) -> Task:
+    """Builds a built-in task, deterministically in ``seed``.
+
+    Args:
+      name: one of :data:`TASKS`.
+      seed: seed of the data and of the initial parameters.
+      flip_fraction: fraction of training labels to flip (``Dataset.flipped``
+        records which); for the classification and reverse tasks.
+      l2: L2 penalty of the training objective; None for the task's default.
+      data_options: keyword options of the task's data generator (e.g.
+        ``{"modulus": 7}`` for ``modular``; see :mod:`hvpopt.data`).
+      model_options: model sizes, e.g. ``{"d_model": 32, "num_layers": 1}``
+        (:data:`TRANSFORMER_OPTIONS`), or ``{"hidden_sizes": [32]}`` for ``blobs``.
+
+    Example:
+      >>> import jax, hvpopt
+      >>> task = hvpopt.tasks.make_task("modular", data_options={"modulus": 5})
+      >>> str(task.train.texts[0]), task.train.num_examples
+      ('0+0=0', 13)
+      >>> loss = jax.jit(task.batch_loss)(task.params, task.train.inputs, task.train.targets)
+    """
+    _checks.check_choice("task", name, TASKS)
+    generator, model_defaults, default_l2 = _TASKS[name]
+    data_options = _options("data option", name, dict(data_options or {}), _keyword_defaults(generator))
+    model_options = _options("model option", name, dict(model_options or {}), model_defaults)
+    l2 = default_l2 if l2 is None else l2
+    if not isinstance(l2, (int, float)) or isinstance(l2, bool):
+        raise ValueError(f"l2 must be a number; got {l2!r}.")
+    _checks.check_nonnegative("l2", l2)
+    if _checks.as_int(seed) is None:
+        raise ValueError(f"seed must be an integer; got {seed!r}.")
+    seed, l2 = int(seed), float(l2)
+    split = generator(seed=seed, flip_fraction=flip_fraction, **data_options)
+    model_fn, params, loss = _model(name, split, model_options, seed)
+    config = {"name": name, "seed": seed, "flip_fraction": flip_fraction, "l2": l2,
+              "data_options": data_options, "model_options": model_options}
+    return Task(name, config, model_fn, params, loss, split.train, split.validation, split.tokenizer, l2)
+
+
+def first_batch(task: Task, batch_size: int) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of the first ``batch_size`` training examples."""
+    head = task.train.take(range(check_batch_size(task, batch_size)))
+    return head.inputs, head.targets
+
+
+def check_batch_size(task: Task, batch_size: int) -> int:
+    """``batch_size`` as an int; ValueError unless it is between 1 and the training set's size."""
+    batch_size = _checks.check_positive_int("batch_size", batch_size)
+    if batch_size > task.train.num_examples:
+        raise ValueError(f"batch_size ({batch_size}) exceeds the {task.train.num_examples} "
+                         f"training examples of task {task.name!r}.")
+    return batch_size
+
+
+def _model(name: str, split: data.TaskData, options: dict, seed: int):
+    if name == "blobs":
+        sizes = [split.train.inputs.shape[1], *options["hidden_sizes"], split.num_classes]
+        return (*mlp(sizes, seed=seed), losses.softmax_cross_entropy)
+    config = TransformerConfig(vocab_size=split.tokenizer.vocab_size,
+                               context_length=split.train.inputs.shape[1], **options)
+    if split.num_classes is None:
+        return (*transformer_lm(config, seed=seed), losses.masked_softmax_cross_entropy)
+    model_fn, params = transformer_classifier(config, split.num_classes, pad_id=split.tokenizer.pad_id, seed=seed)
+    return model_fn, params, losses.softmax_cross_entropy
+
+
+def _options(kind: str, task: str, given: dict, defaults: dict) -> dict:
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"task {task!r} has no {kind} {unknown[0]!r}; its {kind}s are {', '.join(sorted(defaults))}."
+        )
+    return {**defaults, **given}
+
+
+def _keyword_defaults(generator: Callable) -> dict:
+    parameters = inspect.signature(generator).parameters.values()
+    return {p.name: p.default for p in parameters if p.name not in ("seed", "flip_fraction")}

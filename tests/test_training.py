@@ -1,0 +1,148 @@
+"""Training, evaluation and checkpoints: loss goes down, runs repeat, files round-trip or are refused."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from test_tasks import SMALL_DATA, tiny_task
+
+from hvpopt import checkpoint, training
+from hvpopt.tasks import TASKS, make_task
+
+FEW_STEPS = training.TrainOptions(steps=30, batch_size=16, eval_every=30, learning_rate=1e-2)
+
+
+def train_loss(task, params):
+    return training.evaluate(task, params, task.train)["loss"]
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_loss_decreases_on_every_task_within_a_few_dozen_steps(name):
+    task = make_task(name, data_options=SMALL_DATA[name])  # the task's own model
+    result = training.train(task, FEW_STEPS, progress=False)
+    before, after = train_loss(task, task.params), train_loss(task, result.params)
+    assert after < 0.9 * before, (before, after)
+    assert result.steps_done == 30 and not result.interrupted
+    assert result.history[-1]["step"] == 30 and np.isfinite(result.history[-1]["validation_loss"])
+
+
+def test_training_is_deterministic_for_a_seed():
+    task = tiny_task("blobs")
+    options = training.TrainOptions(steps=5, batch_size=8, eval_every=5, seed=3)
+    first, again = (training.train(task, options, progress=False).params for _ in range(2))
+    other = training.train(task, training.TrainOptions(steps=5, batch_size=8, eval_every=5, seed=4),
+                           progress=False).params
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other)))
+
+
+def test_evaluate_is_the_exact_mean_over_the_split():
+    task = tiny_task("reverse")
+    metrics = training.evaluate(task, task.params, task.validation, batch_size=3)  # a ragged last batch
+    dataset = task.validation
+    example_loss = jax.jit(task.example_loss)
+    losses = [example_loss(task.params, (dataset.inputs[i], jax.tree.map(lambda t: t[i], dataset.targets)))
+              for i in range(dataset.num_examples)]
+    logits = jax.jit(task.model_fn)(task.params, dataset.inputs)
+    labels, mask = dataset.targets
+    accuracy = float(np.sum((np.argmax(logits, -1) == labels) * mask) / np.sum(mask))
+    assert metrics["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(accuracy, rel=1e-6)
+    assert metrics["perplexity"] == pytest.approx(np.exp(metrics["loss"]))
+
+
+def test_ctrl_c_returns_the_last_completed_step():
+    task = tiny_task("blobs")
+    calls = []
+
+    def interrupt_on_second(params, history):
+        calls.append(history[-1]["step"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    options = training.TrainOptions(steps=50, batch_size=8, eval_every=5)
+    result = training.train(task, options, on_evaluation=interrupt_on_second, progress=False)
+    assert result.interrupted and result.steps_done == 10 and calls == [5, 10]
+    replay = training.train(task, training.TrainOptions(steps=10, batch_size=8, eval_every=5), progress=False)
+    assert result.steps_done == replay.steps_done
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    task = tiny_task("modular")
+    params = training.train(task, training.TrainOptions(steps=3, batch_size=8, eval_every=3), progress=False).params
+    folder = str(tmp_path_factory.mktemp("checkpoint"))
+    checkpoint.save_checkpoint(folder, params, {"task": task.config, "step": 3})
+    return folder, params
+
+
+def test_checkpoint_round_trip_is_bit_exact(saved):
+    folder, params = saved
+    loaded = checkpoint.load_checkpoint(folder)
+    assert loaded.config["step"] == 3 and loaded.task.name == "modular"
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def copy_of(saved, tmp_path):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in os.listdir(saved[0]):
+        (folder / name).write_bytes(open(os.path.join(saved[0], name), "rb").read())
+    return folder
+
+
+def edit_config(folder, change):
+    config = json.loads((folder / checkpoint.CONFIG_FILE).read_text())
+    change(config)
+    (folder / checkpoint.CONFIG_FILE).write_text(json.dumps(config))
+
+
+def test_a_changed_or_truncated_params_file_is_refused(saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    payload = bytearray((folder / checkpoint.PARAMS_FILE).read_bytes())
+    payload[len(payload) // 2] ^= 1
+    (folder / checkpoint.PARAMS_FILE).write_bytes(bytes(payload))
+    with pytest.raises(ValueError, match="truncated or was changed"):
+        checkpoint.load_checkpoint(str(folder))
+    (folder / checkpoint.PARAMS_FILE).write_bytes(bytes(payload[:100]))
+    with pytest.raises(ValueError, match="truncated or was changed"):
+        checkpoint.load_checkpoint(str(folder))
+
+
+def test_a_config_that_builds_other_shapes_is_refused(saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    edit_config(folder, lambda c: c["task"]["model_options"].update(d_model=12))
+    with pytest.raises(ValueError, match=r"parameter '.*' has shape .* the config builds shape"):
+        checkpoint.load_checkpoint(str(folder))
+
+
+def test_a_dtype_mismatch_is_refused(saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    task = make_task(**json.loads((folder / checkpoint.CONFIG_FILE).read_text())["task"])
+    as_float16 = jax.tree.map(lambda x: np.asarray(x, np.float16), task.params)
+    checkpoint.save_checkpoint(str(folder), as_float16, {"task": task.config})
+    with pytest.raises(ValueError, match="dtype float16; the config builds .* float32"):
+        checkpoint.load_checkpoint(str(folder))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: os.remove(f / checkpoint.PARAMS_FILE), "params.msgpack is missing"),
+    (lambda f: os.remove(f / checkpoint.CONFIG_FILE), "config.json is missing"),
+    (lambda f: (f / checkpoint.CONFIG_FILE).write_text('{"task": '), "not valid JSON"),
+    (lambda f: edit_config(f, lambda c: c["task"].update(name="mnist")), "task config does not build"),
+    (lambda f: edit_config(f, lambda c: c.update(format_version=99)), "format_version 99"),
+])
+def test_broken_checkpoints_are_refused_with_the_file_named(saved, tmp_path, damage, message):
+    folder = copy_of(saved, tmp_path)
+    damage(folder)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load_checkpoint(str(folder))
+
+
+def test_a_missing_folder_is_named(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        checkpoint.load_checkpoint(str(tmp_path / "nowhere"))
