@@ -175,9 +175,10 @@ def run_train(args) -> int:
     if os.path.exists(config_path):
         os.remove(config_path)  # --overwrite: the folder stops being a checkpoint until the first save
 
-    def save(params, history, completed=False):
-        config = {"task": task.config, "train": dataclasses.asdict(options), "step": history[-1]["step"],
-                  "completed": completed, "metrics": history[-1], **_versions()}
+    def save(params, history, step=None, completed=False):
+        step = history[-1]["step"] if step is None else step
+        config = {"task": task.config, "train": dataclasses.asdict(options), "step": step,
+                  "completed": completed, "metrics": history[-1] if history else None, **_versions()}
         checkpoint.save_checkpoint(args.out, params, config)
         with _io.atomic_path(os.path.join(args.out, "metrics.jsonl")) as temporary:
             with open(temporary, "w") as file:
@@ -186,8 +187,10 @@ def run_train(args) -> int:
     print(f"training {task.describe()}", file=sys.stderr)
     result = training.train(task, options, on_evaluation=save, progress=not args.no_progress)
     if result.interrupted:
-        where = f"the checkpoint of step {result.history[-1]['step']}" if result.history else "no checkpoint"
-        print(f"hvpopt train: interrupted after {result.steps_done} steps; {args.out} keeps {where}.",
+        if result.steps_done:  # also repairs a save that the interrupt cut short
+            save(result.params, result.history, step=result.steps_done)
+        print(f"hvpopt train: interrupted after {result.steps_done} steps; "
+              f"{'the checkpoint in ' + args.out + ' holds them' if result.steps_done else 'nothing was written'}.",
               file=sys.stderr)
         return 130
     save(result.params, result.history, completed=True)

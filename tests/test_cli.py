@@ -95,3 +95,24 @@ def test_eval_of_a_broken_checkpoint_exits_2_with_one_line(tmp_path):
     result = run("eval", "--checkpoint", str(tmp_path))
     assert result.returncode == 2 and "not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_ctrl_c_during_a_save_still_leaves_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
+    from hvpopt import checkpoint
+
+    original, calls = checkpoint.save_checkpoint, []
+
+    def interrupted_save(directory, params, config):
+        calls.append(config["step"])
+        if len(calls) == 2:  # cut short after the parameters, before the config
+            (tmp_path / "run" / checkpoint.PARAMS_FILE).write_bytes(b"half")
+            raise KeyboardInterrupt
+        original(directory, params, config)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", interrupted_save)
+    out = str(tmp_path / "run")
+    args = ["train", "--out", out, *TINY_TRAIN, "--steps", "9"]
+    assert cli.main(args) == 130
+    assert "interrupted after 6 steps" in capsys.readouterr().err
+    loaded = checkpoint.load_checkpoint(out)
+    assert calls == [3, 6, 6] and loaded.config["step"] == 6 and not loaded.config["completed"]
