@@ -7,10 +7,11 @@ estimators built on those.
 
 __version__ = "0.1.0"
 
-from hvpopt import checkpoint, curvature, data, linalg, losses, models, tasks, training
+from hvpopt import checkpoint, curvature, data, linalg, losses, models, optim, tasks, training
 from hvpopt.curvature import *  # noqa: F403  (the products are the top-level API)
 from hvpopt.jacobians import SpectralNorm, jacobian, jacobian_spectral_norm
 from hvpopt.linalg import *  # noqa: F403  (so are the solvers)
+from hvpopt.optim import *  # noqa: F403  (and the optimizers)
 
-__all__ = [*curvature.__all__, *linalg.__all__, "SpectralNorm", "jacobian", "jacobian_spectral_norm",
+__all__ = [*curvature.__all__, *linalg.__all__, *optim.__all__, "optim", "SpectralNorm", "jacobian", "jacobian_spectral_norm",
            "checkpoint", "data", "losses", "models", "tasks", "training"]
