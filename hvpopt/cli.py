@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         "spectrum",
         help="top eigenvalues, trace and eigenvalue density of the Hessian or Gauss-Newton matrix",
         description="Lanczos for the largest and the smallest eigenvalues, Hutch++ for the "
-        "trace and stochastic Lanczos quadrature for the density of a built-in model's "
-        "curvature. Writes spectrum.json and density.png to --out.",
+        "trace and stochastic Lanczos quadrature for the density of the curvature of a "
+        "built-in task or a checkpoint. Writes spectrum.json and density.png to --out.",
     )
     _add_problem_arguments(spectrum)
     spectrum.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian")
@@ -116,8 +116,7 @@ def run_spectrum(args) -> int:
 
     if not args.out:
         raise ValueError("--out must name a folder.")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out!r} exists and is not a folder.")
+    _check_out_folder(args.out)
     task, params = _load_problem(args)
     inputs, targets = hvpopt.tasks.first_batch(task, args.batch_size)
     size = int(sum(x.size for x in jax.tree.leaves(params)))
@@ -158,8 +157,7 @@ def run_train(args) -> int:
     from hvpopt import checkpoint, tasks, training
 
     config_path = os.path.join(args.out, checkpoint.CONFIG_FILE)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out!r} exists and is not a folder.")
+    _check_out_folder(args.out)
     if os.path.exists(config_path) and not args.overwrite:
         raise ValueError(f"--out {args.out!r} already holds a checkpoint; pass --overwrite or choose another folder.")
     task = tasks.make_task(
@@ -236,6 +234,11 @@ def _key_values(flag: str, items: list[str]) -> dict:
         except json.JSONDecodeError:
             options[key] = text
     return options
+
+
+def _check_out_folder(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path!r} exists and is not a folder.")
 
 
 def _check_spectrum_sizes(args, size: int) -> None:
