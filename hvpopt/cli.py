@@ -63,8 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_batch_size, default=defaults.batch_size,
                        help="examples per step, or 'full' for the whole training set")
     train.add_argument("--optimizer", choices=tuple(hvpopt.training.OPTIMIZERS), default=defaults.optimizer)
-    train.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    train.add_argument("--learning-rate", type=float, default=None,
+                       help="peak learning rate of adamw, adam and sgd (default 3e-3); for newton_cg and "
+                       "hessian_free the first step the line search tries, for natural_gradient the step (default 1)")
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW's weight decay")
+    train.add_argument("--damping", type=float, default=None,
+                       help="second-order optimizers: damping (hessian_free: the initial damping)")
+    train.add_argument("--cg-iterations", type=_positive_int, default=None,
+                       help="second-order optimizers: most CG iterations per step")
     train.add_argument("--eval-every", type=_positive_int, default=defaults.eval_every)
     train.add_argument("--seed", type=int, default=0, help="seed of the data, the initialization and the batch order")
     train.add_argument("--flip-fraction", type=float, default=0.0,
@@ -166,8 +172,8 @@ def run_train(args) -> int:
     )
     options = training.TrainOptions(
         steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer,
-        learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-        eval_every=args.eval_every, seed=args.seed,
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay, damping=args.damping,
+        cg_iterations=args.cg_iterations, eval_every=args.eval_every, seed=args.seed,
     )
     tasks.check_batch_size(task, options.batch_size or task.train.num_examples)
     if os.path.exists(config_path):
@@ -214,8 +220,9 @@ def run_eval(args) -> int:
 
 
 def _format_metrics(summary: dict) -> str:
-    return "\n".join(f"{name:<28}{value:.4f}" if isinstance(value, float) else f"{name:<28}{value}"
-                     for name, value in summary.items())
+    width = max(map(len, summary)) + 2
+    return "\n".join(f"{name:<{width}}{value:.4g}" if isinstance(value, float) else f"{name:<{width}}{value}"
+                      for name, value in summary.items())
 
 
 def _versions() -> dict:

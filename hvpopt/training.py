@@ -20,23 +20,55 @@ import optax
 from hvpopt import _checks
 from hvpopt._progress import Progress
 from hvpopt.data import Dataset
+from hvpopt.optim import hessian_free, natural_gradient, newton_cg
 from hvpopt.tasks import Task, check_batch_size
 
 
-def _adamw(learning_rate, weight_decay):
-    return optax.adamw(learning_rate, weight_decay=weight_decay)
+def _adamw(task, options, learning_rate):
+    return optax.adamw(learning_rate, weight_decay=options.weight_decay)
 
 
-def _adam(learning_rate, weight_decay):
+def _adam(task, options, learning_rate):
     return optax.adam(learning_rate)
 
 
-def _sgd(learning_rate, weight_decay):
+def _sgd(task, options, learning_rate):
     return optax.sgd(learning_rate, momentum=0.9)
 
 
-#: ``name -> (learning_rate, weight_decay) -> optax transformation``.
-OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adam": _adam, "sgd": _sgd}
+def _newton_cg(task, options, learning_rate):
+    return newton_cg(learning_rate, **_second_order_knobs(options, damping="damping"))
+
+
+def _hessian_free(task, options, learning_rate):
+    # The Gauss-Newton matrix is of the data loss; the L2 penalty's curvature l2 I
+    # is the least damping that keeps the model honest.
+    knobs = _second_order_knobs(options, damping="initial_damping")
+    return hessian_free(task.model_fn, task.loss, learning_rate=learning_rate,
+                        min_damping=max(1e-6, task.l2), **knobs)
+
+
+def _natural_gradient(task, options, learning_rate):
+    knobs = _second_order_knobs(options, damping="damping")
+    damping = knobs.pop("damping", 1e-3) + task.l2  # F + l2 I is the Fisher of the objective
+    return natural_gradient(task.model_fn, task.loss, learning_rate=learning_rate,
+                            damping=damping, **knobs)
+
+
+def _second_order_knobs(options, *, damping: str) -> dict:
+    knobs = {damping: options.damping, "maxiter": options.cg_iterations}
+    return {name: value for name, value in knobs.items() if value is not None}
+
+
+#: ``name -> (task, options, learning rate or schedule) -> optax transformation``.
+OPTIMIZERS: dict[str, Callable] = {
+    "adamw": _adamw, "adam": _adam, "sgd": _sgd,
+    "newton_cg": _newton_cg, "hessian_free": _hessian_free, "natural_gradient": _natural_gradient,
+}
+#: Optimizers whose ``learning_rate`` is a constant first step (the line search
+#: or the curvature sets the scale): no schedule, no gradient clipping.
+SECOND_ORDER = ("newton_cg", "hessian_free", "natural_gradient")
+_DEFAULT_LEARNING_RATE = {"adamw": 3e-3, "adam": 3e-3, "sgd": 3e-3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +79,18 @@ class TrainOptions:
       steps: optimizer steps.
       batch_size: examples per step (None: the whole training set, every step).
       optimizer: a name in :data:`OPTIMIZERS`.
-      learning_rate: peak learning rate, reached after a linear warm-up over
-        the first 5% of steps and decayed to a tenth by a cosine.
+      learning_rate: first-order optimizers: the peak learning rate, reached
+        after a linear warm-up over the first 5% of steps and decayed to a
+        tenth by a cosine (default 3e-3). Second-order ones: a constant, the
+        first step the line search tries or the natural-gradient step
+        (default 1.0).
       weight_decay: decoupled weight decay (AdamW only).
-      clip_norm: gradients are clipped to this global norm (None: no clipping).
+      clip_norm: first-order gradients are clipped to this global norm (None:
+        no clipping).
+      damping: second-order only: Newton-CG's and natural gradient's
+        ``damping``, Hessian-free's ``initial_damping`` (None: their defaults).
+      cg_iterations: second-order only: most CG iterations per step (None: the
+        optimizer's default).
       eval_every: steps between validation evaluations (and checkpoints).
       seed: seed of the batch order.
     """
@@ -58,9 +98,11 @@ class TrainOptions:
     steps: int = 1500
     batch_size: int | None = 64
     optimizer: str = "adamw"
-    learning_rate: float = 3e-3
+    learning_rate: float | None = None
     weight_decay: float = 1e-4
     clip_norm: float | None = 1.0
+    damping: float | None = None
+    cg_iterations: int | None = None
     eval_every: int = 500
     seed: int = 0
 
@@ -70,11 +112,21 @@ class TrainOptions:
         if self.batch_size is not None:
             _checks.check_positive_int("batch_size", self.batch_size)
         _checks.check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", _DEFAULT_LEARNING_RATE.get(self.optimizer, 1.0))
         for name in ("learning_rate", "clip_norm"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive; got {value!r}.")
         _checks.check_nonnegative("weight_decay", self.weight_decay)
+        for name in ("damping", "cg_iterations"):
+            if getattr(self, name) is not None and self.optimizer not in SECOND_ORDER:
+                raise ValueError(f"{name} is for the second-order optimizers ({', '.join(SECOND_ORDER)}); "
+                                 f"optimizer {self.optimizer!r} has none.")
+        if self.damping is not None:
+            _checks.check_nonnegative("damping", self.damping)
+        if self.cg_iterations is not None:
+            _checks.check_positive_int("cg_iterations", self.cg_iterations)
 
 
 class TrainResult(NamedTuple):
@@ -84,8 +136,9 @@ class TrainResult(NamedTuple):
       params: the parameters after the last completed step.
       steps_done: completed steps (fewer than asked if interrupted).
       history: one record per evaluation: step, mean training loss since the
-        previous record, validation loss and accuracy, seconds since the first
-        step finished.
+        previous record, validation loss and accuracy, the second-order
+        optimizer's diagnostics (:func:`optimizer_diagnostics`), seconds since
+        the first step finished.
       compile_seconds: time of the first step, compilation included.
       steps_per_second: throughput of the steps after the first, evaluations
         and checkpoints left out.
@@ -100,13 +153,19 @@ class TrainResult(NamedTuple):
     interrupted: bool
 
 
-def make_optimizer(options: TrainOptions) -> optax.GradientTransformationExtraArgs:
-    """The optimizer of ``options``, with warm-up, cosine decay and clipping."""
+def make_optimizer(task: Task, options: TrainOptions) -> optax.GradientTransformationExtraArgs:
+    """The optimizer of ``options`` for ``task``.
+
+    First-order optimizers get the warm-up and cosine schedule and gradient
+    clipping; second-order ones a constant ``learning_rate`` and no clipping.
+    """
+    if options.optimizer in SECOND_ORDER:
+        return OPTIMIZERS[options.optimizer](task, options, options.learning_rate)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, options.learning_rate, warmup_steps=max(1, options.steps // 20),
         decay_steps=options.steps, end_value=options.learning_rate / 10,
     )
-    optimizer = OPTIMIZERS[options.optimizer](schedule, options.weight_decay)
+    optimizer = OPTIMIZERS[options.optimizer](task, options, schedule)
     clip = [optax.clip_by_global_norm(options.clip_norm)] if options.clip_norm else []
     return optax.chain(*clip, optimizer)
 
@@ -130,7 +189,7 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
     """
     params = task.params if params is None else params
     batch_size = check_batch_size(task, options.batch_size or task.train.num_examples)
-    optimizer = make_optimizer(options)
+    optimizer = make_optimizer(task, options)
     step = _make_step(task, optimizer)
     opt_state = optimizer.init(params)
     batches = _batch_indices(task.train.num_examples, batch_size, options.seed)
@@ -151,8 +210,9 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
             if bar:
                 bar.update(1, loss=loss)  # read back only when the bar is drawn
             if done % options.eval_every == 0 or done == options.steps:
+                jax.block_until_ready(params)  # the steps' time is not the evaluation's
                 evaluation_start = time.perf_counter()
-                history.append(_record(task, params, done, losses, evaluation_start - start))
+                history.append(_record(task, params, opt_state, done, losses, evaluation_start - start))
                 losses = []
                 if on_evaluation:
                     on_evaluation(params, history)
@@ -204,18 +264,32 @@ def _make_step(task: Task, optimizer: optax.GradientTransformationExtraArgs) -> 
         objective = lambda p: task.objective(p, inputs, targets)
         loss, grads = jax.value_and_grad(objective)(params)
         updates, opt_state = optimizer.update(
-            grads, opt_state, params, value=loss, grad=grads, value_fn=objective
+            grads, opt_state, params, value=loss, grad=grads, value_fn=objective,
+            curvature_batch=(inputs, targets),
         )
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step
 
 
-def _record(task: Task, params, step: int, losses: list, seconds: float) -> dict:
+def _record(task: Task, params, opt_state, step: int, losses: list, seconds: float) -> dict:
     validation = evaluate(task, params, task.validation)
     return {"step": step, "train_loss": float(np.mean(jax.device_get(losses))),
             **{f"validation_{name}": value for name, value in validation.items()},
-            "elapsed_seconds": seconds}
+            **optimizer_diagnostics(opt_state), "elapsed_seconds": seconds}
+
+
+def optimizer_diagnostics(opt_state) -> dict[str, float | int]:
+    """The scalar diagnostics of a second-order optimizer's state, as ``optimizer_<field>``.
+
+    CG iterations, curvature products and loss evaluations so far, damping,
+    step size, ...; empty for optax's own (chained) states.
+    """
+    if not hasattr(opt_state, "_fields"):
+        return {}
+    return {f"optimizer_{name}": value.item() for name, value in zip(opt_state._fields, opt_state)
+            if name != "count" and isinstance(value, jax.Array) and value.ndim == 0
+            and jnp.issubdtype(value.dtype, jnp.number)}
 
 
 def _batch_indices(num_examples: int, batch_size: int, seed: int):

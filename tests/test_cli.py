@@ -75,12 +75,25 @@ def test_train_writes_a_checkpoint_that_eval_reads(tmp_path, capsys):
     assert cli.main(["train", "--out", out, *TINY_TRAIN, "--overwrite", "--seed", "1"]) == 0
 
 
+def test_train_with_a_second_order_optimizer_records_its_diagnostics(tmp_path, capsys):
+    out = str(tmp_path / "newton")
+    args = ["train", "--out", out, "--task", "blobs", "--optimizer", "newton_cg", "--batch-size", "full",
+            "--damping", "0.01", "--cg-iterations", "10", "--steps", "4", "--eval-every", "2", "--no-progress"]
+    assert cli.main(args) == 0
+    config = json.load(open(os.path.join(out, "config.json")))["train"]
+    assert (config["learning_rate"], config["damping"], config["cg_iterations"]) == (1.0, 0.01, 10)
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert records[0]["train_loss"] > records[1]["train_loss"]
+    assert 0 < records[0]["optimizer_num_hvps"] < records[1]["optimizer_num_hvps"] <= 4 * 10
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--data", "modulos=7"], "no data option 'modulos'"),
     (["--model", "d_model"], "--model takes KEY=VALUE"),
     (["--batch-size", "500"], "batch_size (500) exceeds the 25 training examples"),
     (["--flip-fraction", "1.5"], "flip_fraction must lie in [0, 1)"),
     (["--learning-rate", "-1"], "learning_rate must be positive"),
+    (["--damping", "0.1"], "damping is for the second-order optimizers"),
 ])
 def test_train_refuses_bad_options_before_writing_anything(tmp_path, capsys, extra, message):
     out = tmp_path / "run"

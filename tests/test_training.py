@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 from test_tasks import SMALL_DATA, tiny_task
 
@@ -67,6 +68,32 @@ def test_ctrl_c_returns_the_last_completed_step():
     assert result.interrupted and result.steps_done == 10 and calls == [5, 10]
     replay = training.train(task, training.TrainOptions(steps=10, batch_size=8, eval_every=5), progress=False)
     assert result.steps_done == replay.steps_done
+
+
+@pytest.mark.parametrize("optimizer, learning_rate", [
+    ("newton_cg", None), ("hessian_free", None), ("natural_gradient", 0.5)])
+def test_second_order_optimizers_train_logistic_regression_to_its_minimum(optimizer, learning_rate):
+    task = make_task("blobs", data_options={"num_examples": 60})  # convex: L2 penalty 1e-2
+    inputs, targets = task.train.inputs, task.train.targets
+    gradient_norm = lambda p: float(optax.tree_utils.tree_norm(jax.grad(task.objective)(p, inputs, targets)))
+    options = training.TrainOptions(steps=15, batch_size=None, optimizer=optimizer,
+                                    learning_rate=learning_rate, eval_every=15)
+    result = training.train(task, options, progress=False)
+    assert gradient_norm(result.params) < 1e-4 * gradient_norm(task.params)
+    record = result.history[-1]
+    assert record["optimizer_skipped_steps"] == 0 and record["optimizer_cg_iterations"] >= 1
+    assert any(name.startswith("optimizer_num_") and value > 15 for name, value in record.items())
+
+
+def test_learning_rate_defaults_and_second_order_options_are_checked():
+    assert training.TrainOptions().learning_rate == 3e-3
+    assert training.TrainOptions(optimizer="newton_cg").learning_rate == 1.0
+    with pytest.raises(ValueError, match="damping is for the second-order optimizers"):
+        training.TrainOptions(damping=0.1)
+    with pytest.raises(ValueError, match="damping must be >= 0"):
+        training.TrainOptions(optimizer="hessian_free", damping=-1.0)
+    with pytest.raises(ValueError, match="cg_iterations must be a positive integer"):
+        training.TrainOptions(optimizer="natural_gradient", cg_iterations=0)
 
 
 @pytest.fixture(scope="module")
