@@ -7,7 +7,7 @@ estimators built on those.
 
 __version__ = "0.1.0"
 
-from hvpopt import checkpoint, curvature, data, linalg, losses, models, optim, tasks, training
+from hvpopt import checkpoint, curvature, data, influence, linalg, losses, models, optim, tasks, training
 from hvpopt.curvature import *  # noqa: F403  (the products are the top-level API)
 from hvpopt.jacobians import SpectralNorm, jacobian, jacobian_spectral_norm
 from hvpopt.linalg import *  # noqa: F403  (so are the solvers)

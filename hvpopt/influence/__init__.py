@@ -1,0 +1,30 @@
+"""Influence functions: which training examples are responsible for a prediction.
+
+``scores[q, j] ~ L_q(theta_without_j) - L_q(theta)``; see :mod:`hvpopt.influence.scores`.
+"""
+
+from hvpopt.influence.gradients import flat_example_gradients, gradient_chunks
+from hvpopt.influence.inverse_curvature import (
+    CURVATURES,
+    METHODS,
+    InverseCurvature,
+    curvature_operator,
+    eigen_inverse,
+    fit_inverse_curvature,
+)
+from hvpopt.influence.scores import pairwise_scores, query_directions, score_blocks, self_scores
+
+__all__ = [
+    "CURVATURES",
+    "METHODS",
+    "InverseCurvature",
+    "curvature_operator",
+    "eigen_inverse",
+    "fit_inverse_curvature",
+    "flat_example_gradients",
+    "gradient_chunks",
+    "pairwise_scores",
+    "query_directions",
+    "score_blocks",
+    "self_scores",
+]

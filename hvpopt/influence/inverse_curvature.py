@@ -1,0 +1,202 @@
+"""The inverse damped curvature ``(H + lambda I)^{-1}`` of a training set, by five methods.
+
+``H`` is the Hessian (or Gauss-Newton matrix) of the mean training loss
+``(1/n) sum_j l_j(theta)``. Every method is fitted once and then applied to
+flat vectors (rows of a ``[m, P]`` array, ``P`` the number of parameters):
+
+* ``"exact"``: the dense ``H`` (``P`` products) and its eigendecomposition;
+  small models only.
+* ``"cg"``: conjugate gradient per vector, vectorized over a block of rows.
+* ``"lissa"``: the Neumann series of Agarwal et al. (2017), its scale set once
+  to 1.1 times the top eigenvalue of ``H + lambda I`` found by Lanczos.
+* ``"arnoldi"``: the top ``rank`` eigenpairs by Lanczos (the symmetric
+  Arnoldi iteration), ``(H + lambda I)^{-1} v ~ V diag(1 / (w + lambda)) V^T v``:
+  the projection onto the top subspace of Schioppa et al. (2022). Full rank
+  is exact.
+* ``"identity"``: no curvature, ``v`` itself (TracIn-style gradient products).
+
+References:
+  Koh, Liang, "Understanding black-box predictions via influence functions", ICML 2017.
+  Agarwal, Bullins, Hazan, "Second-order stochastic optimization for machine
+  learning in linear time", JMLR 2017.
+  Schioppa, Zablotskaia, Vilar, Sokolov, "Scaling up influence functions", AAAI 2022.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from hvpopt import _checks
+from hvpopt.curvature.averaged import average_over_chunks
+from hvpopt.curvature.dense import dense_matrix
+from hvpopt.curvature.ggn import ggn_vp
+from hvpopt.curvature.hvp import hvp
+from hvpopt.linalg.conjugate_gradient import cg
+from hvpopt.linalg.lanczos import eigsh
+from hvpopt.linalg.neumann_series import lissa
+
+PyTree = Any
+METHODS = ("exact", "cg", "lissa", "arnoldi", "identity")
+CURVATURES = ("hessian", "ggn")
+#: ``method="exact"`` refuses more parameters than this (the dense matrix has ``P^2`` entries).
+MAX_EXACT_PARAMETERS = 5000
+
+
+class InverseCurvature(NamedTuple):
+    """A fitted ``(H + lambda I)^{-1}``.
+
+    Attributes:
+      apply: ``[m, P] -> ([m, P], diagnostics)``, the inverse applied to each
+        row; diagnostics are per-row arrays (``cg``: ``iterations``,
+        ``residual_norm``, ``converged``; ``lissa``: ``diverged``,
+        ``step_norm``), empty for the factorised methods.
+      method: the method's name.
+      damping: ``lambda``.
+      eigenvalues: ``[k]`` eigenvalues of ``H`` (``exact``, ``arnoldi``; else None).
+      eigenvectors: ``[k, P]`` orthonormal eigenvectors (``exact``, ``arnoldi``; else None).
+      diagnostics: about the fit (products used, eigenvalue residuals, LiSSA's scale).
+    """
+
+    apply: Callable[[jax.Array], tuple[jax.Array, dict]]
+    method: str
+    damping: float
+    eigenvalues: jax.Array | None
+    eigenvectors: jax.Array | None
+    diagnostics: dict
+
+
+def curvature_operator(loss_fn: Callable, params: PyTree, data: PyTree, *, curvature: str = "hessian",
+                       model: tuple[Callable, Callable] | None = None, chunk_size: int = 64) -> Callable:
+    """``v -> H v`` on pytrees like ``params``, ``H`` the curvature of the mean loss over ``data``.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar``, the loss of one example.
+      params: the trained parameters.
+      data: examples, a pytree of arrays with a leading example axis.
+      curvature: ``"hessian"``, or ``"ggn"`` for the Gauss-Newton matrix
+        ``J^T H_L J`` (positive semi-definite for a convex output loss).
+      model: for ``"ggn"``, ``(model_fn, output_loss)`` with
+        ``model_fn(params, inputs) -> outputs`` and ``output_loss(outputs,
+        targets) -> scalar`` the mean over a batch; every example is then
+        ``(inputs, targets)``.
+      chunk_size: examples per product (memory is one chunk's).
+    """
+    _checks.check_choice("curvature", curvature, CURVATURES)
+    if curvature == "hessian":
+        mean_loss = lambda p, batch: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(p, batch))
+        batch_matvec = lambda v, batch: hvp(mean_loss, params, v, batch)
+    else:
+        if model is None:
+            raise ValueError("curvature='ggn' needs model=(model_fn, output_loss), with every example "
+                             "an (inputs, targets) pair.")
+        model_fn, output_loss = model
+        batch_matvec = lambda v, batch: ggn_vp(model_fn, output_loss, params, v, *batch)
+    size = _checks.leading_size("data", data)
+    return average_over_chunks(batch_matvec, data, chunk_size=min(chunk_size, max(size, 1)))
+
+
+def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, method: str = "cg",
+                          damping: float = 0.0, curvature: str = "hessian",
+                          model: tuple[Callable, Callable] | None = None, chunk_size: int = 64,
+                          rtol: float = 1e-4, maxiter: int = 100, rank: int | None = None,
+                          num_iters: int | None = None, depth: int = 1000,
+                          key: jax.Array | None = None) -> InverseCurvature:
+    """Fits ``(H + damping I)^{-1}`` for the curvature ``H`` of the mean loss over ``data``.
+
+    Args:
+      loss_fn, params, data, curvature, model, chunk_size: as in
+        :func:`curvature_operator`.
+      method: one of :data:`METHODS`.
+      damping: ``lambda >= 0``; a model trained with the L2 penalty
+        ``(lam / 2) ||theta||^2`` on the mean loss is matched by ``damping=lam``.
+      rtol, maxiter: ``cg``'s relative residual tolerance and iteration cap.
+      rank: ``arnoldi``'s number of eigenpairs (default ``min(P, 50)``).
+      num_iters: ``arnoldi``'s Lanczos steps (default :func:`hvpopt.eigsh`'s,
+        ``min(P, max(2 rank + 1, 20))``).
+      depth: ``lissa``'s terms of the series.
+      key: random key of the Lanczos start vectors (default ``jax.random.key(0)``).
+    """
+    _checks.check_choice("method", method, METHODS)
+    _checks.check_nonnegative("damping", damping)
+    _checks.check_choice("curvature", curvature, CURVATURES)
+    key = jax.random.key(0) if key is None else key
+    flat_params = ravel_pytree(params)[0]
+    num_params, damping = flat_params.size, float(damping)
+
+    def flat_operator(params, data):  # params and data are jit arguments, not baked-in constants
+        unravel = ravel_pytree(params)[1]
+        operator = curvature_operator(loss_fn, params, data, curvature=curvature, model=model,
+                                      chunk_size=chunk_size)
+        return lambda x: ravel_pytree(operator(unravel(x)))[0]
+
+    def bound(solve):
+        compiled = jax.jit(solve)
+        return lambda rows: compiled(params, data, rows)
+
+    if method == "identity":
+        return InverseCurvature(lambda rows: (rows, {}), method, damping, None, None, {})
+    if method == "cg":
+        def conjugate_gradient(params, data, rows):
+            matvec = flat_operator(params, data)
+            result = jax.vmap(lambda b: cg(matvec, b, damping=damping, rtol=rtol, maxiter=maxiter))(rows)
+            return result.x, {"iterations": result.iterations, "residual_norm": result.residual_norm,
+                              "converged": result.converged}
+        return InverseCurvature(bound(conjugate_gradient), method, damping, None, None, {})
+
+    def top_eigenpairs(k, iterations):
+        run = lambda params, data: eigsh(flat_operator(params, data), ravel_pytree(params)[0], k, key=key,
+                                         which="LA", num_iters=iterations)
+        return jax.jit(run)(params, data)
+
+    if method == "lissa":
+        top = float(top_eigenpairs(1, min(num_params, 20)).eigenvalues[-1])
+        scale = 1.1 * (top + damping)
+        if not scale > 0:
+            raise ValueError(f"method='lissa' needs H + damping I positive definite; its top eigenvalue is "
+                             f"{top + damping:.3g}. Raise damping or use curvature='ggn'.")
+
+        def neumann(params, data, rows):
+            matvec = flat_operator(params, data)
+            result = jax.vmap(lambda b: lissa(matvec, b, damping=damping, depth=depth, key=key, scale=scale))(rows)
+            return result.x, {"diverged": result.diverged, "step_norm": result.step_norm}
+        return InverseCurvature(bound(neumann), method, damping, None, None,
+                                {"scale": scale, "top_eigenvalue": top})
+    if method == "exact":
+        if num_params > MAX_EXACT_PARAMETERS:
+            raise ValueError(f"method='exact' builds the {num_params} x {num_params} curvature matrix; more than "
+                             f"{MAX_EXACT_PARAMETERS} parameters is too many: use method='cg' or 'arnoldi'.")
+        dense = lambda params, data: dense_matrix(flat_operator(params, data), ravel_pytree(params)[0],
+                                                  batch_size=min(num_params, 256))
+        matrix = jax.jit(dense)(params, data)
+        eigenvalues, eigenvectors = jnp.linalg.eigh((matrix + matrix.T) / 2)
+        return _eigen_inverse(method, eigenvalues, eigenvectors.T, damping, {"num_matvecs": num_params})
+    rank = min(num_params, 50) if rank is None else _checks.check_positive_int("rank", rank)
+    if rank > num_params:
+        raise ValueError(f"rank must be at most the number of parameters, {num_params}; got {rank}.")
+    found = top_eigenpairs(rank, num_iters)
+    return _eigen_inverse(method, found.eigenvalues, found.eigenvectors, damping, {
+        "num_matvecs": int(found.num_matvecs), "residual_norms": found.residual_norms})
+
+
+def eigen_inverse(eigenvalues: jax.Array, eigenvectors: jax.Array, damping: float) -> Callable:
+    """``rows -> rows V^T diag(1 / (w + damping)) V``: the inverse on the span of ``V`` (rows of ``eigenvectors``)."""
+    inverse = 1.0 / (eigenvalues + damping)
+
+    @jax.jit
+    def apply(rows):
+        return ((rows @ eigenvectors.T) * inverse) @ eigenvectors, {}
+
+    return apply
+
+
+def _eigen_inverse(method, eigenvalues, eigenvectors, damping, diagnostics) -> InverseCurvature:
+    smallest = float(jnp.min(eigenvalues))
+    if not smallest + damping > 0:
+        raise ValueError(f"method={method!r}: H + damping I is not positive definite (smallest eigenvalue "
+                         f"{smallest:.3g} + damping {damping:g} <= 0). Raise damping above {-smallest:.3g} "
+                         "or use curvature='ggn'.")
+    return InverseCurvature(eigen_inverse(eigenvalues, eigenvectors, damping), method, damping,
+                            eigenvalues, eigenvectors, diagnostics)
