@@ -4,6 +4,7 @@ Every check runs in Python at trace time, so a mistake fails before anything is
 compiled, with a message that names the argument and what was expected.
 """
 
+import argparse
 import operator
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -132,3 +133,11 @@ def leading_size(name: str, tree: Any) -> int:
             f"got sizes {sorted(sizes)}."
         )
     return sizes.pop()
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: a positive integer, or a one-line usage error."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value

@@ -9,7 +9,8 @@ import sys
 import jax
 
 import hvpopt
-from hvpopt import _io, demo
+from hvpopt import _io, demo, influence_command
+from hvpopt._checks import positive_int
 from hvpopt.tasks import DEFAULT_TASK, TASKS
 
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model, checks that the HVP modes agree, and reports the curvature along the gradient.",
     )
     _add_problem_arguments(tour)
-    tour.add_argument("--repeats", type=_positive_int, default=5, help="timed calls per product")
+    tour.add_argument("--repeats", type=positive_int, default=5, help="timed calls per product")
     tour.add_argument("--json", action="store_true", help="print the report as JSON")
 
     spectrum = commands.add_parser(
@@ -41,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_problem_arguments(spectrum)
     spectrum.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian")
-    spectrum.add_argument("--k", type=_positive_int, default=5, help="largest eigenvalues to find")
-    spectrum.add_argument("--lanczos-iters", type=_positive_int, default=40)
-    spectrum.add_argument("--density-iters", type=_positive_int, default=40)
-    spectrum.add_argument("--density-probes", type=_positive_int, default=4)
-    spectrum.add_argument("--trace-samples", type=_positive_int, default=30)
+    spectrum.add_argument("--k", type=positive_int, default=5, help="largest eigenvalues to find")
+    spectrum.add_argument("--lanczos-iters", type=positive_int, default=40)
+    spectrum.add_argument("--density-iters", type=positive_int, default=40)
+    spectrum.add_argument("--density-probes", type=positive_int, default=4)
+    spectrum.add_argument("--trace-samples", type=positive_int, default=30)
     spectrum.add_argument("--out", default="spectrum-out", help="output folder (created)")
     spectrum.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = hvpopt.training.TrainOptions()
     train.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder (created)")
     train.add_argument("--task", choices=TASKS, default=DEFAULT_TASK)
-    train.add_argument("--steps", type=_positive_int, default=defaults.steps)
+    train.add_argument("--steps", type=positive_int, default=defaults.steps)
     train.add_argument("--batch-size", type=_batch_size, default=defaults.batch_size,
                        help="examples per step, or 'full' for the whole training set")
     train.add_argument("--optimizer", choices=tuple(hvpopt.training.OPTIMIZERS), default=defaults.optimizer)
@@ -69,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW's weight decay")
     train.add_argument("--damping", type=float, default=None,
                        help="second-order optimizers: damping (hessian_free: the initial damping)")
-    train.add_argument("--cg-iterations", type=_positive_int, default=None,
+    train.add_argument("--cg-iterations", type=positive_int, default=None,
                        help="second-order optimizers: most CG iterations per step")
-    train.add_argument("--eval-every", type=_positive_int, default=defaults.eval_every)
+    train.add_argument("--eval-every", type=positive_int, default=defaults.eval_every)
     train.add_argument("--seed", type=int, default=0, help="seed of the data, the initialization and the batch order")
     train.add_argument("--flip-fraction", type=float, default=0.0,
                        help="fraction of training labels to flip (classification and reverse tasks)")
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--checkpoint", required=True, metavar="DIR")
     evaluation.add_argument("--split", choices=("validation", "train"), default="validation")
     evaluation.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    influence_command.add_parser(commands)
     return parser
 
 
@@ -278,7 +280,7 @@ def _add_problem_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--task", choices=TASKS, default=DEFAULT_TASK,
                         help="a built-in task at its initial parameters (default: %(default)s)")
     source.add_argument("--checkpoint", metavar="DIR", help="a checkpoint written by 'hvpopt train'")
-    parser.add_argument("--batch-size", type=_positive_int, default=16,
+    parser.add_argument("--batch-size", type=positive_int, default=16,
                         help="the first N training examples form the batch")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -293,17 +295,11 @@ def _load_problem(args):
 
 
 def _batch_size(text: str) -> int | None:
-    return None if text == "full" else _positive_int(text)
+    return None if text == "full" else positive_int(text)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
-    return value
-
-
-COMMANDS = {"demo": run_demo, "spectrum": run_spectrum, "train": run_train, "eval": run_eval}
+COMMANDS = {"demo": run_demo, "spectrum": run_spectrum, "train": run_train, "eval": run_eval,
+            "influence": influence_command.run}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,11 +20,13 @@ blobs      Gaussian clusters                      logistic regression or MLP
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax.tree_utils as otu
 
 from hvpopt import _checks, data, losses
@@ -180,3 +182,84 @@ def _options(kind: str, task: str, given: dict, defaults: dict) -> dict:
 def _keyword_defaults(generator: Callable) -> dict:
     parameters = inspect.signature(generator).parameters.values()
     return {p.name: p.default for p in parameters if p.name not in ("seed", "flip_fraction")}
+
+
+def examples_from_texts(task: Task, texts: list[str], ids: list[str] | None = None,
+                        names: list[str] | None = None) -> data.Dataset:
+    """Encodes texts written the way ``task``'s examples are (``Dataset.texts``) as a :class:`Dataset`.
+
+    ``shakespeare``: any 2 to ``context_length + 1`` characters, the loss on
+    every next character; ``reverse``: ``"abcdef>fedcba"``; ``modular``:
+    ``"17+05=22"``; ``dyck``: ``"([]) -> balanced"``; ``blobs``: ``"x=[0.1, ...] -> 2"``.
+
+    Args:
+      task: whose tokenizer and format to use.
+      texts: the examples as text.
+      ids: their ids (default ``text-1``, ``text-2``, ...).
+      names: how an error names each text (default ``text 1``, ...; a file's
+        ``line 7``, say).
+
+    Raises:
+      ValueError: naming the text at fault and the form expected.
+    """
+    ids = [f"text-{i + 1}" for i in range(len(texts))] if ids is None else list(ids)
+    names = [f"text {i + 1}" for i in range(len(texts))] if names is None else names
+    encoded = []
+    for name, text in zip(names, texts):
+        if not isinstance(text, str):
+            raise ValueError(f"{name} must be a string; got {type(text).__name__}.")
+        try:
+            encoded.append(_TEXT_PARSERS[task.name](task, text))
+        except ValueError as error:
+            raise ValueError(f"{name} ({text[:40]!r}): {error}") from None
+    inputs = np.stack([inputs for inputs, _ in encoded])
+    targets = jax.tree.map(lambda *leaves: np.stack(leaves), *[targets for _, targets in encoded])
+    return data.make_dataset(inputs, targets, ids, texts)
+
+
+def _language_model_text(task: Task, text: str):
+    length = task.train.inputs.shape[1]
+    if not 2 <= len(text) <= length + 1:
+        raise ValueError(f"a language-model text needs 2 to {length + 1} characters (the context plus one); "
+                         f"got {len(text)}.")
+    mask = (np.arange(length) < len(text) - 1).astype(np.int32)
+    return task.tokenizer.encode(text[:-1], length), (task.tokenizer.encode(text[1:], length), mask)
+
+
+def _reverse_text(task: Task, text: str):
+    length = task.train.inputs.shape[1] // 2
+    source, _, completion = text.partition(">")
+    if len(source) != length or len(completion) != length:
+        raise ValueError(f"expected {length} characters, '>', and {length} more, like "
+                         f"{str(task.train.texts[0])!r}.")
+    ids = task.tokenizer.encode(text)
+    return ids[:-1], (ids[1:], (np.arange(2 * length) >= length).astype(np.int32))
+
+
+def _labelled_text(pattern: str, labels: Callable[[Task], list[str]]):
+    def parse(task: Task, text: str):
+        match = re.fullmatch(pattern, text)
+        names = labels(task)
+        if match is None or match.group(2) not in names:
+            raise ValueError(f"expected an example like {str(task.train.texts[0])!r}, its label one of "
+                             f"{', '.join(names) if len(names) < 4 else names[0] + '..' + names[-1]}.")
+        inputs, label = match.group(1), names.index(match.group(2))
+        if task.tokenizer is None:
+            inputs = np.array([float(x) for x in inputs.split(",")], np.float32)
+            if inputs.shape != task.train.inputs.shape[1:]:
+                raise ValueError(f"expected {task.train.inputs.shape[1]} features; got {inputs.size}.")
+        else:
+            inputs = task.tokenizer.encode(inputs, task.train.inputs.shape[1])
+        return inputs, np.int32(label)
+    return parse
+
+
+_TEXT_PARSERS = {
+    "shakespeare": _language_model_text,
+    "reverse": _reverse_text,
+    "modular": _labelled_text(r"(\d+\+\d+=)(\d+)", lambda task: [
+        f"{label}" for label in range(task.config["data_options"]["modulus"])]),
+    "dyck": _labelled_text(r"([()\[\]]*) -> (\w+)", lambda task: ["unbalanced", "balanced"]),
+    "blobs": _labelled_text(r"x=\[(.*)\] -> (\d+)", lambda task: [
+        f"{label}" for label in range(task.config["data_options"]["num_classes"])]),
+}

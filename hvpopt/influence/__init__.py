@@ -12,7 +12,13 @@ from hvpopt.influence.inverse_curvature import (
     eigen_inverse,
     fit_inverse_curvature,
 )
-from hvpopt.influence.scores import pairwise_scores, query_directions, score_blocks, self_scores
+from hvpopt.influence.scores import (
+    pairwise_scores,
+    query_directions,
+    score_blocks,
+    self_score_blocks,
+    self_scores,
+)
 
 __all__ = [
     "CURVATURES",
@@ -26,5 +32,6 @@ __all__ = [
     "pairwise_scores",
     "query_directions",
     "score_blocks",
+    "self_score_blocks",
     "self_scores",
 ]

@@ -88,12 +88,8 @@ def self_scores(loss_fn: Callable, params: PyTree, train: PyTree, *, method: str
     inverse = inverse or fit_inverse_curvature(
         loss_fn, params, train if curvature_data is None else curvature_data, method=method,
         damping=damping, curvature=curvature, chunk_size=chunk_size, **fit_options)
-    num_train = _checks.leading_size("train", train)
-    scores = []
-    for _, gradients in gradient_chunks(loss_fn, params, train, chunk_size=chunk_size):
-        solved, _ = inverse.apply(gradients)
-        scores.append(jnp.sum(solved * gradients, axis=1) / num_train)
-    return jnp.concatenate(scores)
+    blocks = [block for _, block in self_score_blocks(loss_fn, params, train, inverse, chunk_size=chunk_size)]
+    return jnp.concatenate(blocks)
 
 
 def query_directions(loss_fn: Callable, params: PyTree, queries: PyTree, inverse: InverseCurvature, *,
@@ -118,6 +114,15 @@ def score_blocks(loss_fn: Callable, params: PyTree, train: PyTree, directions: j
     num_train = _checks.leading_size("train", train)
     for first, gradients in gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start):
         yield first, _block(directions, gradients, num_train)
+
+
+def self_score_blocks(loss_fn: Callable, params: PyTree, train: PyTree, inverse: InverseCurvature, *,
+                      chunk_size: int = 64, start: int = 0) -> Iterator[tuple[int, jax.Array]]:
+    """Yields ``(first_index, self-influence [c])`` for consecutive chunks of ``train`` (resumable at ``start``)."""
+    num_train = _checks.leading_size("train", train)
+    for first, gradients in gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start):
+        solved, _ = inverse.apply(gradients)
+        yield first, jnp.sum(solved * gradients, axis=1) / num_train
 
 
 @jax.jit

@@ -1,0 +1,528 @@
+"""``hvpopt influence``: which training examples are responsible for a prediction.
+
+Parses and loads (a checkpoint, a user task or the built-in default; training
+texts; queries), calls :mod:`hvpopt.influence`, writes files. Long work is cut
+into chunks kept in ``OUT/.partial`` (with a fingerprint of every input and
+setting), so an interrupted run started again with the same arguments picks up
+where it stopped; the results are written atomically and ``metadata.json``
+last, after which the partial folder is removed.
+"""
+
+import csv
+import dataclasses
+import hashlib
+import importlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import hvpopt
+from hvpopt import _io, checkpoint, influence, tasks, training
+from hvpopt._checks import positive_int
+from hvpopt._progress import Progress
+from hvpopt.data import Dataset, make_dataset
+
+ACTIONS = ("score", "self", "validate")
+SIGN_CONVENTION = ("scores[q, j] ~ L_q(theta without j) - L_q(theta) = (1/n) grad L_q^T (H + damping I)^-1 "
+                   "grad l_j; positive: training example j helped query q (removing it would raise q's loss)")
+PARTIAL = ".partial"
+METADATA = "metadata.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What influence runs on: a per-example loss at trained parameters, a training set and queries."""
+
+    description: str
+    loss_fn: Callable
+    params: Any
+    train: Dataset
+    queries: Dataset
+    model: tuple[Callable, Callable] | None
+    l2: float
+    task: tasks.Task | None
+    source: dict
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "influence",
+        help="influence of training examples on queries (the main job)",
+        description="Scores every training example's influence on each query (score), on its own loss "
+        "(self), or checks the scores against leave-one-out retraining (validate). With no --checkpoint "
+        "or --task it trains the default language model once (cached) and scores five validation "
+        "windows. " + SIGN_CONVENTION + ".",
+    )
+    parser.add_argument("action", nargs="?", choices=ACTIONS, default="score")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", metavar="DIR", help="a checkpoint written by 'hvpopt train'")
+    source.add_argument("--task", metavar="MODULE:FUNCTION",
+                        help="a function returning {'loss_fn', 'params', 'train'[, 'queries', 'model', 'l2']}")
+    parser.add_argument("--train", metavar="FILE.jsonl", help="training examples, one {\"text\": ...} per line "
+                        "(default: the checkpoint's training split)")
+    parser.add_argument("--train-examples", type=positive_int, metavar="N", help="use the first N training examples")
+    parser.add_argument("--query", action="append", default=[], metavar="TEXT", help="a query (repeatable)")
+    parser.add_argument("--queries", metavar="FILE.jsonl", help="queries, one {\"text\": ...} per line")
+    parser.add_argument("--num-queries", type=positive_int, default=5,
+                        help="with no --query or --queries: the first N validation examples (default 5)")
+    parser.add_argument("--out", default="influence-out", metavar="DIR", help="output folder (created)")
+    parser.add_argument("--method", choices=influence.METHODS, default="cg")
+    parser.add_argument("--damping", type=float, default=None,
+                        help="lambda >= 0 (default: the task's L2 penalty, or 1e-3 without one)")
+    parser.add_argument("--curvature", choices=influence.CURVATURES, default=None,
+                        help="default: ggn where the model is known, else hessian")
+    parser.add_argument("--curvature-examples", type=positive_int, default=256, metavar="N",
+                        help="random training examples whose mean loss gives the curvature (default 256)")
+    parser.add_argument("--cg-iterations", type=positive_int, default=50)
+    parser.add_argument("--rank", type=positive_int, default=50, help="arnoldi's eigenpairs")
+    parser.add_argument("--lissa-depth", type=positive_int, default=1000)
+    parser.add_argument("--chunk-size", type=positive_int, default=64, help="examples per gradient chunk")
+    parser.add_argument("--top-k", type=positive_int, default=10)
+    parser.add_argument("--validate-examples", type=positive_int, default=20,
+                        help="validate: training examples left out and retrained")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace finished results in --out")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run(args) -> int:
+    _check_options(args)
+    problem = load_problem(args)
+    settings = _settings(args, problem)
+    if os.path.exists(os.path.join(args.out, METADATA)) and not args.overwrite:
+        raise ValueError(f"--out {args.out!r} already holds finished results; pass --overwrite or choose another folder.")
+    if args.action == "validate":
+        _check_validate(problem, settings)
+    work = _work_folder(args.out, settings)
+    print(f"influence ({args.action}, {settings['method']}, {settings['curvature']}, damping "
+          f"{settings['damping']:g}) on {problem.description}", file=sys.stderr)
+    try:
+        summary = {"score": _score, "self": _self, "validate": _validate}[args.action](args, problem, settings, work)
+    except KeyboardInterrupt:
+        print(f"hvpopt influence: interrupted; finished chunks are kept in {work}: run the same command "
+              "again to resume.", file=sys.stderr)
+        return 130
+    except ValueError:
+        if os.listdir(work) == ["fingerprint.json"]:  # nothing finished: leave nothing behind
+            shutil.rmtree(work)
+            if not os.listdir(args.out):
+                os.rmdir(args.out)
+        raise
+    shutil.rmtree(work)
+    print(json.dumps(summary, indent=2) if args.json else _format(summary))
+    return 0
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_problem(args) -> Problem:
+    """The loss, parameters, training set and queries named by the arguments (nothing written)."""
+    if args.task:
+        problem = _user_task(args.task)
+    else:
+        folder = args.checkpoint or _default_checkpoint(progress=not args.no_progress)
+        loaded = checkpoint.load_checkpoint(folder)
+        task = loaded.task
+        digest = hashlib.sha256(open(os.path.join(folder, checkpoint.PARAMS_FILE), "rb").read()).hexdigest()
+        problem = Problem(task.describe(), task.example_loss, loaded.params, task.train,
+                          task.validation, (task.model_fn, task.loss), task.l2, task,
+                          {"checkpoint": os.path.abspath(folder), "params_sha256": digest, "task": task.config})
+    train = problem.train
+    if args.train:
+        train = _texts_dataset(problem, "--train", _read_jsonl("--train", args.train))
+    if args.train_examples:
+        train = train.take(range(min(args.train_examples, train.num_examples)))
+    queries = problem.queries
+    given = [{"text": text} for text in args.query] + (_read_jsonl("--queries", args.queries) if args.queries else [])
+    if given:
+        queries = _texts_dataset(problem, "--queries", given)
+    elif args.action == "score":
+        if queries is None or queries.num_examples == 0:
+            raise ValueError("no queries: pass --query TEXT or --queries FILE.jsonl.")
+        queries = queries.take(range(min(args.num_queries, queries.num_examples)))
+    return dataclasses.replace(problem, train=train, queries=queries)
+
+
+def _default_checkpoint(progress: bool) -> str:
+    """The default language model, trained once and cached under $HVPOPT_CACHE (default ~/.cache/hvpopt)."""
+    folder = os.path.join(os.environ.get("HVPOPT_CACHE", os.path.expanduser("~/.cache/hvpopt")), "shakespeare")
+    if os.path.exists(os.path.join(folder, checkpoint.CONFIG_FILE)):
+        return folder
+    print(f"no --checkpoint: training the default language model once (about a minute on 2 CPU cores); "
+          f"cached in {folder}", file=sys.stderr)
+    task, options = tasks.make_task(), training.TrainOptions()
+    result = training.train(task, options, progress=progress)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    os.makedirs(folder, exist_ok=True)
+    checkpoint.save_checkpoint(folder, result.params, {
+        "task": task.config, "train": dataclasses.asdict(options), "step": result.steps_done,
+        "completed": True, "metrics": result.history[-1], "hvpopt_version": hvpopt.__version__})
+    return folder
+
+
+def _user_task(spec: str) -> Problem:
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"--task takes MODULE:FUNCTION; got {spec!r}.")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"--task {spec!r} cannot be loaded: {error}.") from None
+    given = function()
+    if not isinstance(given, dict):
+        raise ValueError(f"--task {spec!r} must return a dict with loss_fn, params and train; got a {type(given).__name__}.")
+    missing = sorted({"loss_fn", "params", "train"} - set(given))
+    if missing:
+        raise ValueError(f"--task {spec!r} returned no {', '.join(missing)}: the dict needs loss_fn, params and train.")
+    as_dataset = lambda examples, prefix: examples if isinstance(examples, Dataset) else _arrays_dataset(examples, prefix)
+    queries = given.get("queries")
+    return Problem(spec, given["loss_fn"], given["params"], as_dataset(given["train"], "train"),
+                   None if queries is None else as_dataset(queries, "query"), given.get("model"),
+                   float(given.get("l2", 0.0)), None, {"task": spec})
+
+
+def _arrays_dataset(examples, prefix: str) -> Dataset:
+    size = hvpopt._checks.leading_size(prefix, examples)
+    inputs, targets = examples if isinstance(examples, tuple) and len(examples) == 2 else (examples, np.zeros(size))
+    return make_dataset(inputs, targets, [f"{prefix}-{i:05d}" for i in range(size)], [""] * size)
+
+
+def _read_jsonl(flag: str, path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r} does not exist.")
+    records = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{flag} {path} line {number}: not valid JSON ({error.msg}).") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{flag} {path} line {number}: expected an object with a \"text\" string.")
+            records.append({**record, "file": path, "line": number})
+    if not records:
+        raise ValueError(f"{flag} {path} holds no examples.")
+    return records
+
+
+def _texts_dataset(problem: Problem, flag: str, records: list[dict]) -> Dataset:
+    if problem.task is None:
+        raise ValueError(f"{flag} needs a checkpoint or the built-in default: a --task MODULE:FUNCTION "
+                         "gives its examples as arrays.")
+    prefix = flag.lstrip("-").split("/")[0]
+    return tasks.examples_from_texts(
+        problem.task, [r["text"] for r in records],
+        ids=[str(r.get("id", f"{prefix}-{i + 1}")) for i, r in enumerate(records)],
+        names=[f"{flag} {r['file']} line {r['line']}" if "line" in r else f"--query {i + 1}"
+               for i, r in enumerate(records)])
+
+
+def _check_options(args) -> None:
+    if args.damping is not None and not args.damping >= 0:
+        raise ValueError(f"--damping must be >= 0; got {args.damping}.")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} exists and is not a folder.")
+
+
+def _settings(args, problem: Problem) -> dict:
+    curvature = args.curvature or ("ggn" if problem.model else "hessian")
+    if curvature == "ggn" and problem.model is None:
+        raise ValueError("--curvature ggn needs the model: the --task function's dict has no 'model'.")
+    damping = args.damping if args.damping is not None else (problem.l2 or 1e-3)
+    return {
+        "action": args.action, "method": args.method, "curvature": curvature, "damping": float(damping),
+        "curvature_examples": min(args.curvature_examples, problem.train.num_examples),
+        "cg_iterations": args.cg_iterations, "rank": args.rank, "lissa_depth": args.lissa_depth,
+        "chunk_size": args.chunk_size, "seed": args.seed, "source": problem.source,
+        "train_ids_sha256": _digest(problem.train.ids.tolist()), "num_train": problem.train.num_examples,
+        "queries_sha256": None if problem.queries is None else _digest(problem.queries.texts.tolist()),
+        "validate_examples": args.validate_examples if args.action == "validate" else None,
+    }
+
+
+# ---------------------------------------------------------------- work
+
+
+def _work_folder(out: str, settings: dict) -> str:
+    """``OUT/.partial``: kept if it was started with the same settings, else started afresh."""
+    work = os.path.join(out, PARTIAL)
+    fingerprint = os.path.join(work, "fingerprint.json")
+    if os.path.exists(fingerprint):
+        with open(fingerprint) as file:
+            if json.load(file) == json.loads(json.dumps(settings)):
+                print(f"resuming the unfinished run in {work}", file=sys.stderr)
+                return work
+        print(f"{work} was started with other settings; starting over", file=sys.stderr)
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    _write_json(fingerprint, settings)
+    return work
+
+
+def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.InverseCurvature, dict]:
+    """The inverse curvature; exact and arnoldi keep their eigenpairs in the work folder."""
+    cached = os.path.join(work, "eigenpairs.npz")
+    if os.path.exists(cached):
+        with np.load(cached, allow_pickle=False) as saved:
+            values, vectors = jnp.asarray(saved["eigenvalues"]), jnp.asarray(saved["eigenvectors"])
+        apply = influence.eigen_inverse(values, vectors, settings["damping"])
+        return influence.InverseCurvature(apply, settings["method"], settings["damping"], values, vectors, {}), {}
+    rng = np.random.default_rng(settings["seed"])
+    chosen = np.sort(rng.choice(problem.train.num_examples, settings["curvature_examples"], replace=False))
+    subset = problem.train.take(chosen)
+    start = time.perf_counter()
+    print(f"fitting {settings['method']} on the {settings['curvature']} of {len(chosen)} training examples",
+          file=sys.stderr)
+    inverse = influence.fit_inverse_curvature(
+        problem.loss_fn, problem.params, (subset.inputs, subset.targets), method=settings["method"],
+        damping=settings["damping"], curvature=settings["curvature"], model=problem.model,
+        chunk_size=settings["chunk_size"], maxiter=settings["cg_iterations"], rank=settings["rank"],
+        depth=settings["lissa_depth"], key=jax.random.key(settings["seed"]))
+    if inverse.eigenvalues is not None:
+        with _io.atomic_path(cached) as temporary:
+            with open(temporary, "wb") as file:
+                np.savez(file, eigenvalues=np.asarray(inverse.eigenvalues), eigenvectors=np.asarray(inverse.eigenvectors))
+    diagnostics = {name: _jsonable(value) for name, value in inverse.diagnostics.items()}
+    if inverse.eigenvalues is not None:
+        diagnostics["top_eigenvalues"] = _jsonable(inverse.eigenvalues[::-1][:10])
+    return inverse, {"fit_seconds": time.perf_counter() - start, **diagnostics}
+
+
+def _chunks(blocks, work: str, prefix: str, total: int, chunk_size: int, progress: bool) -> np.ndarray:
+    """Runs ``blocks(start)`` from the first chunk not yet in ``work``, saving each; returns them joined."""
+    done = sorted(name for name in os.listdir(work) if name.startswith(prefix))
+    start = len(done) * chunk_size
+    bar = Progress(total, prefix, unit="examples") if progress else None
+    if bar:
+        bar.update(min(start, total))
+    for first, block in blocks(start):
+        path = os.path.join(work, f"{prefix}-{first:09d}.npy")
+        with _io.atomic_path(path) as temporary:
+            with open(temporary, "wb") as file:
+                np.save(file, np.asarray(block))
+        if bar:
+            bar.update(np.shape(block)[-1])
+    if bar:
+        bar.close()
+    names = sorted(name for name in os.listdir(work) if name.startswith(prefix))
+    return np.concatenate([np.load(os.path.join(work, name), allow_pickle=False) for name in names], axis=-1)
+
+
+def _score(args, problem: Problem, settings: dict, work: str) -> dict:
+    inverse, fit = _fit(problem, settings, work)
+    saved = os.path.join(work, "directions.npz")
+    if os.path.exists(saved):
+        with np.load(saved, allow_pickle=False) as file:
+            directions, solver = jnp.asarray(file["directions"]), {k: file[k] for k in file.files if k != "directions"}
+    else:
+        start = time.perf_counter()
+        directions, solver = influence.query_directions(problem.loss_fn, problem.params, _examples(problem.queries),
+                                                        inverse, chunk_size=settings["chunk_size"])
+        fit["query_solve_seconds"] = time.perf_counter() - start
+        with _io.atomic_path(saved) as temporary:
+            with open(temporary, "wb") as file:
+                np.savez(file, directions=np.asarray(directions), **solver)
+    train = _examples(problem.train)
+    scores = _chunks(lambda start: influence.score_blocks(problem.loss_fn, problem.params, train, directions,
+                                                          chunk_size=settings["chunk_size"], start=start),
+                     work, "scores", problem.train.num_examples, settings["chunk_size"], not args.no_progress)
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("the scores are not finite (the curvature solve failed); raise --damping.")
+    rows = _top_rows(scores, problem, args.top_k)
+    outputs = {"scores.npy": lambda f: np.save(f, scores)}
+    summary = _finish(args, problem, settings, {**fit, **_solver_summary(solver)}, rows, outputs)
+    summary["top"] = [{"query": r["query_text"], "kind": r["kind"], "train_text": r["train_text"],
+                       "score": r["score"]} for r in rows if r["rank"] == 1]
+    return summary
+
+
+def _self(args, problem: Problem, settings: dict, work: str) -> dict:
+    inverse, fit = _fit(problem, settings, work)
+    train = _examples(problem.train)
+    scores = _chunks(lambda start: influence.self_score_blocks(problem.loss_fn, problem.params, train, inverse,
+                                                               chunk_size=settings["chunk_size"], start=start),
+                     work, "self", problem.train.num_examples, settings["chunk_size"], not args.no_progress)
+    order = np.argsort(-scores)[: args.top_k]
+    rows = [{"rank": rank + 1, "train_index": int(j), "train_id": str(problem.train.ids[j]),
+             "train_text": str(problem.train.texts[j]), "flipped": bool(problem.train.flipped[j]),
+             "score": float(scores[j])} for rank, j in enumerate(order)]
+    flipped = problem.train.flipped
+    extra = {}
+    if flipped.any():  # how many flipped labels the top 10% by self-influence holds
+        top = np.argsort(-scores)[: max(1, round(0.1 * flipped.size))]
+        extra["flipped_recall_at_10_percent"] = float(flipped[top].sum() / flipped.sum())
+    return _finish(args, problem, settings, {**fit, **extra}, rows, {"self_scores.npy": lambda f: np.save(f, scores)})
+
+
+def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
+    """Leave-one-out retraining on a convex task vs the predicted changes (Pearson, Spearman)."""
+    task = problem.task
+    train = _examples(problem.train)
+    n = problem.train.num_examples
+    params = _minimise(task, problem.params, train, np.ones(n))  # the exact optimum, not the checkpoint's
+    problem = dataclasses.replace(problem, params=params)
+    queries = problem.queries.take(range(min(args.num_queries, problem.queries.num_examples)))
+    inverse, fit = _fit(problem, {**settings, "curvature_examples": n}, work)
+    predicted = np.asarray(influence.pairwise_scores(problem.loss_fn, params, train, _examples(queries),
+                                                     inverse=inverse, chunk_size=settings["chunk_size"]))
+    identity = np.asarray(influence.pairwise_scores(problem.loss_fn, params, train, _examples(queries),
+                                                    method="identity", chunk_size=settings["chunk_size"]))
+    removed = np.sort(np.random.default_rng(settings["seed"]).choice(n, min(args.validate_examples, n), replace=False))
+    query_loss = jax.jit(lambda p: jax.vmap(task.example_loss, in_axes=(None, 0))(p, _examples(queries)))
+    base = query_loss(params)
+    bar = Progress(len(removed), "retrain", unit="models") if not args.no_progress else None
+    actual = []
+    for j in removed:
+        actual.append(np.asarray(query_loss(_minimise(task, params, train, jnp.ones(n).at[j].set(0.0))) - base))
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    actual = np.stack(actual, axis=1)
+    report = {"retrained": len(removed), "queries": queries.num_examples,
+              "pearson": _pearson(predicted[:, removed], actual), "spearman": _spearman(predicted[:, removed], actual),
+              "identity_pearson": _pearson(identity[:, removed], actual),
+              "identity_spearman": _spearman(identity[:, removed], actual)}
+    pairs = [{"query_id": str(queries.ids[q]), "train_id": str(problem.train.ids[j]),
+              "predicted": float(predicted[q, j]), "actual": float(actual[q, k])}
+             for q in range(queries.num_examples) for k, j in enumerate(removed)]
+    outputs = {"validation.json": lambda f: f.write(json.dumps({**report, "pairs": pairs}, indent=2).encode())}
+    return _finish(args, problem, settings, {**fit, **report}, None, outputs)
+
+
+def _check_validate(problem: Problem, settings: dict) -> None:
+    task = problem.task
+    if task is None or task.name != "blobs" or task.config["model_options"]["hidden_sizes"] or not task.l2 > 0:
+        raise ValueError("validate retrains leave-one-out, which is exact only for a convex task: a 'blobs' "
+                         "checkpoint with hidden_sizes=[] and an L2 penalty.")
+    if abs(settings["damping"] - task.l2) > 1e-12:  # (the Gauss-Newton matrix is the Hessian here)
+        raise ValueError(f"validate compares with retraining the L2-penalised objective: use --damping "
+                         f"{task.l2:g}, the task's L2 penalty.")
+
+
+def _minimise(task: tasks.Task, params, train, weights, steps: int = 40):
+    """Newton-CG on ``(1/n) sum_i w_i l_i + (l2/2) ||theta||^2`` to a gradient norm near rounding."""
+    weights = jnp.asarray(weights, jnp.result_type(*jax.tree.leaves(params)))
+
+    def objective(p):
+        losses = jax.vmap(task.example_loss, in_axes=(None, 0))(p, train)
+        return jnp.sum(weights * losses) / weights.size + 0.5 * task.l2 * optax.tree_utils.tree_norm(p, squared=True)
+
+    tx = hvpopt.newton_cg(forcing=1e-8)
+
+    @jax.jit
+    def run(p):
+        def step(carry, _):
+            p, state = carry
+            value, grad = jax.value_and_grad(objective)(p)
+            updates, state = tx.update(grad, state, p, value=value, grad=grad, value_fn=objective)
+            return (optax.apply_updates(p, updates), state), None
+        return jax.lax.scan(step, (p, tx.init(p)), length=steps)[0][0]
+
+    return run(params)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _top_rows(scores: np.ndarray, problem: Problem, k: int) -> list[dict]:
+    rows = []
+    for q in range(scores.shape[0]):
+        order = np.argsort(-scores[q])
+        for kind, picked in (("proponent", order[:k]), ("opponent", order[::-1][:k])):
+            for rank, j in enumerate(picked, start=1):
+                rows.append({"query_index": q, "query_id": str(problem.queries.ids[q]),
+                             "query_text": str(problem.queries.texts[q]), "kind": kind, "rank": rank,
+                             "train_index": int(j), "train_id": str(problem.train.ids[j]),
+                             "train_text": str(problem.train.texts[j]), "score": float(scores[q, j])})
+    return rows
+
+
+def _finish(args, problem: Problem, settings: dict, diagnostics: dict, rows, outputs: dict) -> dict:
+    os.makedirs(args.out, exist_ok=True)
+    if rows:
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        outputs = {**outputs, "top_k.csv": lambda f: f.write(table.getvalue().encode()),
+                   "top_k.jsonl": lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode())}
+    for name, write in outputs.items():
+        with _io.atomic_path(os.path.join(args.out, name)) as temporary:
+            with open(temporary, "wb") as file:
+                write(file)
+    metadata = {
+        **{k: v for k, v in settings.items() if not k.endswith("sha256")}, "sign_convention": SIGN_CONVENTION,
+        "problem": problem.description, "num_queries": None if problem.queries is None else problem.queries.num_examples,
+        "query_ids": None if problem.queries is None else problem.queries.ids.tolist(),
+        "diagnostics": diagnostics, "files": sorted(outputs),
+        "versions": {"hvpopt": hvpopt.__version__, "jax": jax.__version__},
+    }
+    _write_json(os.path.join(args.out, METADATA), metadata)
+    return {"out": args.out, "action": args.action, "method": settings["method"],
+            "curvature": settings["curvature"], "damping": settings["damping"],
+            "train_examples": problem.train.num_examples, **{k: v for k, v in diagnostics.items()
+                                                             if isinstance(v, (int, float, str))}}
+
+
+def _write_json(path: str, value) -> None:
+    with _io.atomic_path(path) as temporary:
+        with open(temporary, "w") as file:
+            json.dump(value, file, indent=2)
+
+
+def _format(summary: dict) -> str:
+    lines = []
+    for name, value in summary.items():
+        if name == "top":
+            for row in value:
+                lines.append(f"top {row['kind']:<10} {row['score']:+.3e}  {row['train_text']!r}  for query {row['query']!r}")
+        else:
+            lines.append(f"{name:<30}{value:.4g}" if isinstance(value, float) else f"{name:<30}{value}")
+    return "\n".join(lines)
+
+
+def _solver_summary(solver: dict) -> dict:
+    summary = {}
+    for name, values in solver.items():
+        values = np.asarray(values)
+        summary[f"max_{name}" if values.dtype != bool else f"all_{name}"] = (
+            bool(values.all()) if values.dtype == bool else float(values.max()))
+    return summary
+
+
+def _examples(dataset: Dataset):
+    return dataset.inputs, dataset.targets
+
+
+def _digest(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()
+
+
+def _jsonable(value):
+    array = np.asarray(value)
+    return array.item() if array.ndim == 0 else array.tolist()
+
+
+def _pearson(a, b) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+def _spearman(a, b) -> float:
+    rank = lambda x: np.argsort(np.argsort(np.ravel(x)))
+    return _pearson(rank(a), rank(b))

@@ -1,0 +1,162 @@
+"""``hvpopt influence`` end to end on tiny checkpoints: files, agreement with the library, resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hvpopt import checkpoint, cli, influence, tasks, training
+
+TINY_LM = {"data_options": {"context_length": 8},
+           "model_options": {"d_model": 8, "num_layers": 1, "num_heads": 2}}
+FAST = ["--train-examples", "40", "--curvature-examples", "16", "--cg-iterations", "5", "--chunk-size", "16",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """A tiny language model at its initial parameters (scoring does not need a trained one)."""
+    task, folder = tasks.make_task("shakespeare", **TINY_LM), tmp_path_factory.mktemp("lm")
+    checkpoint.save_checkpoint(str(folder), task.params, {"task": task.config})
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    """Logistic regression on blobs with 10% flipped labels, trained by Newton-CG."""
+    task = tasks.make_task("blobs", flip_fraction=0.1, data_options={"num_examples": 200})
+    options = training.TrainOptions(steps=20, batch_size=None, optimizer="newton_cg", eval_every=20)
+    folder = tmp_path_factory.mktemp("blobs")
+    checkpoint.save_checkpoint(str(folder), training.train(task, options, progress=False).params, {"task": task.config})
+    return str(folder)
+
+
+def test_scores_files_and_numbers_match_the_library(lm, tmp_path, capsys):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"text": "ROMEO:\nI", "id": "romeo"}) + "\n\n")
+    out = str(tmp_path / "out")
+    args = ["influence", "--checkpoint", lm, "--query", "First Ci", "--queries", str(queries), "--out", out, *FAST]
+    assert cli.main([*args, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sorted(os.listdir(out)) == ["metadata.json", "scores.npy", "top_k.csv", "top_k.jsonl"]
+    scores = np.load(os.path.join(out, "scores.npy"), allow_pickle=False)
+    assert scores.shape == (2, 40) and summary["train_examples"] == 40
+
+    loaded = checkpoint.load_checkpoint(lm)
+    task = loaded.task
+    train = task.train.take(range(40))
+    query_set = tasks.examples_from_texts(task, ["First Ci", "ROMEO:\nI"])
+    chosen = np.sort(np.random.default_rng(0).choice(40, 16, replace=False))
+    curvature = task.train.take(chosen)
+    expected = influence.pairwise_scores(
+        task.example_loss, loaded.params, (train.inputs, train.targets), (query_set.inputs, query_set.targets),
+        method="cg", damping=1e-3, curvature="ggn", model=(task.model_fn, task.loss), maxiter=5,
+        chunk_size=16, curvature_data=(curvature.inputs, curvature.targets))
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-7)
+
+    metadata = json.load(open(os.path.join(out, "metadata.json")))
+    assert metadata["query_ids"] == ["queries-1", "romeo"] and "positive: training example j helped" in metadata["sign_convention"]
+    assert metadata["diagnostics"]["max_iterations"] <= 5 and metadata["method"] == "cg"
+    rows = [json.loads(line) for line in open(os.path.join(out, "top_k.jsonl"))]
+    best = [r for r in rows if r["query_id"] == "romeo" and r["kind"] == "proponent" and r["rank"] == 1][0]
+    assert best["score"] == pytest.approx(scores[1].max()) and best["train_text"] == train.texts[best["train_index"]]
+    assert cli.main(args) == 2 and "already holds finished results" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_resumes_to_the_same_scores(lm, tmp_path, monkeypatch, capsys):
+    args = ["influence", "--checkpoint", lm, "--method", "arnoldi", "--rank", "4", *FAST]
+    assert cli.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    original, calls = influence.score_blocks, []
+
+    def interrupted(*a, **k):
+        for first, block in original(*a, **k):
+            calls.append(first)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            yield first, block
+
+    monkeypatch.setattr(influence, "score_blocks", interrupted)
+    out = tmp_path / "cut"
+    assert cli.main([*args, "--out", str(out)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    kept = sorted(os.listdir(out / ".partial"))
+    assert kept == ["directions.npz", "eigenpairs.npz", "fingerprint.json", "scores-000000000.npy"]
+    monkeypatch.setattr(influence, "score_blocks", original)
+    assert cli.main([*args, "--out", str(out)]) == 0
+    assert "resuming" in capsys.readouterr().err and not (out / ".partial").exists()
+    np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(tmp_path / "whole" / "scores.npy"))
+
+
+def test_validate_agrees_with_leave_one_out_retraining_and_self_finds_flipped_labels(blobs, tmp_path, capsys):
+    common = ["--checkpoint", blobs, "--method", "exact", "--no-progress", "--json"]
+    assert cli.main(["influence", "validate", *common, "--validate-examples", "8", "--out", str(tmp_path / "v")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pearson"] >= 0.95 and report["retrained"] == 8 and report["queries"] == 5
+    pairs = json.load(open(tmp_path / "v" / "validation.json"))["pairs"]
+    assert len(pairs) == 40 and np.corrcoef([p["predicted"] for p in pairs], [p["actual"] for p in pairs])[0, 1] >= 0.95
+    assert cli.main(["influence", "self", *common, "--out", str(tmp_path / "s")]) == 0
+    assert json.loads(capsys.readouterr().out)["flipped_recall_at_10_percent"] >= 0.8
+    top = [json.loads(line) for line in open(tmp_path / "s" / "top_k.jsonl")]
+    assert len(top) == 10 and top[0]["score"] >= top[-1]["score"]
+
+
+def test_a_user_task_module(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_task.py").write_text(
+        "import jax.numpy as jnp\n"
+        "def problem():\n"
+        "    x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0]]); y = jnp.array([1.0, 2.0, 3.0, 4.0])\n"
+        "    loss = lambda w, ex: 0.5 * (ex[0] @ w - ex[1]) ** 2\n"
+        "    return {'loss_fn': loss, 'params': jnp.linalg.lstsq(x, y)[0], 'train': (x, y), 'queries': (x[:1], y[:1])}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    assert cli.main(["influence", "--task", "my_task:problem", "--method", "exact", "--damping", "0",
+                     "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert np.load(out / "scores.npy").shape == (1, 4)
+    assert json.load(open(out / "metadata.json"))["curvature"] == "hessian"
+
+
+def bad_file(tmp_path, text):
+    path = tmp_path / "q.jsonl"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (lambda lm, tmp: ["--checkpoint", str(tmp / "nowhere")], "does not exist"),
+    (lambda lm, tmp: ["--checkpoint", lm, "--queries", bad_file(tmp, '{"text": "ab"}\n{"text": \n')],
+     "q.jsonl line 2: not valid JSON"),
+    (lambda lm, tmp: ["--checkpoint", lm, "--queries", bad_file(tmp, '{"txt": "ab"}\n')], "line 1: expected an object"),
+    (lambda lm, tmp: ["--checkpoint", lm, "--query", "far too long for the context"], "--query 1 ('far too"),
+    (lambda lm, tmp: ["--checkpoint", lm, "--damping", "-1"], "--damping must be >= 0"),
+    (lambda lm, tmp: ["--task", "no_such_module:f"], "cannot be loaded"),
+    (lambda lm, tmp: ["--task", "collections:OrderedDict"], "returned no loss_fn, params, train"),
+    (lambda lm, tmp: ["validate", "--checkpoint", lm], "exact only for a convex task"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(lm, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert cli.main(["influence", *extra(lm, tmp_path), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_a_corrupted_checkpoint_is_named(lm, tmp_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in os.listdir(lm):
+        (folder / name).write_bytes(open(os.path.join(lm, name), "rb").read()[:-3])
+    assert cli.main(["influence", "--checkpoint", str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert "config.json" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_usage_errors_print_no_traceback(tmp_path):
+    for args, message in ((["--method", "newton"], "invalid choice: 'newton'"),
+                          (["--checkpoint", "a", "--task", "x:y"], "not allowed with argument")):
+        result = subprocess.run([sys.executable, "-m", "hvpopt.cli", "influence", *args, "--out", str(tmp_path / "o")],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "o").exists()
