@@ -282,11 +282,9 @@ def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.Inverse
             values, vectors = jnp.asarray(saved["eigenvalues"]), jnp.asarray(saved["eigenvectors"])
         apply = influence.eigen_inverse(values, vectors, settings["damping"])
         return influence.InverseCurvature(apply, settings["method"], settings["damping"], values, vectors, {}), {}
-    rng = np.random.default_rng(settings["seed"])
-    chosen = np.sort(rng.choice(problem.train.num_examples, settings["curvature_examples"], replace=False))
-    subset = problem.train.take(chosen)
+    subset = _curvature_subset(problem, settings)
     start = time.perf_counter()
-    print(f"fitting {settings['method']} on the {settings['curvature']} of {len(chosen)} training examples",
+    print(f"fitting {settings['method']} on the {settings['curvature']} of {subset.num_examples} training examples",
           file=sys.stderr)
     inverse = influence.fit_inverse_curvature(
         problem.loss_fn, problem.params, (subset.inputs, subset.targets), method=settings["method"],
@@ -301,6 +299,13 @@ def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.Inverse
     if inverse.eigenvalues is not None:
         diagnostics["top_eigenvalues"] = _jsonable(inverse.eigenvalues[::-1][:10])
     return inverse, {"fit_seconds": time.perf_counter() - start, **diagnostics}
+
+
+def _curvature_subset(problem: Problem, settings: dict) -> Dataset:
+    """The training examples whose mean loss gives the curvature: a seeded random subset."""
+    rng = np.random.default_rng(settings["seed"])
+    return problem.train.take(np.sort(rng.choice(problem.train.num_examples, settings["curvature_examples"],
+                                                 replace=False)))
 
 
 def _chunks(blocks, work: str, prefix: str, total: int, chunk_size: int, progress: bool) -> np.ndarray:
@@ -370,31 +375,46 @@ def _self(args, problem: Problem, settings: dict, work: str) -> dict:
 
 
 def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
-    """Leave-one-out retraining on a convex task vs the predicted changes (Pearson, Spearman)."""
-    task = problem.task
+    """Predicted against actual changes of the query losses (Pearson, Spearman), the identity baseline beside.
+
+    Convex task: exact leave-one-out retraining (Newton-CG to rounding) from
+    the exact optimum. Otherwise: the proximal Bregman response of each removed
+    example on the curvature examples (what Gauss-Newton influence estimates).
+    """
+    task, n = problem.task, problem.train.num_examples
     train = _examples(problem.train)
-    n = problem.train.num_examples
-    params = _minimise(task, problem.params, train, np.ones(n))  # the exact optimum, not the checkpoint's
-    problem = dataclasses.replace(problem, params=params)
+    convex = _is_convex(task)
+    if convex:  # the exact optimum, not the checkpoint's, and the curvature of the whole training set
+        problem = dataclasses.replace(problem, params=_minimise(task, problem.params, train, np.ones(n)))
+        settings = {**settings, "curvature_examples": n}
+    params = problem.params
     queries = problem.queries.take(range(min(args.num_queries, problem.queries.num_examples)))
-    inverse, fit = _fit(problem, {**settings, "curvature_examples": n}, work)
-    predicted = np.asarray(influence.pairwise_scores(problem.loss_fn, params, train, _examples(queries),
-                                                     inverse=inverse, chunk_size=settings["chunk_size"]))
-    identity = np.asarray(influence.pairwise_scores(problem.loss_fn, params, train, _examples(queries),
-                                                    method="identity", chunk_size=settings["chunk_size"]))
+    inverse, fit = _fit(problem, settings, work)
+    scores = lambda **method: np.asarray(influence.pairwise_scores(
+        problem.loss_fn, params, train, _examples(queries), chunk_size=settings["chunk_size"], **method))
+    predicted, identity = scores(inverse=inverse), scores(method="identity")
     removed = np.sort(np.random.default_rng(settings["seed"]).choice(n, min(args.validate_examples, n), replace=False))
     query_loss = jax.jit(lambda p: jax.vmap(task.example_loss, in_axes=(None, 0))(p, _examples(queries)))
     base = query_loss(params)
-    bar = Progress(len(removed), "retrain", unit="models") if not args.no_progress else None
+    if convex:
+        changed = lambda j: _minimise(task, params, train, jnp.ones(n).at[j].set(0.0))
+    else:
+        subset = _curvature_subset(problem, settings)
+        response = jax.jit(lambda example: influence.proximal_bregman_response(
+            problem.loss_fn, problem.model, params, _examples(subset), example, num_train=n,
+            damping=settings["damping"], maxiter=settings["cg_iterations"]))
+        changed = lambda j: response(jax.tree.map(lambda a: a[j], train))
+    bar = Progress(len(removed), "retrain" if convex else "response", unit="examples") if not args.no_progress else None
     actual = []
     for j in removed:
-        actual.append(np.asarray(query_loss(_minimise(task, params, train, jnp.ones(n).at[j].set(0.0))) - base))
+        actual.append(np.asarray(query_loss(changed(j)) - base))
         if bar:
             bar.update(1)
     if bar:
         bar.close()
     actual = np.stack(actual, axis=1)
-    report = {"retrained": len(removed), "queries": queries.num_examples,
+    report = {"reference": "leave-one-out retraining" if convex else "proximal Bregman response",
+              "examples_removed": len(removed), "queries": queries.num_examples,
               "pearson": _pearson(predicted[:, removed], actual), "spearman": _spearman(predicted[:, removed], actual),
               "identity_pearson": _pearson(identity[:, removed], actual),
               "identity_spearman": _spearman(identity[:, removed], actual)}
@@ -405,14 +425,21 @@ def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
     return _finish(args, problem, settings, {**fit, **report}, None, outputs)
 
 
+def _is_convex(task: tasks.Task | None) -> bool:
+    """Logistic regression with an L2 penalty: leave-one-out retraining is exact there."""
+    return task is not None and task.name == "blobs" and not task.config["model_options"]["hidden_sizes"] and task.l2 > 0
+
+
 def _check_validate(problem: Problem, settings: dict) -> None:
-    task = problem.task
-    if task is None or task.name != "blobs" or task.config["model_options"]["hidden_sizes"] or not task.l2 > 0:
-        raise ValueError("validate retrains leave-one-out, which is exact only for a convex task: a 'blobs' "
-                         "checkpoint with hidden_sizes=[] and an L2 penalty.")
-    if abs(settings["damping"] - task.l2) > 1e-12:  # (the Gauss-Newton matrix is the Hessian here)
-        raise ValueError(f"validate compares with retraining the L2-penalised objective: use --damping "
-                         f"{task.l2:g}, the task's L2 penalty.")
+    if problem.task is None:
+        raise ValueError("validate needs a checkpoint or the built-in default (it retrains or re-solves the task).")
+    if _is_convex(problem.task):
+        if abs(settings["damping"] - problem.task.l2) > 1e-12:  # (Gauss-Newton = Hessian here)
+            raise ValueError(f"validate compares with retraining the L2-penalised objective: use --damping "
+                             f"{problem.task.l2:g}, the task's L2 penalty.")
+    elif settings["curvature"] != "ggn" or not settings["damping"] > 0:
+        raise ValueError("validate on a non-convex task compares with the proximal Bregman response, which "
+                         "Gauss-Newton influence estimates: use --curvature ggn and --damping > 0.")
 
 
 def _minimise(task: tasks.Task, params, train, weights, steps: int = 40):

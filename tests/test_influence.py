@@ -132,6 +132,19 @@ def test_self_scores_are_the_diagonal_and_chunking_changes_nothing(wine):
     np.testing.assert_allclose(np.concatenate([b for _, b in resumed], axis=1), pairwise[:, 80:], rtol=1e-10)
 
 
+def test_the_proximal_bregman_response_of_an_l2_linear_model_is_leave_one_out_retraining(wine):
+    # For a linear model the Bregman term is L(theta) minus its tangent at theta_s, and at the
+    # L2-penalised optimum that tangent is -L2 theta_s: the objective becomes the leave-one-out one.
+    params, train, _ = wine
+    for j in (0, 77):
+        example = jax.tree.map(lambda a: a[j], train)
+        response = influence.proximal_bregman_response(example_loss, (model_fn, cross_entropy), params, train,
+                                                       example, num_train=130, damping=L2, steps=6)
+        retrained = retrain(params, train, jnp.ones(130).at[j].set(0.0))
+        for a, b in zip(jax.tree.leaves(response), jax.tree.leaves(retrained)):
+            np.testing.assert_allclose(a, b, atol=1e-9)
+
+
 def test_cg_reports_per_query_diagnostics(wine):
     params, train, test = wine
     inverse = influence.fit_inverse_curvature(example_loss, params, train, method="cg", damping=L2,

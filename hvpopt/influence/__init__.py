@@ -12,6 +12,7 @@ from hvpopt.influence.inverse_curvature import (
     eigen_inverse,
     fit_inverse_curvature,
 )
+from hvpopt.influence.proximal_bregman import proximal_bregman_response
 from hvpopt.influence.scores import (
     pairwise_scores,
     query_directions,
@@ -30,6 +31,7 @@ __all__ = [
     "flat_example_gradients",
     "gradient_chunks",
     "pairwise_scores",
+    "proximal_bregman_response",
     "query_directions",
     "score_blocks",
     "self_score_blocks",
