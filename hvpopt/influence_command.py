@@ -276,12 +276,14 @@ def _work_folder(out: str, settings: dict) -> str:
 
 def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.InverseCurvature, dict]:
     """The inverse curvature; exact and arnoldi keep their eigenpairs in the work folder."""
-    cached = os.path.join(work, "eigenpairs.npz")
+    cached, cached_diagnostics = os.path.join(work, "eigenpairs.npz"), os.path.join(work, "fit.json")
     if os.path.exists(cached):
         with np.load(cached, allow_pickle=False) as saved:
             values, vectors = jnp.asarray(saved["eigenvalues"]), jnp.asarray(saved["eigenvectors"])
+        with open(cached_diagnostics) as file:
+            diagnostics = json.load(file)
         apply = influence.eigen_inverse(values, vectors, settings["damping"])
-        return influence.InverseCurvature(apply, settings["method"], settings["damping"], values, vectors, {}), {}
+        return influence.InverseCurvature(apply, settings["method"], settings["damping"], values, vectors, {}), diagnostics
     subset = _curvature_subset(problem, settings)
     start = time.perf_counter()
     print(f"fitting {settings['method']} on the {settings['curvature']} of {subset.num_examples} training examples",
@@ -291,14 +293,15 @@ def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.Inverse
         damping=settings["damping"], curvature=settings["curvature"], model=problem.model,
         chunk_size=settings["chunk_size"], maxiter=settings["cg_iterations"], rank=settings["rank"],
         depth=settings["lissa_depth"], key=jax.random.key(settings["seed"]))
-    if inverse.eigenvalues is not None:
+    diagnostics = {"fit_seconds": time.perf_counter() - start,
+                   **{name: _jsonable(value) for name, value in inverse.diagnostics.items()}}
+    if inverse.eigenvalues is not None:  # diagnostics first: the eigenpairs mark the fit as done
+        diagnostics["top_eigenvalues"] = _jsonable(inverse.eigenvalues[::-1][:10])
+        _write_json(cached_diagnostics, diagnostics)
         with _io.atomic_path(cached) as temporary:
             with open(temporary, "wb") as file:
                 np.savez(file, eigenvalues=np.asarray(inverse.eigenvalues), eigenvectors=np.asarray(inverse.eigenvectors))
-    diagnostics = {name: _jsonable(value) for name, value in inverse.diagnostics.items()}
-    if inverse.eigenvalues is not None:
-        diagnostics["top_eigenvalues"] = _jsonable(inverse.eigenvalues[::-1][:10])
-    return inverse, {"fit_seconds": time.perf_counter() - start, **diagnostics}
+    return inverse, diagnostics
 
 
 def _curvature_subset(problem: Problem, settings: dict) -> Dataset:
@@ -335,6 +338,7 @@ def _score(args, problem: Problem, settings: dict, work: str) -> dict:
         with np.load(saved, allow_pickle=False) as file:
             directions, solver = jnp.asarray(file["directions"]), {k: file[k] for k in file.files if k != "directions"}
     else:
+        print(f"solving for {problem.queries.num_examples} queries", file=sys.stderr)
         start = time.perf_counter()
         directions, solver = influence.query_directions(problem.loss_fn, problem.params, _examples(problem.queries),
                                                         inverse, chunk_size=settings["chunk_size"])

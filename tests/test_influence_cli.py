@@ -85,11 +85,13 @@ def test_an_interrupted_run_resumes_to_the_same_scores(lm, tmp_path, monkeypatch
     assert cli.main([*args, "--out", str(out)]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     kept = sorted(os.listdir(out / ".partial"))
-    assert kept == ["directions.npz", "eigenpairs.npz", "fingerprint.json", "scores-000000000.npy"]
+    assert kept == ["directions.npz", "eigenpairs.npz", "fingerprint.json", "fit.json", "scores-000000000.npy"]
     monkeypatch.setattr(influence, "score_blocks", original)
     assert cli.main([*args, "--out", str(out)]) == 0
     assert "resuming" in capsys.readouterr().err and not (out / ".partial").exists()
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(tmp_path / "whole" / "scores.npy"))
+    metadata = [json.load(open(folder / "metadata.json")) for folder in (out, tmp_path / "whole")]
+    assert metadata[0]["diagnostics"]["top_eigenvalues"] == metadata[1]["diagnostics"]["top_eigenvalues"]
 
 
 def test_validate_agrees_with_leave_one_out_retraining_and_self_finds_flipped_labels(blobs, tmp_path, capsys):
