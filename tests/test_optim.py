@@ -25,7 +25,7 @@ def minimise(tx, f, params, steps, stop=0.0, extra=None):
 
     state = tx.init(params)
     for taken in range(steps):
-        if float(optax.tree_utils.tree_norm(jax.grad(f)(params))) <= stop:
+        if stop and float(optax.tree_utils.tree_norm(jax.grad(f)(params))) <= stop:
             return params, state, taken
         params, state = step(params, state)
     return params, state, steps
@@ -104,6 +104,32 @@ def test_hessian_free_decreases_a_small_transformers_loss():
     assert f(params) < 0.8 * f(task.params)
     assert int(state.count) == 8 and int(state.num_ggn_products) > 8 and np.isfinite(float(state.reduction_ratio))
     assert float(state.damping) != 1.0  # the Levenberg-Marquardt rule moved it
+
+
+def test_natural_gradient_line_search_keeps_a_small_damping_from_diverging():
+    task = make_task("blobs")  # logistic regression, L2 1e-2
+    x, y = task.train.inputs, task.train.targets
+    f = lambda p: task.objective(p, x, y)
+    tx = hvpopt.natural_gradient(task.model_fn, task.loss, damping=1e-4 + task.l2)
+
+    def losses(with_value_fn):
+        @jax.jit
+        def step(params, state):
+            extra = {"value_fn": f} if with_value_fn else {}
+            updates, state = tx.update(jax.grad(f)(params), state, params, curvature_batch=(x, y), **extra)
+            return optax.apply_updates(params, updates), state
+
+        params, state, seen = task.params, tx.init(task.params), [float(f(task.params))]
+        for _ in range(6):
+            params, state = step(params, state)
+            seen.append(float(f(params)))
+        return seen, state
+
+    fixed, _ = losses(False)
+    searched, state = losses(True)
+    assert max(fixed) > 10 * fixed[0]  # the full step from the start overshoots
+    assert all(b <= a for a, b in zip(searched, searched[1:])) and searched[-1] < 0.5 * searched[0]
+    assert 0 < float(state.step_size) <= 1.0
 
 
 def optimizers(task):

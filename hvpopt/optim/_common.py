@@ -35,13 +35,15 @@ def skip_step(grad: Any, state: Any, **changes) -> tuple:
 
 def backtracking_line_search(value_fn: Callable, params: Any, direction: Any, value: jax.Array,
                              slope: jax.Array, initial_step: jax.Array, *, shrink: float,
-                             sufficient_decrease: float, max_steps: int) -> tuple[jax.Array, jax.Array]:
+                             sufficient_decrease: float, max_steps: int,
+                             first_trial: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The largest ``t = initial_step * shrink^k`` with ``f(x + t d) <= f(x) + c t slope`` (Armijo).
 
     Returns ``(t, evaluations)``; ``t = 0`` if no step in ``max_steps`` tries
     decreases ``f`` enough (or every try is non-finite). The test allows the
     rounding error of ``f``, ``eps |f(x)|``: near a minimum the decrease asked
     for is smaller than that, and insisting on it would shrink good steps.
+    ``first_trial``, if known, is ``f(x + initial_step d)`` and saves an evaluation.
     """
     slack = jnp.finfo(value.dtype).eps * jnp.abs(value)
 
@@ -61,5 +63,7 @@ def backtracking_line_search(value_fn: Callable, params: Any, direction: Any, va
         return t, loss_at(t), k + 1
 
     t0 = jnp.asarray(initial_step, value.dtype)
-    t, trial, k = jax.lax.while_loop(keep_shrinking, shrink_step, (t0, loss_at(t0), 1))
-    return jnp.where(acceptable(t, trial), t, 0.0), k
+    known = first_trial is not None
+    start = (t0, first_trial.astype(value.dtype) if known else loss_at(t0), jnp.asarray(1))
+    t, trial, k = jax.lax.while_loop(keep_shrinking, shrink_step, start)
+    return jnp.where(acceptable(t, trial), t, 0.0), k - known

@@ -96,7 +96,6 @@ def hessian_free(model_fn: Callable, loss: Callable, *, learning_rate: float = 1
       max_linesearch_steps: most loss evaluations of the line search.
     """
     save_at = backtracking_iterations(maxiter)
-    candidates_count = len(save_at) + 1
 
     def init(params: Any) -> HessianFreeState:
         zero = jnp.zeros([], jnp.int32)
@@ -120,10 +119,15 @@ def hessian_free(model_fn: Callable, loss: Callable, *, learning_rate: float = 1
             x0 = otu.tree_scale(warm_start_decay, state.previous_solution)
             solve = cg(ggn, grad, x0=x0, damping=state.damping, rtol=1e-10, maxiter=maxiter,
                        progress_tol=progress_tol, save_at=save_at)
-            # CG-iterate backtracking: the saved iterate (or the last) with the lowest loss.
+            # CG-iterate backtracking: the saved iterate (or the last) with the lowest loss. Saves
+            # past CG's last iteration are copies of the last iterate and are not evaluated.
             candidates = jax.tree.map(lambda saved, last: jnp.concatenate([saved, last[None]]),
                                       solve.saved_iterates, solve.x)
-            losses = jax.lax.map(lambda x: value_fn(add_scaled(params, -1.0, x)), candidates)
+            reached = jnp.append(jnp.asarray(save_at) < solve.iterations, True)
+            loss_of = lambda x: value_fn(add_scaled(params, -1.0, x))
+            losses = jax.lax.map(lambda c: jax.lax.cond(c[1], lambda: loss_of(c[0]).astype(value.dtype),
+                                                        lambda: jnp.asarray(jnp.inf, value.dtype)),
+                                 (candidates, reached))
             losses = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
             best = jnp.argmin(losses)
             solution = jax.tree.map(lambda c: c[best], candidates)
@@ -136,6 +140,7 @@ def hessian_free(model_fn: Callable, loss: Callable, *, learning_rate: float = 1
             step_size, evaluations = backtracking_line_search(
                 value_fn, params, direction, value, otu.tree_vdot(grad, direction), learning_rate,
                 shrink=0.8, sufficient_decrease=1e-2, max_steps=max_linesearch_steps,
+                first_trial=losses[best] if learning_rate == 1.0 else None,
             )
             new_state = HessianFreeState(
                 count=state.count + 1,
@@ -143,7 +148,7 @@ def hessian_free(model_fn: Callable, loss: Callable, *, learning_rate: float = 1
                 damping=jnp.maximum(damping, min_damping).astype(state.damping.dtype),
                 cg_iterations=solve.iterations,
                 num_ggn_products=state.num_ggn_products + solve.num_matvecs,
-                num_value_evals=state.num_value_evals + candidates_count + evaluations,
+                num_value_evals=state.num_value_evals + jnp.sum(reached, dtype=state.num_value_evals.dtype) + evaluations,
                 reduction_ratio=rho.astype(state.reduction_ratio.dtype),
                 step_size=step_size.astype(state.step_size.dtype),
                 negative_curvature_count=state.negative_curvature_count + solve.negative_curvature,

@@ -1,7 +1,10 @@
 """Natural gradient descent (Amari, 1998) with a damped Fisher solved by CG, as an optax transformation.
 
-The update is ``-learning_rate * (F + lambda I)^{-1} g`` with ``F`` the Fisher
-information of the model's predictive distribution on a curvature batch:
+The update is ``-t (F + lambda I)^{-1} g`` with ``F`` the Fisher information of
+the model's predictive distribution on a curvature batch and ``t`` the
+``learning_rate``, or, when ``update`` gets ``value_fn``, the first step of a
+backtracking (Armijo) line search from ``learning_rate`` that makes the loss
+decrease (a fixed step can blow the loss up at small damping):
 
 * ``"true"``: the expectation over the model's own predictions, in closed form
   (for softmax cross-entropy and squared error it equals the Gauss-Newton matrix);
@@ -29,7 +32,7 @@ from hvpopt import _checks
 from hvpopt.curvature.fisher import empirical_fisher_operator, fisher_operator, mc_fisher_operator
 from hvpopt.linalg._tree import cast_like
 from hvpopt.linalg.conjugate_gradient import cg
-from hvpopt.optim._common import all_finite, require, skip_step, step_or_skip
+from hvpopt.optim._common import all_finite, backtracking_line_search, require, skip_step, step_or_skip
 
 FISHERS = ("true", "monte_carlo", "empirical")
 
@@ -43,6 +46,7 @@ class NaturalGradientState(NamedTuple):
       cg_iterations: CG iterations of the last step.
       num_fisher_products: Fisher-vector products so far.
       residual_norm: CG's residual of the last solve.
+      step_size: the step taken (``learning_rate``, or the line search's; 0 if none decreased the loss).
       skipped_steps: steps skipped for a non-finite loss or gradient.
     """
 
@@ -51,6 +55,7 @@ class NaturalGradientState(NamedTuple):
     cg_iterations: jax.Array
     num_fisher_products: jax.Array
     residual_norm: jax.Array
+    step_size: jax.Array
     skipped_steps: jax.Array
 
 
@@ -58,21 +63,25 @@ def natural_gradient(model_fn: Callable, loss: Callable, *, learning_rate: float
                      damping: float = 1e-3, fisher: str = "true", num_samples: int = 1,
                      maxiter: int = 20, rtol: float = 1e-4,
                      key: jax.Array | None = None) -> optax.GradientTransformationExtraArgs:
-    """Natural gradient: ``-learning_rate * (F + damping I)^{-1} g``, solved by CG.
+    """Natural gradient: ``-t (F + damping I)^{-1} g``, solved by CG.
 
     Called as::
 
-      updates, state = tx.update(grads, state, params, curvature_batch=(inputs, targets))
+      updates, state = tx.update(grads, state, params, curvature_batch=(inputs, targets),
+                                 value=loss, grad=grads, value_fn=f)
 
     with ``curvature_batch`` the inputs and targets of the Fisher (often the
-    gradient batch). ``value`` and ``grad`` may be passed too; a non-finite
-    ``value`` or gradient skips the step.
+    gradient batch). ``value``, ``grad`` and ``value_fn`` are optional: with
+    ``value_fn`` (the loss on the batch) the step ``t`` is line-searched from
+    ``learning_rate``, without it ``t = learning_rate``. A non-finite ``value``
+    or gradient skips the step.
 
     Args:
       model_fn: ``(params, inputs) -> outputs``.
       loss: a :class:`hvpopt.losses.Loss` (its sampling law and output Hessian
         give the Fisher).
-      learning_rate: the step along the natural gradient.
+      learning_rate: the step along the natural gradient (the first one the
+        line search tries).
       damping: ``lambda > 0`` added to the Fisher's diagonal.
       fisher: ``"true"``, ``"monte_carlo"`` or ``"empirical"``.
       num_samples: sampled targets per example for ``"monte_carlo"``.
@@ -87,15 +96,18 @@ def natural_gradient(model_fn: Callable, loss: Callable, *, learning_rate: float
     def init(params: Any) -> NaturalGradientState:
         zero = jnp.zeros([], jnp.int32)
         start = jax.random.key(0) if key is None else key
-        return NaturalGradientState(zero, start, zero, zero, jnp.zeros([], jnp.float32), zero)
+        return NaturalGradientState(zero, start, zero, zero, jnp.zeros([], jnp.float32),
+                                    jnp.zeros([], jnp.float32), zero)
 
     def update(updates, state: NaturalGradientState, params=None, *, value=None, grad=None,
-               curvature_batch=None, **extra_args):
+               value_fn=None, curvature_batch=None, **extra_args):
         del extra_args
         require("params", params, "natural_gradient", "the current parameters, as the third argument.")
         require("curvature_batch", curvature_batch, "natural_gradient",
                 "(inputs, targets) of the batch whose Fisher is the curvature.")
         grad = updates if grad is None else grad
+        if value is None and value_fn is not None:
+            value = value_fn(params)
         inputs, targets = curvature_batch
         sample_key, next_key = jax.random.split(state.key)
 
@@ -110,15 +122,22 @@ def natural_gradient(model_fn: Callable, loss: Callable, *, learning_rate: float
                     model_fn(p, example[0][None]), jax.tree.map(lambda t: t[None], example[1]))
                 matvec = empirical_fisher_operator(example_loss, params, (inputs, targets))
             solve = cg(matvec, grad, damping=damping, rtol=rtol, maxiter=maxiter)
+            direction = otu.tree_scale(-1.0, solve.x)
+            if value_fn is None:
+                step_size = jnp.asarray(learning_rate)
+            else:
+                step_size, _ = backtracking_line_search(
+                    value_fn, params, direction, value, otu.tree_vdot(grad, direction), learning_rate,
+                    shrink=0.5, sufficient_decrease=1e-4, max_steps=20)
             new_state = NaturalGradientState(
                 count=state.count + 1, key=next_key, cg_iterations=solve.iterations,
                 num_fisher_products=state.num_fisher_products + solve.num_matvecs,
                 residual_norm=solve.residual_norm.astype(state.residual_norm.dtype),
-                skipped_steps=state.skipped_steps,
+                step_size=step_size.astype(state.step_size.dtype), skipped_steps=state.skipped_steps,
             )
-            return cast_like(otu.tree_scale(-learning_rate, solve.x), grad), new_state
+            return cast_like(otu.tree_scale(step_size, direction), grad), new_state
 
-        skip = lambda: skip_step(grad, state, key=next_key)
+        skip = lambda: skip_step(grad, state, key=next_key, step_size=jnp.zeros_like(state.step_size))
         finite = all_finite(jnp.zeros([]) if value is None else value, grad)
         return step_or_skip(finite, step, skip)
 

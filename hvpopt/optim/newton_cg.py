@@ -4,7 +4,8 @@ Each step solves the Newton system ``(H + lambda I) p = -g`` only
 approximately, by conjugate gradient on Hessian-vector products, to the
 forcing tolerance ``||r|| <= eta ||g||`` with ``eta = min(0.5, sqrt(||g||))``
 (Nocedal & Wright, 2006, algorithm 7.1): loose far from a minimum, tight near
-it, which gives superlinear local convergence. CG stops early at a direction of
+it, which gives superlinear local convergence. ``eta`` stays above
+``sqrt(eps)`` of the dtype, where rounding rather than CG limits the residual. CG stops early at a direction of
 non-positive curvature and keeps its last iterate (a descent direction); if
 that happens at the first iteration the step falls back to steepest descent
 ``-g``. A backtracking (Armijo) line search from ``learning_rate`` then makes
@@ -103,7 +104,9 @@ def newton_cg(learning_rate: float = 1.0, *, damping: float = 0.0, maxiter: int 
 
         def step():
             grad_norm = otu.tree_norm(grad)
-            eta = jnp.minimum(0.5, jnp.sqrt(grad_norm)) if forcing is None else forcing
+            # Below sqrt(eps) the rounding of the products, not CG, limits the residual.
+            floor = jnp.sqrt(jnp.finfo(grad_norm.dtype).eps)
+            eta = jnp.clip(jnp.sqrt(grad_norm), floor, 0.5) if forcing is None else forcing
             hessian = hessian_operator(value_fn, params, mode=hvp_mode)
             solve = cg(hessian, grad, damping=damping, rtol=eta, maxiter=maxiter)
             newton = otu.tree_scale(-1.0, solve.x)
