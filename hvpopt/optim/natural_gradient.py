@@ -45,6 +45,7 @@ class NaturalGradientState(NamedTuple):
       key: the key of the next Monte-Carlo Fisher.
       cg_iterations: CG iterations of the last step.
       num_fisher_products: Fisher-vector products so far.
+      num_value_evals: loss evaluations of the line searches so far.
       residual_norm: CG's residual of the last solve.
       step_size: the step taken (``learning_rate``, or the line search's; 0 if none decreased the loss).
       skipped_steps: steps skipped for a non-finite loss or gradient.
@@ -54,6 +55,7 @@ class NaturalGradientState(NamedTuple):
     key: jax.Array
     cg_iterations: jax.Array
     num_fisher_products: jax.Array
+    num_value_evals: jax.Array
     residual_norm: jax.Array
     step_size: jax.Array
     skipped_steps: jax.Array
@@ -96,7 +98,7 @@ def natural_gradient(model_fn: Callable, loss: Callable, *, learning_rate: float
     def init(params: Any) -> NaturalGradientState:
         zero = jnp.zeros([], jnp.int32)
         start = jax.random.key(0) if key is None else key
-        return NaturalGradientState(zero, start, zero, zero, jnp.zeros([], jnp.float32),
+        return NaturalGradientState(zero, start, zero, zero, zero, jnp.zeros([], jnp.float32),
                                     jnp.zeros([], jnp.float32), zero)
 
     def update(updates, state: NaturalGradientState, params=None, *, value=None, grad=None,
@@ -124,14 +126,15 @@ def natural_gradient(model_fn: Callable, loss: Callable, *, learning_rate: float
             solve = cg(matvec, grad, damping=damping, rtol=rtol, maxiter=maxiter)
             direction = otu.tree_scale(-1.0, solve.x)
             if value_fn is None:
-                step_size = jnp.asarray(learning_rate)
+                step_size, evaluations = jnp.asarray(learning_rate), 0
             else:
-                step_size, _ = backtracking_line_search(
+                step_size, evaluations = backtracking_line_search(
                     value_fn, params, direction, value, otu.tree_vdot(grad, direction), learning_rate,
                     shrink=0.5, sufficient_decrease=1e-4, max_steps=20)
             new_state = NaturalGradientState(
                 count=state.count + 1, key=next_key, cg_iterations=solve.iterations,
                 num_fisher_products=state.num_fisher_products + solve.num_matvecs,
+                num_value_evals=state.num_value_evals + evaluations,
                 residual_norm=solve.residual_norm.astype(state.residual_norm.dtype),
                 step_size=step_size.astype(state.step_size.dtype), skipped_steps=state.skipped_steps,
             )
