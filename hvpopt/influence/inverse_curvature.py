@@ -10,9 +10,12 @@ flat vectors (rows of a ``[m, P]`` array, ``P`` the number of parameters):
 * ``"lissa"``: the Neumann series of Agarwal et al. (2017), its scale set once
   to 1.1 times the top eigenvalue of ``H + lambda I`` found by Lanczos.
 * ``"arnoldi"``: the top ``rank`` eigenpairs by Lanczos (the symmetric
-  Arnoldi iteration), ``(H + lambda I)^{-1} v ~ V diag(1 / (w + lambda)) V^T v``:
-  the projection onto the top subspace of Schioppa et al. (2022). Full rank
-  is exact.
+  Arnoldi iteration), fitted once for every query (Schioppa et al., 2022),
+  ``(H + lambda I)^{-1} v ~ V diag(1 / (w + lambda)) V^T v + (v - V^T V v) / lambda``:
+  the directions left out get ``1/lambda``, as if their curvature were zero
+  (Schioppa et al. drop them; keeping them is closer wherever the spectrum's
+  tail is small against ``lambda``, and is the same at ``lambda = 0``). Full
+  rank is exact.
 * ``"identity"``: no curvature, ``v`` itself (TracIn-style gradient products).
 
 References:
@@ -182,12 +185,24 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
 
 
 def eigen_inverse(eigenvalues: jax.Array, eigenvectors: jax.Array, damping: float) -> Callable:
-    """``rows -> rows V^T diag(1 / (w + damping)) V``: the inverse on the span of ``V`` (rows of ``eigenvectors``)."""
+    """``(H + damping I)^{-1}`` from eigenpairs ``(w, V)`` of ``H`` (``V``'s rows orthonormal), applied to rows.
+
+    .. math:: (H + \lambda I)^{-1} v \approx V^\top \mathrm{diag}\big(\tfrac{1}{w + \lambda}\big) V v
+       + \tfrac{1}{\lambda} (v - V^\top V v)
+
+    Exact for all ``P`` eigenpairs, and for fewer when the eigenvalues left out
+    are small against ``lambda``. With ``damping=0`` the second term is
+    dropped: the projection onto the top subspace of Schioppa et al. (2022).
+    """
     inverse = 1.0 / (eigenvalues + damping)
 
     @jax.jit
     def apply(rows):
-        return ((rows @ eigenvectors.T) * inverse) @ eigenvectors, {}
+        coordinates = rows @ eigenvectors.T
+        top = (coordinates * inverse) @ eigenvectors
+        if damping == 0:
+            return top, {}
+        return top + (rows - coordinates @ eigenvectors) / damping, {}
 
     return apply
 

@@ -96,8 +96,9 @@ def query_directions(loss_fn: Callable, params: PyTree, queries: PyTree, inverse
                      chunk_size: int = 64) -> tuple[jax.Array, dict]:
     """``[n_queries, P]`` rows ``(H + damping I)^{-1} grad L_q``, and the solver's per-query diagnostics."""
     rows, diagnostics = [], []
+    size = min(chunk_size, _checks.leading_size("queries", queries))
     for _, gradients in gradient_chunks(loss_fn, params, queries, chunk_size=chunk_size):
-        solved, info = inverse.apply(gradients)
+        solved, info = _apply_padded(inverse, gradients, size)
         rows.append(solved)
         diagnostics.append(info)
     merged = {name: np.concatenate([np.asarray(info[name]) for info in diagnostics]) for name in diagnostics[0]}
@@ -121,8 +122,15 @@ def self_score_blocks(loss_fn: Callable, params: PyTree, train: PyTree, inverse:
     """Yields ``(first_index, self-influence [c])`` for consecutive chunks of ``train`` (resumable at ``start``)."""
     num_train = _checks.leading_size("train", train)
     for first, gradients in gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start):
-        solved, _ = inverse.apply(gradients)
+        solved, _ = _apply_padded(inverse, gradients, min(chunk_size, num_train))
         yield first, jnp.sum(solved * gradients, axis=1) / num_train
+
+
+def _apply_padded(inverse: InverseCurvature, rows: jax.Array, size: int) -> tuple[jax.Array, dict]:
+    """``inverse.apply`` on ``rows`` padded with zero rows to ``size``, so a solver compiles once."""
+    count = rows.shape[0]
+    solved, info = inverse.apply(jnp.pad(rows, ((0, size - count), (0, 0))))
+    return solved[:count], {name: value[:count] for name, value in info.items()}
 
 
 @jax.jit
