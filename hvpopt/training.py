@@ -41,8 +41,8 @@ def _newton_cg(task, options, learning_rate):
 
 
 def _hessian_free(task, options, learning_rate):
-    # The Gauss-Newton matrix is of the data loss; the L2 penalty's curvature l2 I
-    # is the least damping that keeps the model honest.
+    # The Gauss-Newton matrix is the data loss's; the L2 penalty adds l2 I to the
+    # objective's curvature, so the damping never goes below l2.
     knobs = _second_order_knobs(options, damping="initial_damping")
     return hessian_free(task.model_fn, task.loss, learning_rate=learning_rate,
                         min_damping=max(1e-6, task.l2), **knobs)

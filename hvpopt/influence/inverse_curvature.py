@@ -187,8 +187,8 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
 def eigen_inverse(eigenvalues: jax.Array, eigenvectors: jax.Array, damping: float) -> Callable:
     """``(H + damping I)^{-1}`` from eigenpairs ``(w, V)`` of ``H`` (``V``'s rows orthonormal), applied to rows.
 
-    .. math:: (H + \lambda I)^{-1} v \approx V^\top \mathrm{diag}\big(\tfrac{1}{w + \lambda}\big) V v
-       + \tfrac{1}{\lambda} (v - V^\top V v)
+    .. math:: (H + \\lambda I)^{-1} v \\approx V^\\top \\mathrm{diag}\\big(\\tfrac{1}{w + \\lambda}\\big) V v
+       + \\tfrac{1}{\\lambda} (v - V^\\top V v)
 
     Exact for all ``P`` eigenpairs, and for fewer when the eigenvalues left out
     are small against ``lambda``. With ``damping=0`` the second term is
