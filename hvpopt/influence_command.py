@@ -30,6 +30,7 @@ import hvpopt
 from hvpopt import _io, checkpoint, influence, tasks, training
 from hvpopt._checks import positive_int
 from hvpopt._progress import Progress
+from hvpopt.optim.newton_cg import minimize_newton_cg
 from hvpopt.data import Dataset, make_dataset
 
 ACTIONS = ("score", "self", "validate")
@@ -454,18 +455,7 @@ def _minimise(task: tasks.Task, params, train, weights, steps: int = 40):
         losses = jax.vmap(task.example_loss, in_axes=(None, 0))(p, train)
         return jnp.sum(weights * losses) / weights.size + 0.5 * task.l2 * optax.tree_utils.tree_norm(p, squared=True)
 
-    tx = hvpopt.newton_cg(forcing=1e-8)
-
-    @jax.jit
-    def run(p):
-        def step(carry, _):
-            p, state = carry
-            value, grad = jax.value_and_grad(objective)(p)
-            updates, state = tx.update(grad, state, p, value=value, grad=grad, value_fn=objective)
-            return (optax.apply_updates(p, updates), state), None
-        return jax.lax.scan(step, (p, tx.init(p)), length=steps)[0][0]
-
-    return run(params)
+    return jax.jit(lambda p: minimize_newton_cg(objective, p, steps=steps, forcing=1e-8))(params)
 
 
 # ---------------------------------------------------------------- writing

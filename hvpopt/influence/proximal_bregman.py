@@ -25,10 +25,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import optax
 import optax.tree_utils as otu
 
-from hvpopt.optim.newton_cg import newton_cg
+from hvpopt.optim.newton_cg import minimize_newton_cg
 
 PyTree = Any
 
@@ -66,12 +65,4 @@ def proximal_bregman_response(loss_fn: Callable, model: tuple[Callable, Callable
         proximity = 0.5 * damping * otu.tree_norm(otu.tree_sub(theta, params), squared=True)
         return bregman - loss_fn(theta, example) / num_train + proximity
 
-    tx = newton_cg(forcing=1e-6, maxiter=maxiter)
-
-    def step(carry, _):
-        theta, state = carry
-        value, grad = jax.value_and_grad(objective)(theta)
-        updates, state = tx.update(grad, state, theta, value=value, grad=grad, value_fn=objective)
-        return (optax.apply_updates(theta, updates), state), None
-
-    return jax.lax.scan(step, (params, tx.init(params)), length=steps)[0][0]
+    return minimize_newton_cg(objective, params, steps=steps, forcing=1e-6, maxiter=maxiter)

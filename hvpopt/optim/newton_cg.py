@@ -133,3 +133,20 @@ def newton_cg(learning_rate: float = 1.0, *, damping: float = 0.0, maxiter: int 
         return step_or_skip(all_finite(value, grad), step, skip)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def minimize_newton_cg(objective, params: Any, *, steps: int, **options) -> Any:
+    """``steps`` :func:`newton_cg` steps on ``objective(params) -> scalar`` from ``params``, in one ``lax.scan``.
+
+    For an inner minimisation inside a jitted computation (a retraining, a
+    response function); ``options`` go to :func:`newton_cg`.
+    """
+    tx = newton_cg(**options)
+
+    def step(carry, _):
+        params, state = carry
+        value, grad = jax.value_and_grad(objective)(params)
+        updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=objective)
+        return (optax.apply_updates(params, updates), state), None
+
+    return jax.lax.scan(step, (params, tx.init(params)), length=steps)[0][0]
