@@ -3,7 +3,7 @@
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -21,4 +21,11 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def write_atomically(path: str, write: Callable, mode: str = "wb") -> None:
+    """``write(file)`` into a file opened with ``mode`` at a temporary path, then renamed onto ``path``."""
+    with atomic_path(path) as temporary:
+        with open(temporary, mode) as file:
+            write(file)
 

@@ -15,6 +15,7 @@ message naming the file, anything that does not match it: a missing or
 truncated file, a changed byte, an array of another shape or dtype.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 from flax import serialization
 
+import hvpopt
 from hvpopt import _io, tasks
 
 PARAMS_FILE = "params.msgpack"
@@ -55,18 +57,24 @@ def save_checkpoint(directory: str, params: Any, config: dict) -> None:
     arrays = _flatten(params)
     payload = serialization.msgpack_serialize(arrays)
     os.makedirs(directory, exist_ok=True)
-    with _io.atomic_path(os.path.join(directory, PARAMS_FILE)) as temporary:
-        with open(temporary, "wb") as file:
-            file.write(payload)
+    _io.write_atomically(os.path.join(directory, PARAMS_FILE), lambda file: file.write(payload))
     manifest = {
         "file": PARAMS_FILE,
         "sha256": hashlib.sha256(payload).hexdigest(),
         "arrays": {path: {"shape": list(x.shape), "dtype": str(x.dtype)} for path, x in arrays.items()},
     }
     record = {"format_version": FORMAT_VERSION, **config, "params": manifest}
-    with _io.atomic_path(os.path.join(directory, CONFIG_FILE)) as temporary:
-        with open(temporary, "w") as file:
-            json.dump(record, file, indent=2)
+    _io.write_atomically(os.path.join(directory, CONFIG_FILE), lambda file: json.dump(record, file, indent=2), "w")
+
+
+def training_config(task: tasks.Task, options: Any, history: list[dict], *, step: int | None = None,
+                    completed: bool = False) -> dict:
+    """What a training run's checkpoint records: the task config, the training options
+    (a dataclass), the step (the last record's by default), the last metrics, the versions."""
+    return {"task": task.config, "train": dataclasses.asdict(options),
+            "step": history[-1]["step"] if step is None else step, "completed": completed,
+            "metrics": history[-1] if history else None,
+            "hvpopt_version": hvpopt.__version__, "jax_version": jax.__version__}
 
 
 def load_checkpoint(directory: str) -> Checkpoint:

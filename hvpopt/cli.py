@@ -1,7 +1,6 @@
 """The ``hvpopt`` command line. It parses, calls the library and writes; no math here."""
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -182,13 +181,10 @@ def run_train(args) -> int:
         os.remove(config_path)  # --overwrite: the folder stops being a checkpoint until the first save
 
     def save(params, history, step=None, completed=False):
-        step = history[-1]["step"] if step is None else step
-        config = {"task": task.config, "train": dataclasses.asdict(options), "step": step,
-                  "completed": completed, "metrics": history[-1] if history else None, **_versions()}
+        config = checkpoint.training_config(task, options, history, step=step, completed=completed)
         checkpoint.save_checkpoint(args.out, params, config)
-        with _io.atomic_path(os.path.join(args.out, "metrics.jsonl")) as temporary:
-            with open(temporary, "w") as file:
-                file.writelines(json.dumps(record) + "\n" for record in history)
+        _io.write_atomically(os.path.join(args.out, "metrics.jsonl"),
+                             lambda file: file.writelines(json.dumps(record) + "\n" for record in history), "w")
 
     print(f"training {task.describe()}", file=sys.stderr)
     result = training.train(task, options, on_evaluation=save, progress=not args.no_progress)
@@ -225,10 +221,6 @@ def _format_metrics(summary: dict) -> str:
     width = max(map(len, summary)) + 2
     return "\n".join(f"{name:<{width}}{value:.4g}" if isinstance(value, float) else f"{name:<{width}}{value}"
                       for name, value in summary.items())
-
-
-def _versions() -> dict:
-    return {"hvpopt_version": hvpopt.__version__, "jax_version": jax.__version__}
 
 
 def _key_values(flag: str, items: list[str]) -> dict:

@@ -136,10 +136,10 @@ def load_problem(args) -> Problem:
         folder = args.checkpoint or _default_checkpoint(progress=not args.no_progress)
         loaded = checkpoint.load_checkpoint(folder)
         task = loaded.task
-        digest = hashlib.sha256(open(os.path.join(folder, checkpoint.PARAMS_FILE), "rb").read()).hexdigest()
         problem = Problem(task.describe(), task.example_loss, loaded.params, task.train,
                           task.validation, (task.model_fn, task.loss), task.l2, task,
-                          {"checkpoint": os.path.abspath(folder), "params_sha256": digest, "task": task.config})
+                          {"checkpoint": os.path.abspath(folder), "task": task.config,
+                           "params_sha256": loaded.config["params"]["sha256"]})  # checked by the load
     train = problem.train
     if args.train:
         train = _texts_dataset(problem, "--train", _read_jsonl("--train", args.train))
@@ -168,9 +168,8 @@ def _default_checkpoint(progress: bool) -> str:
     if result.interrupted:
         raise KeyboardInterrupt
     os.makedirs(folder, exist_ok=True)
-    checkpoint.save_checkpoint(folder, result.params, {
-        "task": task.config, "train": dataclasses.asdict(options), "step": result.steps_done,
-        "completed": True, "metrics": result.history[-1], "hvpopt_version": hvpopt.__version__})
+    checkpoint.save_checkpoint(folder, result.params,
+                               checkpoint.training_config(task, options, result.history, completed=True))
     return folder
 
 
@@ -299,9 +298,8 @@ def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.Inverse
     if inverse.eigenvalues is not None:  # diagnostics first: the eigenpairs mark the fit as done
         diagnostics["top_eigenvalues"] = _jsonable(inverse.eigenvalues[::-1][:10])
         _write_json(cached_diagnostics, diagnostics)
-        with _io.atomic_path(cached) as temporary:
-            with open(temporary, "wb") as file:
-                np.savez(file, eigenvalues=np.asarray(inverse.eigenvalues), eigenvectors=np.asarray(inverse.eigenvectors))
+        _io.write_atomically(cached, lambda file: np.savez(file, eigenvalues=np.asarray(inverse.eigenvalues),
+                                                           eigenvectors=np.asarray(inverse.eigenvectors)))
     return inverse, diagnostics
 
 
@@ -320,10 +318,8 @@ def _chunks(blocks, work: str, prefix: str, total: int, chunk_size: int, progres
     if bar:
         bar.update(min(start, total))
     for first, block in blocks(start):
-        path = os.path.join(work, f"{prefix}-{first:09d}.npy")
-        with _io.atomic_path(path) as temporary:
-            with open(temporary, "wb") as file:
-                np.save(file, np.asarray(block))
+        _io.write_atomically(os.path.join(work, f"{prefix}-{first:09d}.npy"),
+                             lambda file: np.save(file, np.asarray(block)))
         if bar:
             bar.update(np.shape(block)[-1])
     if bar:
@@ -344,9 +340,7 @@ def _score(args, problem: Problem, settings: dict, work: str) -> dict:
         directions, solver = influence.query_directions(problem.loss_fn, problem.params, _examples(problem.queries),
                                                         inverse, chunk_size=settings["chunk_size"])
         fit["query_solve_seconds"] = time.perf_counter() - start
-        with _io.atomic_path(saved) as temporary:
-            with open(temporary, "wb") as file:
-                np.savez(file, directions=np.asarray(directions), **solver)
+        _io.write_atomically(saved, lambda file: np.savez(file, directions=np.asarray(directions), **solver))
     train = _examples(problem.train)
     scores = _chunks(lambda start: influence.score_blocks(problem.loss_fn, problem.params, train, directions,
                                                           chunk_size=settings["chunk_size"], start=start),
@@ -484,9 +478,7 @@ def _finish(args, problem: Problem, settings: dict, diagnostics: dict, rows, out
         outputs = {**outputs, "top_k.csv": lambda f: f.write(table.getvalue().encode()),
                    "top_k.jsonl": lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode())}
     for name, write in outputs.items():
-        with _io.atomic_path(os.path.join(args.out, name)) as temporary:
-            with open(temporary, "wb") as file:
-                write(file)
+        _io.write_atomically(os.path.join(args.out, name), write)
     metadata = {
         **{k: v for k, v in settings.items() if not k.endswith("sha256")}, "sign_convention": SIGN_CONVENTION,
         "problem": problem.description, "num_queries": None if problem.queries is None else problem.queries.num_examples,
@@ -502,9 +494,7 @@ def _finish(args, problem: Problem, settings: dict, diagnostics: dict, rows, out
 
 
 def _write_json(path: str, value) -> None:
-    with _io.atomic_path(path) as temporary:
-        with open(temporary, "w") as file:
-            json.dump(value, file, indent=2)
+    _io.write_atomically(path, lambda file: json.dump(value, file, indent=2), "w")
 
 
 def _format(summary: dict) -> str:
