@@ -45,16 +45,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmark_env import cpu_load, environment  # noqa: E402
 
 from hvpopt import influence, tasks, training  # noqa: E402
+from hvpopt.influence import pearson, spearman  # noqa: E402
 from hvpopt._io import atomic_path  # noqa: E402
-
-
-def pearson(a, b) -> float:
-    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
-
-
-def spearman(a, b) -> float:
-    rank = lambda x: np.argsort(np.argsort(np.ravel(x)))
-    return pearson(rank(a), rank(b))
 
 
 # ---------------------------------------------------------------- 1. leave-one-out

@@ -414,9 +414,9 @@ def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
     actual = np.stack(actual, axis=1)
     report = {"reference": "leave-one-out retraining" if convex else "proximal Bregman response",
               "examples_removed": len(removed), "queries": queries.num_examples,
-              "pearson": _pearson(predicted[:, removed], actual), "spearman": _spearman(predicted[:, removed], actual),
-              "identity_pearson": _pearson(identity[:, removed], actual),
-              "identity_spearman": _spearman(identity[:, removed], actual)}
+              "pearson": influence.pearson(predicted[:, removed], actual), "spearman": influence.spearman(predicted[:, removed], actual),
+              "identity_pearson": influence.pearson(identity[:, removed], actual),
+              "identity_spearman": influence.spearman(identity[:, removed], actual)}
     pairs = [{"query_id": str(queries.ids[q]), "train_id": str(problem.train.ids[j]),
               "predicted": float(predicted[q, j]), "actual": float(actual[q, k])}
              for q in range(queries.num_examples) for k, j in enumerate(removed)]
@@ -528,12 +528,3 @@ def _digest(items: list[str]) -> str:
 def _jsonable(value):
     array = np.asarray(value)
     return array.item() if array.ndim == 0 else array.tolist()
-
-
-def _pearson(a, b) -> float:
-    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
-
-
-def _spearman(a, b) -> float:
-    rank = lambda x: np.argsort(np.argsort(np.ravel(x)))
-    return _pearson(rank(a), rank(b))

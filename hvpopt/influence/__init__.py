@@ -3,6 +3,7 @@
 ``scores[q, j] ~ L_q(theta_without_j) - L_q(theta)``; see :mod:`hvpopt.influence.scores`.
 """
 
+from hvpopt.influence.agreement import pearson, spearman
 from hvpopt.influence.gradients import flat_example_gradients, gradient_chunks
 from hvpopt.influence.inverse_curvature import (
     CURVATURES,
@@ -31,9 +32,11 @@ __all__ = [
     "flat_example_gradients",
     "gradient_chunks",
     "pairwise_scores",
+    "pearson",
     "proximal_bregman_response",
     "query_directions",
     "score_blocks",
     "self_score_blocks",
     "self_scores",
+    "spearman",
 ]
