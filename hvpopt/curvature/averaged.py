@@ -15,26 +15,39 @@ from typing import Any
 
 import jax
 import optax.tree_utils as otu
+from jax.sharding import Mesh, PartitionSpec
 
-from hvpopt import _checks
+from hvpopt import _checks, sharding
+from hvpopt.sharding import DATA_AXIS
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
 BatchMatVec = Callable[[PyTree, Any], PyTree]
 
 
-def average_over_chunks(batch_matvec: BatchMatVec, data: Any, *, chunk_size: int) -> MatVec:
+def average_over_chunks(batch_matvec: BatchMatVec, data: Any, *, chunk_size: int,
+                        mesh: Mesh | None = None, axis: str = DATA_AXIS) -> MatVec:
     """The dataset-averaged product over arrays cut into chunks of examples.
 
     The full chunks run in one ``lax.scan``, so memory is bounded by one chunk
     and the operator works inside ``jit``; a remainder chunk, if any, runs once
     more with its own (smaller) weight.
 
+    With a ``mesh`` the examples are split over its axis ``axis``
+    (``jax.shard_map``): each device sums ``n_b A_b v`` over the chunks of its
+    own share, ``lax.psum`` adds the shares (one all-reduce per product), and
+    the ``N mod devices`` examples left over, if any, are averaged on every
+    device. Pass ``data`` already placed by :func:`hvpopt.shard_batch` to
+    avoid moving it at every call.
+
     Args:
       batch_matvec: ``batch_matvec(v, batch) -> A_b v`` for the mean loss of
         ``batch``, a pytree shaped like ``data`` with ``chunk_size`` examples.
       data: a pytree of arrays sharing a leading example axis of size ``N``.
-      chunk_size: examples per chunk.
+      chunk_size: examples per chunk (per device, with a ``mesh``).
+      mesh: a :class:`jax.sharding.Mesh` to split the examples over (None:
+        one device).
+      axis: the mesh axis the examples are split over.
 
     Returns:
       ``v -> (1/N) sum_b n_b A_b v``.
@@ -51,24 +64,48 @@ def average_over_chunks(batch_matvec: BatchMatVec, data: Any, *, chunk_size: int
     num_examples = _checks.leading_size("data", data)
     if num_examples == 0:
         raise ValueError("data holds no examples; the average is undefined.")
-    num_full = num_examples // chunk_size
-    cut = num_full * chunk_size
-    full = jax.tree.map(lambda x: x[:cut].reshape(num_full, chunk_size, *x.shape[1:]), data)
-    rest = jax.tree.map(lambda x: x[cut:], data)
+    if mesh is None:
+        return lambda v: otu.tree_scale(1.0 / num_examples, _chunked_sum(batch_matvec, v, data, chunk_size))
+    devices = sharding.axis_size(mesh, axis)
+    shared = num_examples - num_examples % devices
+    head = jax.tree.map(lambda x: x[:shared], data)
+    rest = jax.tree.map(lambda x: x[shared:], data)
+    share_sum = lambda v, share: jax.lax.psum(_chunked_sum(batch_matvec, v, share, chunk_size), axis)
+    over_mesh = jax.shard_map(share_sum, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(axis)),
+                              out_specs=PartitionSpec(), check_vma=False)
 
     def matvec(v: PyTree) -> PyTree:
-        total = None
-        if num_full:
-            chunk = jax.tree.map(lambda x: x[0], full)
-            zeros = otu.tree_zeros_like(jax.eval_shape(batch_matvec, v, chunk))
-            add = lambda acc, chunk: (otu.tree_add(acc, batch_matvec(v, chunk)), None)
-            total = otu.tree_scale(chunk_size, jax.lax.scan(add, zeros, full)[0])
-        if cut < num_examples:
-            part = otu.tree_scale(num_examples - cut, batch_matvec(v, rest))
-            total = part if total is None else otu.tree_add(total, part)
+        total = _add(over_mesh(v, head) if shared else None, _chunked_sum(batch_matvec, v, rest, chunk_size))
         return otu.tree_scale(1.0 / num_examples, total)
 
     return matvec
+
+
+def _chunked_sum(batch_matvec: BatchMatVec, v: PyTree, data: Any, chunk_size: int) -> PyTree | None:
+    """``sum_b n_b A_b v`` over ``data`` cut into chunks; None if ``data`` is empty."""
+    num_examples = _checks.leading_size("data", data)
+    if num_examples == 0:
+        return None
+    chunk_size = min(chunk_size, num_examples)
+    num_full = num_examples // chunk_size
+    cut = num_full * chunk_size
+    total = None
+    if num_full:
+        full = jax.tree.map(lambda x: x[:cut].reshape(num_full, chunk_size, *x.shape[1:]), data)
+        zeros = otu.tree_zeros_like(jax.eval_shape(batch_matvec, v, jax.tree.map(lambda x: x[0], full)))
+        add = lambda acc, chunk: (otu.tree_add(acc, batch_matvec(v, chunk)), None)
+        total = otu.tree_scale(chunk_size, jax.lax.scan(add, zeros, full)[0])
+    if cut < num_examples:
+        rest = jax.tree.map(lambda x: x[cut:], data)
+        total = _add(total, otu.tree_scale(num_examples - cut, batch_matvec(v, rest)))
+    return total
+
+
+def _add(total: PyTree | None, part: PyTree | None) -> PyTree | None:
+    """``total + part``, where None stands for nothing yet."""
+    if total is None or part is None:
+        return part if total is None else total
+    return otu.tree_add(total, part)
 
 
 def average_over_batches(
@@ -110,8 +147,7 @@ def average_over_batches(
             size = _checks.leading_size("each batch", batch)
             if size == 0:
                 continue  # adds nothing; its own mean would be 0/0
-            part = otu.tree_scale(size, product(v, batch))
-            total = part if total is None else otu.tree_add(total, part)
+            total = _add(total, otu.tree_scale(size, product(v, batch)))
             count += size
         if count == 0:
             raise ValueError("batches yielded no examples; the average is undefined.")
