@@ -6,8 +6,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from hvpopt import _checks
+from hvpopt import _checks, sharding
 
 PyTree = Any
 
@@ -25,11 +26,14 @@ def flat_example_gradients(loss_fn: Callable, params: PyTree, examples: PyTree) 
 
 
 def gradient_chunks(loss_fn: Callable, params: PyTree, examples: PyTree, *, chunk_size: int,
-                    start: int = 0) -> Iterator[tuple[int, jax.Array]]:
+                    start: int = 0, mesh: Mesh | None = None) -> Iterator[tuple[int, jax.Array]]:
     """Yields ``(first_index, gradients [c, P])`` for consecutive chunks of ``examples``.
 
     Every chunk has ``chunk_size`` rows when computed (the last is padded with
     copies of the first example and cut back), so the gradient compiles once.
+    With a ``mesh`` each chunk (padded to a multiple of the devices) is split
+    over its ``"data"`` axis: every device computes the gradients of its rows,
+    and the rows of the result stay where they were computed.
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar``, the loss of one example.
@@ -37,14 +41,21 @@ def gradient_chunks(loss_fn: Callable, params: PyTree, examples: PyTree, *, chun
       examples: a pytree of arrays with a leading example axis.
       chunk_size: examples per chunk.
       start: the first example (a multiple of ``chunk_size`` when resuming).
+      mesh: a :class:`jax.sharding.Mesh` to split each chunk over (None: one device).
     """
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
     num_examples = _checks.leading_size("examples", examples)
+    devices = 1
+    if mesh is not None:
+        devices, params = sharding.axis_size(mesh), sharding.replicate(params, mesh)
+    padded = -(-chunk_size // devices) * devices
     for first in range(start, num_examples, chunk_size):
-        indices = np.arange(first, first + chunk_size)
-        rows = np.where(indices < num_examples, indices, first)
-        chunk = jax.tree.map(lambda x: x[rows], examples)
-        yield first, _flat_example_gradients(loss_fn, params, chunk)[: min(chunk_size, num_examples - first)]
+        count = min(chunk_size, num_examples - first)
+        rows = first + np.arange(padded)
+        chunk = jax.tree.map(lambda x: x[np.where(rows < first + count, rows, first)], examples)
+        if mesh is not None:
+            chunk = sharding.shard_batch(chunk, mesh)
+        yield first, _flat_example_gradients(loss_fn, params, chunk)[:count]
 
 
 _flat_example_gradients = jax.jit(flat_example_gradients, static_argnums=0)

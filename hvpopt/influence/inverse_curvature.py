@@ -31,8 +31,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh
 
-from hvpopt import _checks
+from hvpopt import _checks, sharding
 from hvpopt.curvature.averaged import average_over_chunks
 from hvpopt.curvature.dense import dense_matrix
 from hvpopt.curvature.ggn import ggn_vp
@@ -72,7 +73,8 @@ class InverseCurvature(NamedTuple):
 
 
 def curvature_operator(loss_fn: Callable, params: PyTree, data: PyTree, *, curvature: str = "hessian",
-                       model: tuple[Callable, Callable] | None = None, chunk_size: int = 64) -> Callable:
+                       model: tuple[Callable, Callable] | None = None, chunk_size: int = 64,
+                       mesh: Mesh | None = None) -> Callable:
     """``v -> H v`` on pytrees like ``params``, ``H`` the curvature of the mean loss over ``data``.
 
     Args:
@@ -86,6 +88,9 @@ def curvature_operator(loss_fn: Callable, params: PyTree, data: PyTree, *, curva
         targets) -> scalar`` the mean over a batch; every example is then
         ``(inputs, targets)``.
       chunk_size: examples per product (memory is one chunk's).
+      mesh: a :class:`jax.sharding.Mesh` whose ``"data"`` axis the examples
+        are split over, one all-reduce per product
+        (:func:`hvpopt.average_over_chunks`); None: one device.
     """
     _checks.check_choice("curvature", curvature, CURVATURES)
     if curvature == "hessian":
@@ -97,8 +102,7 @@ def curvature_operator(loss_fn: Callable, params: PyTree, data: PyTree, *, curva
                              "an (inputs, targets) pair.")
         model_fn, output_loss = model
         batch_matvec = lambda v, batch: ggn_vp(model_fn, output_loss, params, v, *batch)
-    size = _checks.leading_size("data", data)
-    return average_over_chunks(batch_matvec, data, chunk_size=min(chunk_size, max(size, 1)))
+    return average_over_chunks(batch_matvec, data, chunk_size=chunk_size, mesh=mesh)
 
 
 def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, method: str = "cg",
@@ -106,12 +110,14 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
                           model: tuple[Callable, Callable] | None = None, chunk_size: int = 64,
                           rtol: float = 1e-4, maxiter: int = 100, rank: int | None = None,
                           num_iters: int | None = None, depth: int = 1000,
-                          key: jax.Array | None = None) -> InverseCurvature:
+                          key: jax.Array | None = None, mesh: Mesh | None = None) -> InverseCurvature:
     """Fits ``(H + damping I)^{-1}`` for the curvature ``H`` of the mean loss over ``data``.
 
     Args:
-      loss_fn, params, data, curvature, model, chunk_size: as in
-        :func:`curvature_operator`.
+      loss_fn, params, data, curvature, model, chunk_size, mesh: as in
+        :func:`curvature_operator`. With a ``mesh`` the parameters are
+        copied to every device and ``data`` is split over them once, if its
+        size is a multiple of the devices (else at every call).
       method: one of :data:`METHODS`.
       damping: ``lambda >= 0``; a model trained with the L2 penalty
         ``(lam / 2) ||theta||^2`` on the mean loss is matched by ``damping=lam``.
@@ -126,13 +132,17 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
     _checks.check_nonnegative("damping", damping)
     _checks.check_choice("curvature", curvature, CURVATURES)
     key = jax.random.key(0) if key is None else key
+    if mesh is not None:
+        params = sharding.replicate(params, mesh)
+        if _checks.leading_size("data", data) % sharding.axis_size(mesh) == 0:
+            data = sharding.shard_batch(data, mesh)
     flat_params = ravel_pytree(params)[0]
     num_params, damping = flat_params.size, float(damping)
 
     def flat_operator(params, data):  # params and data are jit arguments, not baked-in constants
         unravel = ravel_pytree(params)[1]
         operator = curvature_operator(loss_fn, params, data, curvature=curvature, model=model,
-                                      chunk_size=chunk_size)
+                                      chunk_size=chunk_size, mesh=mesh)
         return lambda x: ravel_pytree(operator(unravel(x)))[0]
 
     def bound(solve):

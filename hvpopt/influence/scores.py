@@ -26,8 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hvpopt import _checks
+from hvpopt import _checks, sharding
 from hvpopt.influence.gradients import gradient_chunks
 from hvpopt.influence.inverse_curvature import InverseCurvature, fit_inverse_curvature
 
@@ -37,7 +38,7 @@ PyTree = Any
 def pairwise_scores(loss_fn: Callable, params: PyTree, train: PyTree, queries: PyTree, *,
                     method: str = "cg", damping: float = 0.0, curvature: str = "hessian",
                     curvature_data: PyTree | None = None, inverse: InverseCurvature | None = None,
-                    chunk_size: int = 64, **fit_options) -> jax.Array:
+                    chunk_size: int = 64, mesh: Mesh | None = None, **fit_options) -> jax.Array:
     """``scores[q, j] = (1/n) grad L_q^T (H + damping I)^{-1} grad l_j``, shape ``[n_queries, n_train]``.
 
     Args:
@@ -55,6 +56,10 @@ def pairwise_scores(loss_fn: Callable, params: PyTree, train: PyTree, queries: P
       inverse: an already fitted :class:`InverseCurvature` (fit once, score many);
         then ``method``, ``damping``, ``curvature`` and ``fit_options`` are not used.
       chunk_size: examples per gradient chunk and per curvature product.
+      mesh: a :class:`jax.sharding.Mesh` (:func:`hvpopt.data_mesh`) to spread
+        the work over: each chunk of training examples and the curvature data
+        are split over its ``"data"`` axis, and the scores are gathered onto
+        every device. None: one device.
       **fit_options: ``model``, ``rtol``, ``maxiter``, ``rank``, ``num_iters``,
         ``depth``, ``key`` of :func:`fit_inverse_curvature`.
 
@@ -67,17 +72,19 @@ def pairwise_scores(loss_fn: Callable, params: PyTree, train: PyTree, queries: P
       >>> scores.shape
       (1, 3)
     """
+    params = params if mesh is None else sharding.replicate(params, mesh)
     inverse = inverse or fit_inverse_curvature(
         loss_fn, params, train if curvature_data is None else curvature_data, method=method,
-        damping=damping, curvature=curvature, chunk_size=chunk_size, **fit_options)
+        damping=damping, curvature=curvature, chunk_size=chunk_size, mesh=mesh, **fit_options)
     directions, _ = query_directions(loss_fn, params, queries, inverse, chunk_size=chunk_size)
-    blocks = [block for _, block in score_blocks(loss_fn, params, train, directions, chunk_size=chunk_size)]
-    return jnp.concatenate(blocks, axis=1)
+    blocks = score_blocks(loss_fn, params, train, directions, chunk_size=chunk_size, mesh=mesh)
+    return jnp.concatenate([block for _, block in blocks], axis=1)
 
 
 def self_scores(loss_fn: Callable, params: PyTree, train: PyTree, *, method: str = "cg",
                 damping: float = 0.0, curvature: str = "hessian", curvature_data: PyTree | None = None,
-                inverse: InverseCurvature | None = None, chunk_size: int = 64, **fit_options) -> jax.Array:
+                inverse: InverseCurvature | None = None, chunk_size: int = 64, mesh: Mesh | None = None,
+                **fit_options) -> jax.Array:
     """``(1/n) grad l_j^T (H + damping I)^{-1} grad l_j`` for every training example, shape ``[n]``.
 
     How much example ``j``'s own loss would rise without it: large for
@@ -85,11 +92,12 @@ def self_scores(loss_fn: Callable, params: PyTree, train: PyTree, *, method: str
     solve per training example with ``cg`` and ``lissa``; ``exact`` and
     ``arnoldi`` reuse their factorisation. Arguments as in :func:`pairwise_scores`.
     """
+    params = params if mesh is None else sharding.replicate(params, mesh)
     inverse = inverse or fit_inverse_curvature(
         loss_fn, params, train if curvature_data is None else curvature_data, method=method,
-        damping=damping, curvature=curvature, chunk_size=chunk_size, **fit_options)
-    blocks = [block for _, block in self_score_blocks(loss_fn, params, train, inverse, chunk_size=chunk_size)]
-    return jnp.concatenate(blocks)
+        damping=damping, curvature=curvature, chunk_size=chunk_size, mesh=mesh, **fit_options)
+    blocks = self_score_blocks(loss_fn, params, train, inverse, chunk_size=chunk_size, mesh=mesh)
+    return jnp.concatenate([block for _, block in blocks])
 
 
 def query_directions(loss_fn: Callable, params: PyTree, queries: PyTree, inverse: InverseCurvature, *,
@@ -106,22 +114,26 @@ def query_directions(loss_fn: Callable, params: PyTree, queries: PyTree, inverse
 
 
 def score_blocks(loss_fn: Callable, params: PyTree, train: PyTree, directions: jax.Array, *,
-                 chunk_size: int = 64, start: int = 0) -> Iterator[tuple[int, jax.Array]]:
+                 chunk_size: int = 64, start: int = 0, mesh: Mesh | None = None) -> Iterator[tuple[int, jax.Array]]:
     """Yields ``(first_index, scores [n_queries, c])`` for consecutive chunks of ``train``.
 
     ``directions`` are :func:`query_directions`' rows. ``start`` (a multiple of
-    ``chunk_size``) resumes after the chunks already done.
+    ``chunk_size``) resumes after the chunks already done. With a ``mesh`` each
+    chunk's gradients are computed and scored where its rows live, and only the
+    ``[n_queries, c]`` scores are gathered.
     """
     num_train = _checks.leading_size("train", train)
-    for first, gradients in gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start):
-        yield first, _block(directions, gradients, num_train)
+    gathered = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    for first, gradients in gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start, mesh=mesh):
+        yield first, _block(directions, gradients, num_train, gathered)
 
 
 def self_score_blocks(loss_fn: Callable, params: PyTree, train: PyTree, inverse: InverseCurvature, *,
-                      chunk_size: int = 64, start: int = 0) -> Iterator[tuple[int, jax.Array]]:
+                      chunk_size: int = 64, start: int = 0,
+                      mesh: Mesh | None = None) -> Iterator[tuple[int, jax.Array]]:
     """Yields ``(first_index, self-influence [c])`` for consecutive chunks of ``train`` (resumable at ``start``)."""
     num_train = _checks.leading_size("train", train)
-    for first, gradients in gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start):
+    for first, gradients in gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start, mesh=mesh):
         solved, _ = _apply_padded(inverse, gradients, min(chunk_size, num_train))
         yield first, jnp.sum(solved * gradients, axis=1) / num_train
 
@@ -133,6 +145,9 @@ def _apply_padded(inverse: InverseCurvature, rows: jax.Array, size: int) -> tupl
     return solved[:count], {name: value[:count] for name, value in info.items()}
 
 
-@jax.jit
-def _block(directions, gradients, num_train):
-    return directions @ gradients.T / num_train
+@jax.jit(static_argnums=3)
+def _block(directions, gradients, num_train, sharding_of_scores):
+    scores = directions @ gradients.T / num_train
+    if sharding_of_scores is None:
+        return scores
+    return jax.lax.with_sharding_constraint(scores, sharding_of_scores)
