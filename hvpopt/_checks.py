@@ -141,3 +141,12 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
     return value
+
+
+def device_count(text: str) -> int:
+    """An ``argparse`` type: how many of this machine's devices to use, or a one-line usage error."""
+    value, available = positive_int(text), jax.local_device_count()
+    if value > available:
+        raise argparse.ArgumentTypeError(f"{value} devices asked but this machine has {available} "
+                                         f"({jax.default_backend()}); pass at most {available}")
+    return value

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -9,7 +10,7 @@ import jax
 
 import hvpopt
 from hvpopt import _io, demo, influence_command
-from hvpopt._checks import positive_int
+from hvpopt._checks import device_count, positive_int
 from hvpopt.tasks import DEFAULT_TASK, TASKS
 
 
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="second-order optimizers: most CG iterations per step")
     train.add_argument("--eval-every", type=positive_int, default=defaults.eval_every)
     train.add_argument("--seed", type=int, default=0, help="seed of the data, the initialization and the batch order")
+    train.add_argument("--devices", type=device_count, default=None, metavar="N",
+                       help="devices each batch is split over (default: all of this machine's)")
     train.add_argument("--flip-fraction", type=float, default=0.0,
                        help="fraction of training labels to flip (classification and reverse tasks)")
     train.add_argument("--l2", type=float, default=None, help="L2 penalty of the objective (default: the task's)")
@@ -176,7 +179,11 @@ def run_train(args) -> int:
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, damping=args.damping,
         cg_iterations=args.cg_iterations, eval_every=args.eval_every, seed=args.seed,
     )
-    tasks.check_batch_size(task, options.batch_size or task.train.num_examples)
+    batch_size = tasks.check_batch_size(task, options.batch_size or task.train.num_examples)
+    mesh = hvpopt.data_mesh(args.devices)
+    if batch_size % mesh.size:
+        raise ValueError(f"--batch-size {batch_size} cannot be split evenly over {mesh.size} devices; pass a "
+                         f"multiple of {mesh.size} or --devices {math.gcd(batch_size, mesh.size)}.")
     if os.path.exists(config_path):
         os.remove(config_path)  # --overwrite: the folder stops being a checkpoint until the first save
 
@@ -186,8 +193,8 @@ def run_train(args) -> int:
         _io.write_atomically(os.path.join(args.out, "metrics.jsonl"),
                              lambda file: file.writelines(json.dumps(record) + "\n" for record in history), "w")
 
-    print(f"training {task.describe()}", file=sys.stderr)
-    result = training.train(task, options, on_evaluation=save, progress=not args.no_progress)
+    print(f"training {task.describe()} on {mesh.size} {jax.default_backend()} device(s)", file=sys.stderr)
+    result = training.train(task, options, on_evaluation=save, progress=not args.no_progress, mesh=mesh)
     if result.interrupted:
         if result.steps_done:  # also repairs a save that the interrupt cut short
             save(result.params, result.history, step=result.steps_done)
@@ -198,7 +205,7 @@ def run_train(args) -> int:
     save(result.params, result.history, completed=True)
     summary = {
         "out": args.out, "task": task.name, "parameters": int(sum(x.size for x in jax.tree.leaves(task.params))),
-        "steps": result.steps_done, "steps_per_second": result.steps_per_second,
+        "steps": result.steps_done, "devices": mesh.size, "steps_per_second": result.steps_per_second,
         "compile_seconds": result.compile_seconds, **result.history[-1],
     }
     print(json.dumps(summary, indent=2) if args.json else _format_metrics(summary))

@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 import hvpopt
 from hvpopt import _io, checkpoint, influence, tasks, training
-from hvpopt._checks import positive_int
+from hvpopt._checks import device_count, positive_int
 from hvpopt._progress import Progress
 from hvpopt.optim.newton_cg import minimize_newton_cg
 from hvpopt.data import Dataset, make_dataset
@@ -53,6 +54,7 @@ class Problem:
     l2: float
     task: tasks.Task | None
     source: dict
+    mesh: Mesh | None = None  # the devices the work is split over
 
 
 def add_parser(commands) -> None:
@@ -92,6 +94,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--validate-examples", type=positive_int, default=20,
                         help="validate: training examples left out and retrained")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--devices", type=device_count, default=None, metavar="N",
+                        help="devices the training and curvature examples are split over (default: all of "
+                        "this machine's)")
     parser.add_argument("--overwrite", action="store_true", help="replace finished results in --out")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -99,7 +104,9 @@ def add_parser(commands) -> None:
 
 def run(args) -> int:
     _check_options(args)
-    problem = load_problem(args)
+    mesh = hvpopt.data_mesh(args.devices)
+    problem = load_problem(args, mesh)
+    problem = dataclasses.replace(problem, params=hvpopt.replicate(problem.params, mesh), mesh=mesh)
     settings = _settings(args, problem)
     if os.path.exists(os.path.join(args.out, METADATA)) and not args.overwrite:
         raise ValueError(f"--out {args.out!r} already holds finished results; pass --overwrite or choose another folder.")
@@ -128,12 +135,16 @@ def run(args) -> int:
 # ---------------------------------------------------------------- loading
 
 
-def load_problem(args) -> Problem:
-    """The loss, parameters, training set and queries named by the arguments (nothing written)."""
+def load_problem(args, mesh: Mesh | None = None) -> Problem:
+    """The loss, parameters, training set and queries named by the arguments.
+
+    Nothing is written, except the default model's checkpoint the first time
+    it is needed (trained over ``mesh``'s devices when they share its batch).
+    """
     if args.task:
         problem = _user_task(args.task)
     else:
-        folder = args.checkpoint or _default_checkpoint(progress=not args.no_progress)
+        folder = args.checkpoint or _default_checkpoint(not args.no_progress, mesh)
         loaded = checkpoint.load_checkpoint(folder)
         task = loaded.task
         problem = Problem(task.describe(), task.example_loss, loaded.params, task.train,
@@ -156,7 +167,7 @@ def load_problem(args) -> Problem:
     return dataclasses.replace(problem, train=train, queries=queries)
 
 
-def _default_checkpoint(progress: bool) -> str:
+def _default_checkpoint(progress: bool, mesh: Mesh | None) -> str:
     """The default language model, trained once and cached under $HVPOPT_CACHE (default ~/.cache/hvpopt)."""
     folder = os.path.join(os.environ.get("HVPOPT_CACHE", os.path.expanduser("~/.cache/hvpopt")), "shakespeare")
     if os.path.exists(os.path.join(folder, checkpoint.CONFIG_FILE)):
@@ -164,7 +175,9 @@ def _default_checkpoint(progress: bool) -> str:
     print(f"no --checkpoint: training the default language model once (about a minute on 2 CPU cores); "
           f"cached in {folder}", file=sys.stderr)
     task, options = tasks.make_task(), training.TrainOptions()
-    result = training.train(task, options, progress=progress)
+    if mesh is not None and options.batch_size % mesh.size:
+        mesh = None  # only a matter of speed: the model is the same
+    result = training.train(task, options, progress=progress, mesh=mesh)
     if result.interrupted:
         raise KeyboardInterrupt
     os.makedirs(folder, exist_ok=True)
@@ -292,7 +305,7 @@ def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.Inverse
         problem.loss_fn, problem.params, (subset.inputs, subset.targets), method=settings["method"],
         damping=settings["damping"], curvature=settings["curvature"], model=problem.model,
         chunk_size=settings["chunk_size"], maxiter=settings["cg_iterations"], rank=settings["rank"],
-        depth=settings["lissa_depth"], key=jax.random.key(settings["seed"]))
+        depth=settings["lissa_depth"], key=jax.random.key(settings["seed"]), mesh=problem.mesh)
     diagnostics = {"fit_seconds": time.perf_counter() - start,
                    **{name: _jsonable(value) for name, value in inverse.diagnostics.items()}}
     if inverse.eigenvalues is not None:  # diagnostics first: the eigenpairs mark the fit as done
@@ -343,7 +356,8 @@ def _score(args, problem: Problem, settings: dict, work: str) -> dict:
         _io.write_atomically(saved, lambda file: np.savez(file, directions=np.asarray(directions), **solver))
     train = _examples(problem.train)
     scores = _chunks(lambda start: influence.score_blocks(problem.loss_fn, problem.params, train, directions,
-                                                          chunk_size=settings["chunk_size"], start=start),
+                                                          chunk_size=settings["chunk_size"], start=start,
+                                                          mesh=problem.mesh),
                      work, "scores", problem.train.num_examples, settings["chunk_size"], not args.no_progress)
     if not np.all(np.isfinite(scores)):
         raise ValueError("the scores are not finite (the curvature solve failed); raise --damping.")
@@ -359,7 +373,8 @@ def _self(args, problem: Problem, settings: dict, work: str) -> dict:
     inverse, fit = _fit(problem, settings, work)
     train = _examples(problem.train)
     scores = _chunks(lambda start: influence.self_score_blocks(problem.loss_fn, problem.params, train, inverse,
-                                                               chunk_size=settings["chunk_size"], start=start),
+                                                               chunk_size=settings["chunk_size"], start=start,
+                                                               mesh=problem.mesh),
                      work, "self", problem.train.num_examples, settings["chunk_size"], not args.no_progress)
     order = np.argsort(-scores)[: args.top_k]
     rows = [{"rank": rank + 1, "train_index": int(j), "train_id": str(problem.train.ids[j]),
@@ -390,7 +405,8 @@ def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
     queries = problem.queries.take(range(min(args.num_queries, problem.queries.num_examples)))
     inverse, fit = _fit(problem, settings, work)
     scores = lambda **method: np.asarray(influence.pairwise_scores(
-        problem.loss_fn, params, train, _examples(queries), chunk_size=settings["chunk_size"], **method))
+        problem.loss_fn, params, train, _examples(queries), chunk_size=settings["chunk_size"], mesh=problem.mesh,
+        **method))
     predicted, identity = scores(inverse=inverse), scores(method="identity")
     removed = np.sort(np.random.default_rng(settings["seed"]).choice(n, min(args.validate_examples, n), replace=False))
     query_loss = jax.jit(lambda p: jax.vmap(task.example_loss, in_axes=(None, 0))(p, _examples(queries)))
@@ -483,7 +499,7 @@ def _finish(args, problem: Problem, settings: dict, diagnostics: dict, rows, out
         **{k: v for k, v in settings.items() if not k.endswith("sha256")}, "sign_convention": SIGN_CONVENTION,
         "problem": problem.description, "num_queries": None if problem.queries is None else problem.queries.num_examples,
         "query_ids": None if problem.queries is None else problem.queries.ids.tolist(),
-        "diagnostics": diagnostics, "files": sorted(outputs),
+        "diagnostics": diagnostics, "files": sorted(outputs), "devices": problem.mesh.size,
         "versions": {"hvpopt": hvpopt.__version__, "jax": jax.__version__},
     }
     _write_json(os.path.join(args.out, METADATA), metadata)

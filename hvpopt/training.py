@@ -5,6 +5,9 @@ state, params, value=loss, grad=grads, value_fn=objective)``, so first-order
 optax optimizers and hvpopt's second-order ones plug into the same loop. A
 step (gradient, update, apply) is one jitted function; batches come from a
 NumPy generator seeded by ``seed``, so a run is deterministic on one machine.
+Given a ``jax.sharding`` mesh the parameters and optimizer state are copied to
+every device and each batch is split over them (:mod:`hvpopt.sharding`): the
+same jitted step then runs data-parallel, its means summed by all-reduces.
 """
 
 import dataclasses
@@ -17,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hvpopt import _checks
+from jax.sharding import Mesh
+
+from hvpopt import _checks, sharding
 from hvpopt._progress import Progress
 from hvpopt.data import Dataset
 from hvpopt.optim import hessian_free, natural_gradient, newton_cg
@@ -172,7 +177,7 @@ def make_optimizer(task: Task, options: TrainOptions) -> optax.GradientTransform
 
 def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = None,
           on_evaluation: Callable[[Any, list[dict]], None] | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, mesh: Mesh | None = None) -> TrainResult:
     """Trains ``task`` from ``params`` (its initial parameters by default).
 
     Args:
@@ -182,6 +187,9 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
       on_evaluation: called as ``on_evaluation(params, history)`` after each
         evaluation (``hvpopt train`` saves a checkpoint there).
       progress: draw a progress bar with loss and throughput on stderr.
+      mesh: a :class:`jax.sharding.Mesh` (:func:`hvpopt.data_mesh`) whose
+        ``"data"`` axis each batch is split over; the batch size must be a
+        multiple of its devices. None: one device.
 
     Returns:
       A :class:`TrainResult`. Ctrl-C ends training early with
@@ -189,9 +197,20 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
     """
     params = task.params if params is None else params
     batch_size = check_batch_size(task, options.batch_size or task.train.num_examples)
+    place = lambda batch: batch
+    if mesh is not None:
+        devices = sharding.axis_size(mesh)
+        if batch_size % devices:
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of the {devices} devices it is "
+                             f"split over; use a batch size of {-(-batch_size // devices) * devices} "
+                             "or fewer devices.")
+        params = sharding.replicate(params, mesh)
+        place = lambda batch: sharding.shard_batch(batch, mesh)
     optimizer = make_optimizer(task, options)
     step = _make_step(task, optimizer)
     opt_state = optimizer.init(params)
+    if mesh is not None:
+        opt_state = sharding.replicate(opt_state, mesh)
     batches = _batch_indices(task.train.num_examples, batch_size, options.seed)
     bar = Progress(options.steps, "train") if progress else None
     history, losses, done, interrupted = [], [], 0, False
@@ -199,7 +218,7 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
     start = time.perf_counter()
     try:
         while done < options.steps:
-            inputs, targets = _batch(task.train, next(batches))
+            inputs, targets = place(_batch(task.train, next(batches)))
             params, opt_state, loss = step(params, opt_state, inputs, targets)
             losses.append(loss)
             done += 1
@@ -212,7 +231,7 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
             if done % options.eval_every == 0 or done == options.steps:
                 jax.block_until_ready(params)  # the steps' time is not the evaluation's
                 evaluation_start = time.perf_counter()
-                history.append(_record(task, params, opt_state, done, losses, evaluation_start - start))
+                history.append(_record(task, params, opt_state, done, losses, evaluation_start - start, mesh))
                 losses = []
                 if on_evaluation:
                     on_evaluation(params, history)
@@ -228,18 +247,26 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
                        (done - 1) / step_seconds if done > 1 else 0.0, interrupted)
 
 
-def evaluate(task: Task, params: Any, dataset: Dataset, *, batch_size: int = 256) -> dict[str, float]:
+def evaluate(task: Task, params: Any, dataset: Dataset, *, batch_size: int = 256,
+             mesh: Mesh | None = None) -> dict[str, float]:
     """Mean loss over the examples of ``dataset`` and accuracy over its predicted tokens or labels.
 
     Every batch has ``batch_size`` rows (the last is padded with weight 0), so
-    the evaluation compiles once.
+    the evaluation compiles once. With a ``mesh`` each batch, rounded up to a
+    multiple of its devices, is split over them.
     """
     batch_size = min(_checks.check_positive_int("batch_size", batch_size), dataset.num_examples)
+    place = lambda batch: batch
+    if mesh is not None:
+        devices = sharding.axis_size(mesh)
+        batch_size = -(-batch_size // devices) * devices
+        params = sharding.replicate(params, mesh)
+        place = lambda batch: sharding.shard_batch(batch, mesh)
     totals = np.zeros(3)
     for start in range(0, dataset.num_examples, batch_size):
         indices = np.arange(start, start + batch_size)
         weights = (indices < dataset.num_examples).astype(np.float32)
-        inputs, targets = _batch(dataset, np.minimum(indices, dataset.num_examples - 1))
+        inputs, targets, weights = place((*_batch(dataset, np.minimum(indices, dataset.num_examples - 1)), weights))
         totals += np.asarray(_batch_sums(task, params, inputs, targets, weights))
     loss_sum, hits, predictions = totals
     metrics = {"loss": loss_sum / dataset.num_examples, "accuracy": hits / max(predictions, 1)}
@@ -272,8 +299,8 @@ def _make_step(task: Task, optimizer: optax.GradientTransformationExtraArgs) -> 
     return step
 
 
-def _record(task: Task, params, opt_state, step: int, losses: list, seconds: float) -> dict:
-    validation = evaluate(task, params, task.validation)
+def _record(task: Task, params, opt_state, step: int, losses: list, seconds: float, mesh: Mesh | None) -> dict:
+    validation = evaluate(task, params, task.validation, mesh=mesh)
     return {"step": step, "train_loss": float(np.mean(jax.device_get(losses))),
             **{f"validation_{name}": value for name, value in validation.items()},
             **optimizer_diagnostics(opt_state), "elapsed_seconds": seconds}

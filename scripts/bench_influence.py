@@ -393,7 +393,7 @@ def _checkpoint(args) -> str:
                      f"'hvpopt train --out {args.checkpoint}' (or leave --checkpoint out for the cached default).")
         return os.path.abspath(args.checkpoint)
     from hvpopt.influence_command import _default_checkpoint
-    return os.path.abspath(_default_checkpoint(progress=True))  # trains and caches it if absent, as the CLI does
+    return os.path.abspath(_default_checkpoint(True, None))  # trains and caches it if absent, as the CLI does
 
 
 def _run_worker(spec: dict, folder: str, name: str, in_process: bool) -> tuple[dict, dict]:
