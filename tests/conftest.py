@@ -13,6 +13,10 @@ from hvpopt.models import TransformerConfig
 
 jax.config.update("jax_enable_x64", True)
 
+# The sharded tests need several devices; with fewer, tests/test_multi_device.py
+# runs them in a process of their own.
+collect_ignore = [] if jax.device_count() >= 4 else ["multi_device"]
+
 
 class Problem(NamedTuple):
     """``loss(model_fn(params, inputs), targets)`` and its pieces."""
