@@ -87,7 +87,8 @@ def curvature_operator(loss_fn: Callable, params: PyTree, data: PyTree, *, curva
         ``model_fn(params, inputs) -> outputs`` and ``output_loss(outputs,
         targets) -> scalar`` the mean over a batch; every example is then
         ``(inputs, targets)``.
-      chunk_size: examples per product (memory is one chunk's).
+      chunk_size: examples per product (memory is one chunk's); with a
+        ``mesh``, a chunk is split over its devices.
       mesh: a :class:`jax.sharding.Mesh` whose ``"data"`` axis the examples
         are split over, one all-reduce per product
         (:func:`hvpopt.average_over_chunks`); None: one device.
@@ -102,6 +103,8 @@ def curvature_operator(loss_fn: Callable, params: PyTree, data: PyTree, *, curva
                              "an (inputs, targets) pair.")
         model_fn, output_loss = model
         batch_matvec = lambda v, batch: ggn_vp(model_fn, output_loss, params, v, *batch)
+    if mesh is not None:  # average_over_chunks counts a chunk per device
+        chunk_size = -(-chunk_size // sharding.axis_size(mesh))
     return average_over_chunks(batch_matvec, data, chunk_size=chunk_size, mesh=mesh)
 
 
@@ -136,62 +139,87 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
         params = sharding.replicate(params, mesh)
         if _checks.leading_size("data", data) % sharding.axis_size(mesh) == 0:
             data = sharding.shard_batch(data, mesh)
-    flat_params = ravel_pytree(params)[0]
-    num_params, damping = flat_params.size, float(damping)
-
-    def flat_operator(params, data):  # params and data are jit arguments, not baked-in constants
-        unravel = ravel_pytree(params)[1]
-        operator = curvature_operator(loss_fn, params, data, curvature=curvature, model=model,
-                                      chunk_size=chunk_size, mesh=mesh)
-        return lambda x: ravel_pytree(operator(unravel(x)))[0]
-
-    def bound(solve):
-        compiled = jax.jit(solve)
-        return lambda rows: compiled(params, data, rows)
-
+    num_params, damping = ravel_pytree(params)[0].size, float(damping)
+    operator = _FlatCurvature(loss_fn, curvature, model, chunk_size, mesh)
+    try:
+        hash(operator)
+    except TypeError:
+        raise TypeError("loss_fn and model must be hashable (functions are); wrap an unhashable callable "
+                        "as `lambda params, example: f(params, example)`.") from None
     if method == "identity":
         return InverseCurvature(lambda rows: (rows, {}), method, damping, None, None, {})
     if method == "cg":
-        def conjugate_gradient(params, data, rows):
-            matvec = flat_operator(params, data)
-            result = jax.vmap(lambda b: cg(matvec, b, damping=damping, rtol=rtol, maxiter=maxiter))(rows)
-            return result.x, {"iterations": result.iterations, "residual_norm": result.residual_norm,
-                              "converged": result.converged}
-        return InverseCurvature(bound(conjugate_gradient), method, damping, None, None, {})
-
-    def top_eigenpairs(k, iterations):
-        run = lambda params, data: eigsh(flat_operator(params, data), ravel_pytree(params)[0], k, key=key,
-                                         which="LA", num_iters=iterations)
-        return jax.jit(run)(params, data)
-
+        solve = lambda rows: _cg_rows(params, data, rows, damping, rtol, operator=operator, maxiter=maxiter)
+        return InverseCurvature(solve, method, damping, None, None, {})
     if method == "lissa":
-        top = float(top_eigenpairs(1, min(num_params, 20)).eigenvalues[-1])
+        top = float(_top_eigenpairs(params, data, key, operator=operator, k=1,
+                                    num_iters=min(num_params, 20)).eigenvalues[-1])
         scale = 1.1 * (top + damping)
         if not scale > 0:
             raise ValueError(f"method='lissa' needs H + damping I positive definite; its top eigenvalue is "
                              f"{top + damping:.3g}. Raise damping or use curvature='ggn'.")
-
-        def neumann(params, data, rows):
-            matvec = flat_operator(params, data)
-            result = jax.vmap(lambda b: lissa(matvec, b, damping=damping, depth=depth, key=key, scale=scale))(rows)
-            return result.x, {"diverged": result.diverged, "step_norm": result.step_norm}
-        return InverseCurvature(bound(neumann), method, damping, None, None,
-                                {"scale": scale, "top_eigenvalue": top})
+        solve = lambda rows: _lissa_rows(params, data, rows, damping, scale, key, operator=operator, depth=depth)
+        return InverseCurvature(solve, method, damping, None, None, {"scale": scale, "top_eigenvalue": top})
     if method == "exact":
         if num_params > MAX_EXACT_PARAMETERS:
             raise ValueError(f"method='exact' builds the {num_params} x {num_params} curvature matrix; more than "
                              f"{MAX_EXACT_PARAMETERS} parameters is too many: use method='cg' or 'arnoldi'.")
-        dense = lambda params, data: dense_matrix(flat_operator(params, data), ravel_pytree(params)[0],
-                                                  batch_size=min(num_params, 256))
-        matrix = jax.jit(dense)(params, data)
+        matrix = _dense(params, data, operator=operator, batch_size=min(num_params, 256))
         eigenvalues, eigenvectors = jnp.linalg.eigh((matrix + matrix.T) / 2)
         return _eigen_inverse(method, eigenvalues, eigenvectors.T, damping, {"num_matvecs": num_params})
     rank = min(num_params, 50) if rank is None else _checks.check_positive_int("rank", rank)
     if rank > num_params:
         raise ValueError(f"rank must be at most the number of parameters, {num_params}; got {rank}.")
-    found = top_eigenpairs(rank, num_iters)
+    found = _top_eigenpairs(params, data, key, operator=operator, k=rank, num_iters=num_iters)
     return _eigen_inverse(method, found.eigenvalues, found.eigenvectors, damping, {
         "num_matvecs": int(found.num_matvecs), "residual_norms": found.residual_norms})
+
+
+class _FlatCurvature(NamedTuple):
+    """What defines the curvature operator besides its arrays; hashable, so jitted fits share their compilation.
+
+    Parameters, data, damping, tolerances and keys are arguments of the
+    jitted programs below, never constants baked into them: fitting again (the
+    same model at other parameters, another damping) reuses the program.
+    """
+
+    loss_fn: Callable
+    curvature: str
+    model: tuple[Callable, Callable] | None
+    chunk_size: int
+    mesh: Mesh | None
+
+    def on(self, params: PyTree, data: PyTree) -> Callable[[jax.Array], jax.Array]:
+        """``x -> ravel(H unravel(x))`` on flat vectors."""
+        unravel = ravel_pytree(params)[1]
+        operator = curvature_operator(self.loss_fn, params, data, curvature=self.curvature, model=self.model,
+                                      chunk_size=self.chunk_size, mesh=self.mesh)
+        return lambda x: ravel_pytree(operator(unravel(x)))[0]
+
+
+@jax.jit(static_argnames=("operator", "maxiter"))
+def _cg_rows(params, data, rows, damping, rtol, *, operator: _FlatCurvature, maxiter: int):
+    matvec = operator.on(params, data)
+    result = jax.vmap(lambda b: cg(matvec, b, damping=damping, rtol=rtol, maxiter=maxiter))(rows)
+    return result.x, {"iterations": result.iterations, "residual_norm": result.residual_norm,
+                      "converged": result.converged}
+
+
+@jax.jit(static_argnames=("operator", "depth"))
+def _lissa_rows(params, data, rows, damping, scale, key, *, operator: _FlatCurvature, depth: int):
+    matvec = operator.on(params, data)
+    result = jax.vmap(lambda b: lissa(matvec, b, damping=damping, depth=depth, key=key, scale=scale))(rows)
+    return result.x, {"diverged": result.diverged, "step_norm": result.step_norm}
+
+
+@jax.jit(static_argnames=("operator", "k", "num_iters"))
+def _top_eigenpairs(params, data, key, *, operator: _FlatCurvature, k: int, num_iters: int | None):
+    return eigsh(operator.on(params, data), ravel_pytree(params)[0], k, key=key, which="LA", num_iters=num_iters)
+
+
+@jax.jit(static_argnames=("operator", "batch_size"))
+def _dense(params, data, *, operator: _FlatCurvature, batch_size: int):
+    return dense_matrix(operator.on(params, data), ravel_pytree(params)[0], batch_size=batch_size)
 
 
 def eigen_inverse(eigenvalues: jax.Array, eigenvectors: jax.Array, damping: float) -> Callable:
@@ -204,17 +232,16 @@ def eigen_inverse(eigenvalues: jax.Array, eigenvectors: jax.Array, damping: floa
     are small against ``lambda``. With ``damping=0`` the second term is
     dropped: the projection onto the top subspace of Schioppa et al. (2022).
     """
-    inverse = 1.0 / (eigenvalues + damping)
+    return lambda rows: _apply_eigenpairs(rows, eigenvalues, eigenvectors, damping, complement=damping != 0)
 
-    @jax.jit
-    def apply(rows):
-        coordinates = rows @ eigenvectors.T
-        top = (coordinates * inverse) @ eigenvectors
-        if damping == 0:
-            return top, {}
-        return top + (rows - coordinates @ eigenvectors) / damping, {}
 
-    return apply
+@jax.jit(static_argnames="complement")
+def _apply_eigenpairs(rows, eigenvalues, eigenvectors, damping, *, complement: bool):
+    coordinates = rows @ eigenvectors.T
+    top = (coordinates / (eigenvalues + damping)) @ eigenvectors
+    if not complement:
+        return top, {}
+    return top + (rows - coordinates @ eigenvectors) / damping, {}
 
 
 def _eigen_inverse(method, eigenvalues, eigenvectors, damping, diagnostics) -> InverseCurvature:
