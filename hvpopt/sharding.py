@@ -12,11 +12,13 @@ hvpopt runs on several devices through JAX's own machinery, nothing home-made:
    (GSPMD) computes each device's share locally and sums a mean over the
    batch with an all-reduce. Solvers (CG, Lanczos, LiSSA) run unchanged on top.
 
-Functions that cut a dataset into chunks themselves take ``mesh=`` and make the
-collective explicit with ``jax.shard_map``: each device averages its own share
-chunk by chunk and one ``lax.psum`` adds the shares
-(:func:`hvpopt.average_over_chunks`, :func:`hvpopt.influence.pairwise_scores`).
-Results agree with one device up to the order of floating-point sums.
+Functions that cut a dataset into chunks themselves take ``mesh=``.
+:func:`hvpopt.average_over_chunks` makes the collective explicit with
+``jax.shard_map``: each device averages its own share chunk by chunk and one
+``lax.psum`` adds the shares (the influence functions' curvature is built on
+it); :func:`hvpopt.influence.pairwise_scores` also splits each chunk of
+training examples and gathers only the scores. Results agree with one device
+up to the order of floating-point sums.
 
 Parameters too large to copy to every device can be split as well
 (:func:`shard_params`, the ZeRO-3 / FSDP layout): XLA then gathers each one
