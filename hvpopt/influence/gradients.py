@@ -29,11 +29,13 @@ def gradient_chunks(loss_fn: Callable, params: PyTree, examples: PyTree, *, chun
                     start: int = 0, mesh: Mesh | None = None) -> Iterator[tuple[int, jax.Array]]:
     """Yields ``(first_index, gradients [c, P])`` for consecutive chunks of ``examples``.
 
-    Every chunk has ``chunk_size`` rows when computed (the last is padded with
-    copies of the first example and cut back), so the gradient compiles once.
-    With a ``mesh`` each chunk (padded to a multiple of the devices) is split
-    over its ``"data"`` axis: every device computes the gradients of its rows,
-    and the rows of the result stay where they were computed.
+    Every chunk is computed with the same number of rows (the last is padded
+    with copies of its first example and cut back), so the gradient compiles
+    once. With a ``mesh`` each chunk, padded to a multiple of the devices, is
+    split over its ``"data"`` axis: every device computes the gradients of its
+    rows. Cutting a chunk back to a size the devices do not divide gathers it;
+    :func:`hvpopt.influence.score_blocks` avoids that by scoring the padded
+    rows and cutting the scores.
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar``, the loss of one example.
@@ -43,19 +45,32 @@ def gradient_chunks(loss_fn: Callable, params: PyTree, examples: PyTree, *, chun
       start: the first example (a multiple of ``chunk_size`` when resuming).
       mesh: a :class:`jax.sharding.Mesh` to split each chunk over (None: one device).
     """
+    for first, count, gradients in padded_gradient_chunks(loss_fn, params, examples, chunk_size=chunk_size,
+                                                          start=start, mesh=mesh):
+        yield first, gradients[:count]
+
+
+def padded_gradient_chunks(loss_fn: Callable, params: PyTree, examples: PyTree, *, chunk_size: int,
+                           start: int = 0, mesh: Mesh | None = None) -> Iterator[tuple[int, int, jax.Array]]:
+    """:func:`gradient_chunks` before the cut: ``(first_index, count, gradients [rows, P])``.
+
+    ``rows`` is ``min(chunk_size, n)`` rounded up to a multiple of the mesh's
+    devices, the same for every chunk; rows from ``count`` on repeat the
+    chunk's first example.
+    """
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
     num_examples = _checks.leading_size("examples", examples)
     devices = 1
     if mesh is not None:
         devices, params = sharding.axis_size(mesh), sharding.replicate(params, mesh)
-    padded = -(-chunk_size // devices) * devices
+    padded = -(-min(chunk_size, num_examples) // devices) * devices
     for first in range(start, num_examples, chunk_size):
         count = min(chunk_size, num_examples - first)
         rows = first + np.arange(padded)
         chunk = jax.tree.map(lambda x: x[np.where(rows < first + count, rows, first)], examples)
         if mesh is not None:
             chunk = sharding.shard_batch(chunk, mesh)
-        yield first, _flat_example_gradients(loss_fn, params, chunk)[:count]
+        yield first, count, _flat_example_gradients(loss_fn, params, chunk)
 
 
 _flat_example_gradients = jax.jit(flat_example_gradients, static_argnums=0)

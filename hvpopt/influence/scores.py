@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hvpopt import _checks, sharding
-from hvpopt.influence.gradients import gradient_chunks
+from hvpopt.influence.gradients import padded_gradient_chunks
 from hvpopt.influence.inverse_curvature import InverseCurvature, fit_inverse_curvature
 
 PyTree = Any
@@ -104,11 +104,10 @@ def query_directions(loss_fn: Callable, params: PyTree, queries: PyTree, inverse
                      chunk_size: int = 64) -> tuple[jax.Array, dict]:
     """``[n_queries, P]`` rows ``(H + damping I)^{-1} grad L_q``, and the solver's per-query diagnostics."""
     rows, diagnostics = [], []
-    size = min(chunk_size, _checks.leading_size("queries", queries))
-    for _, gradients in gradient_chunks(loss_fn, params, queries, chunk_size=chunk_size):
-        solved, info = _apply_padded(inverse, gradients, size)
-        rows.append(solved)
-        diagnostics.append(info)
+    for _, count, gradients in padded_gradient_chunks(loss_fn, params, queries, chunk_size=chunk_size):
+        solved, info = inverse.apply(gradients)  # every chunk has the same rows: the solver compiles once
+        rows.append(solved[:count])
+        diagnostics.append({name: value[:count] for name, value in info.items()})
     merged = {name: np.concatenate([np.asarray(info[name]) for info in diagnostics]) for name in diagnostics[0]}
     return jnp.concatenate(rows), merged
 
@@ -124,8 +123,9 @@ def score_blocks(loss_fn: Callable, params: PyTree, train: PyTree, directions: j
     """
     num_train = _checks.leading_size("train", train)
     gathered = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    for first, gradients in gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start, mesh=mesh):
-        yield first, _block(directions, gradients, num_train, gathered)
+    chunks = padded_gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start, mesh=mesh)
+    for first, count, gradients in chunks:
+        yield first, _block(directions, gradients, num_train, gathered)[:, :count]
 
 
 def self_score_blocks(loss_fn: Callable, params: PyTree, train: PyTree, inverse: InverseCurvature, *,
@@ -133,16 +133,10 @@ def self_score_blocks(loss_fn: Callable, params: PyTree, train: PyTree, inverse:
                       mesh: Mesh | None = None) -> Iterator[tuple[int, jax.Array]]:
     """Yields ``(first_index, self-influence [c])`` for consecutive chunks of ``train`` (resumable at ``start``)."""
     num_train = _checks.leading_size("train", train)
-    for first, gradients in gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start, mesh=mesh):
-        solved, _ = _apply_padded(inverse, gradients, min(chunk_size, num_train))
-        yield first, jnp.sum(solved * gradients, axis=1) / num_train
-
-
-def _apply_padded(inverse: InverseCurvature, rows: jax.Array, size: int) -> tuple[jax.Array, dict]:
-    """``inverse.apply`` on ``rows`` padded with zero rows to ``size``, so a solver compiles once."""
-    count = rows.shape[0]
-    solved, info = inverse.apply(jnp.pad(rows, ((0, size - count), (0, 0))))
-    return solved[:count], {name: value[:count] for name, value in info.items()}
+    chunks = padded_gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start, mesh=mesh)
+    for first, count, gradients in chunks:  # padding rows repeat a solved row: no extra CG iterations
+        solved, _ = inverse.apply(gradients)
+        yield first, (jnp.sum(solved * gradients, axis=1) / num_train)[:count]
 
 
 @jax.jit(static_argnums=3)
