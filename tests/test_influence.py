@@ -155,6 +155,23 @@ def test_cg_reports_per_query_diagnostics(wine):
     assert np.all(diagnostics["residual_norm"] < 1e-8)
 
 
+@pytest.mark.parametrize("method", ["cg", "lissa", "arnoldi"])
+def test_a_second_fit_at_another_damping_compiles_nothing(wine, method):
+    params, train, test = wine
+    compiles = []
+    record = lambda event, seconds, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None
+    score = lambda damping: np.asarray(influence.pairwise_scores(
+        example_loss, params, train, test, method=method, damping=damping, rank=5, depth=20, maxiter=20, chunk_size=50))
+    first = score(L2)
+    jax.monitoring.register_event_duration_secs_listener(record)
+    try:
+        second = score(2 * L2)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(record)
+    assert compiles == []
+    assert not np.allclose(first, second)  # the damping is an argument of the program, not a stale constant
+
+
 @pytest.mark.parametrize("method", ["exact", "cg", "arnoldi"])
 def test_self_influence_finds_flipped_labels(method):
     with jax.enable_x64(False):

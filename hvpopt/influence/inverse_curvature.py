@@ -130,6 +130,12 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
         ``min(P, max(2 rank + 1, 20))``).
       depth: ``lissa``'s terms of the series.
       key: random key of the Lanczos start vectors (default ``jax.random.key(0)``).
+
+    The compiled solvers are cached per ``loss_fn``, ``model``, ``curvature``,
+    ``chunk_size`` and ``mesh`` (static arguments of ``jax.jit``): fitting the
+    same functions again, at other parameters, data or damping, compiles
+    nothing. As with any static argument, a function whose result depends on
+    state it reads at call time (a mutable object's attribute) is traced once.
     """
     _checks.check_choice("method", method, METHODS)
     _checks.check_nonnegative("damping", damping)
@@ -140,14 +146,14 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
         if _checks.leading_size("data", data) % sharding.axis_size(mesh) == 0:
             data = sharding.shard_batch(data, mesh)
     num_params, damping = ravel_pytree(params)[0].size, float(damping)
-    operator = _FlatCurvature(loss_fn, curvature, model, chunk_size, mesh)
+    if method == "identity":
+        return InverseCurvature(lambda rows: (rows, {}), method, damping, None, None, {})
+    operator = _FlatCurvature(loss_fn, curvature, None if model is None else tuple(model), chunk_size, mesh)
     try:
         hash(operator)
     except TypeError:
-        raise TypeError("loss_fn and model must be hashable (functions are); wrap an unhashable callable "
-                        "as `lambda params, example: f(params, example)`.") from None
-    if method == "identity":
-        return InverseCurvature(lambda rows: (rows, {}), method, damping, None, None, {})
+        raise TypeError("loss_fn and model's two functions must be hashable, as functions are; wrap an "
+                        "unhashable callable f as `lambda *args: f(*args)`.") from None
     if method == "cg":
         solve = lambda rows: _cg_rows(params, data, rows, damping, rtol, operator=operator, maxiter=maxiter)
         return InverseCurvature(solve, method, damping, None, None, {})
@@ -232,7 +238,8 @@ def eigen_inverse(eigenvalues: jax.Array, eigenvectors: jax.Array, damping: floa
     are small against ``lambda``. With ``damping=0`` the second term is
     dropped: the projection onto the top subspace of Schioppa et al. (2022).
     """
-    return lambda rows: _apply_eigenpairs(rows, eigenvalues, eigenvectors, damping, complement=damping != 0)
+    complement = bool(damping != 0)
+    return lambda rows: _apply_eigenpairs(rows, eigenvalues, eigenvectors, damping, complement=complement)
 
 
 @jax.jit(static_argnames="complement")
