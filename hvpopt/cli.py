@@ -182,8 +182,9 @@ def run_train(args) -> int:
     batch_size = tasks.check_batch_size(task, options.batch_size or task.train.num_examples)
     mesh = hvpopt.data_mesh(args.devices)
     if batch_size % mesh.size:
-        raise ValueError(f"--batch-size {batch_size} cannot be split evenly over {mesh.size} devices; pass a "
-                         f"multiple of {mesh.size} or --devices {math.gcd(batch_size, mesh.size)}.")
+        given = f"--batch-size {batch_size}" if args.batch_size else f"--batch-size full ({batch_size} examples)"
+        raise ValueError(f"{given} cannot be split evenly over {mesh.size} devices; pass a --batch-size that is "
+                         f"a multiple of {mesh.size} or --devices {math.gcd(batch_size, mesh.size)}.")
     if os.path.exists(config_path):
         os.remove(config_path)  # --overwrite: the folder stops being a checkpoint until the first save
 

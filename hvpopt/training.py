@@ -11,6 +11,7 @@ same jitted step then runs data-parallel, its means summed by all-reduces.
 """
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -202,8 +203,8 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
         devices = sharding.axis_size(mesh)
         if batch_size % devices:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of the {devices} devices it is "
-                             f"split over; use a batch size of {-(-batch_size // devices) * devices} "
-                             "or fewer devices.")
+                             f"split over; use a multiple of {devices} or a mesh of "
+                             f"{math.gcd(batch_size, devices)} devices.")
         params = sharding.replicate(params, mesh)
         place = lambda batch: sharding.shard_batch(batch, mesh)
     optimizer = make_optimizer(task, options)

@@ -23,3 +23,4 @@ def test_the_sharded_suite_passes_on_8_simulated_cpu_devices():
                os.path.join(HERE, "multi_device")]
     run = subprocess.run(command, env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:]  # 8 devices took effect

@@ -83,10 +83,10 @@ PRODUCTS = {
 }
 
 
-@pytest.mark.parametrize("make", [mlp_problem, transformer_problem], ids=["mlp", "transformer"])
-@pytest.mark.parametrize("name", sorted(PRODUCTS))
+@pytest.mark.parametrize("name, make", [(name, "mlp") for name in sorted(PRODUCTS)]
+                         + [("hvp", "transformer"), ("ggn_vp", "transformer")])
 def test_curvature_products_on_a_sharded_batch(name, make, mesh):
-    problem = make()
+    problem = {"mlp": mlp_problem, "transformer": transformer_problem}[make]()
     product = lambda params, v, x, y: PRODUCTS[name](problem, params, v, x, y)
     v = random_like(jax.random.key(1), problem.params)
     single = jax.jit(product)(problem.params, v, problem.inputs, problem.targets)
@@ -104,7 +104,12 @@ def test_average_over_chunks_splits_the_examples_and_psums_the_shares(num_exampl
     data = (problem.inputs, problem.targets)
     if num_examples % DEVICES == 0:
         data = hvpopt.shard_batch(data, mesh)
-    assert_same(data_parallel(average, v, data) if num_examples == 32 else jax.jit(average)(v, data), whole)
+    if num_examples % DEVICES == 0:  # split already: the shares are summed and nothing moves
+        assert_same(data_parallel(average, v, data), whole)
+    else:  # the split and the leftover examples need data moved; the shares are still psummed
+        result, found = compiled(average, v, data)
+        assert_same(result, whole)
+        assert found["all-reduce"] >= (1 if num_examples >= DEVICES else 0), found
 
 
 def test_cg_lanczos_and_lissa_run_unchanged_on_a_sharded_operator(mesh):
@@ -170,11 +175,14 @@ def test_pairwise_and_self_scores_shard_the_training_set(method, mesh):
     loss = lambda params, example: problem.objective(params, example[0][None], example[1][None])
     train, queries = (problem.inputs, problem.targets), (problem.inputs[:3], problem.targets[:3])
     options = dict(method=method, damping=0.1, curvature="ggn", model=(problem.model_fn, problem.loss),
-                   chunk_size=8, rank=10, depth=100)
+                   chunk_size=8, rank=10, depth=30)
     single = influence.pairwise_scores(loss, problem.params, train, queries, **options)
     sharded = influence.pairwise_scores(loss, problem.params, train, queries, mesh=mesh, **options)
     assert_same(sharded, single, rtol=1e-8)
     assert sharded.sharding.spec == PartitionSpec()  # gathered
+    chunks = influence.gradients.padded_gradient_chunks(loss, problem.params, train, chunk_size=8, mesh=mesh)
+    assert all(rows.shape[0] == 8 and rows.sharding.spec == PartitionSpec("data")  # the ragged last one too
+               for _, _, rows in chunks)
     assert_same(influence.self_scores(loss, problem.params, train, mesh=mesh, **options),
                 influence.self_scores(loss, problem.params, train, **options), rtol=1e-8)
 
@@ -200,7 +208,7 @@ def test_training_on_a_mesh_follows_the_one_device_run(mesh):
     assert_same(sharded.params, single.params, rtol=1e-4)
     assert [r["validation_loss"] for r in sharded.history] == pytest.approx(
         [r["validation_loss"] for r in single.history], rel=1e-5)
-    with pytest.raises(ValueError, match=r"batch_size \(30\) must be a multiple of the 4 devices"):
+    with pytest.raises(ValueError, match=r"batch_size \(30\) must be a multiple of the 4 devices .* a mesh of 2"):
         training.train(task, training.TrainOptions(steps=1, batch_size=30), progress=False, mesh=mesh)
 
 
@@ -216,7 +224,8 @@ def test_the_commands_split_their_work_over_devices(tmp_path, capsys):
     assert cli.main([*train, "--out", out, "--devices", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["devices"] == 4
     assert cli.main([*train, "--out", str(tmp_path / "bad"), "--batch-size", "30", "--devices", "4"]) == 2
-    assert "--batch-size 30 cannot be split evenly over 4 devices" in capsys.readouterr().err
+    assert "--batch-size 30 cannot be split evenly over 4 devices; pass a --batch-size that is a multiple of 4 " \
+        "or --devices 2" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "bad")
 
     scores = {}
