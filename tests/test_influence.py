@@ -172,6 +172,18 @@ def test_a_second_fit_at_another_damping_compiles_nothing(wine, method):
     assert not np.allclose(first, second)  # the damping is an argument of the program, not a stale constant
 
 
+def test_model_as_a_list_and_a_jax_damping_are_taken(wine):
+    params, train, test = wine
+    queries = jax.tree.map(lambda a: a[:3], test)
+    score = lambda model: np.asarray(influence.pairwise_scores(example_loss, params, train, queries, method="cg",
+                                                               damping=L2, curvature="ggn", model=model))
+    np.testing.assert_array_equal(score([model_fn, cross_entropy]), score((model_fn, cross_entropy)))
+    inverse = influence.fit_inverse_curvature(example_loss, params, train, method="exact", damping=L2)
+    rows = jnp.ones((2, inverse.eigenvectors.shape[1]))
+    as_array = influence.eigen_inverse(inverse.eigenvalues, inverse.eigenvectors, jnp.asarray(L2))(rows)[0]
+    np.testing.assert_allclose(as_array, inverse.apply(rows)[0], rtol=1e-12)
+
+
 @pytest.mark.parametrize("method", ["exact", "cg", "arnoldi"])
 def test_self_influence_finds_flipped_labels(method):
     with jax.enable_x64(False):
