@@ -8,9 +8,9 @@ hvpopt runs on several devices through JAX's own machinery, nothing home-made:
    ``shard_batch(batch, mesh)`` splits each array's leading (example) axis
    into equal, contiguous shares, one per device.
 3. Any jitted function of the two (:func:`hvpopt.hvp`, :func:`hvpopt.ggn_vp`,
-   an optimizer's step, ...) then runs data-parallel: XLA's partitioner
-   (GSPMD) computes each device's share locally and sums a mean over the
-   batch with an all-reduce. Solvers (CG, Lanczos, LiSSA) run unchanged on top.
+   an optimizer's step, ...) then runs data-parallel: XLA's SPMD partitioner
+   (Shardy since jax 0.7, GSPMD before) computes each device's share locally
+   and sums a mean over the batch with an all-reduce. Solvers (CG, Lanczos, LiSSA) run unchanged on top.
 
 Functions that cut a dataset into chunks themselves take ``mesh=``.
 :func:`hvpopt.average_over_chunks` makes the collective explicit with
