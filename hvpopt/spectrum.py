@@ -24,6 +24,8 @@ from hvpopt.linalg.trace_estimation import TraceEstimate, trace
 
 PyTree = Any
 
+DENSITY_ITERS = 40  # curvature_spectrum's default Lanczos steps per density probe
+
 
 class SpectrumReport(NamedTuple):
     """The outcome of :func:`curvature_spectrum`; every field is arrays (jittable)."""
@@ -41,8 +43,10 @@ def curvature_spectrum(
     *,
     key: jax.Array,
     k: int = 5,
+    tol: float | jax.Array | None = None,
+    max_matvecs: int | None = None,
     num_iters: int | None = None,
-    density_iters: int = 40,
+    density_iters: int | None = None,
     density_probes: int = 4,
     trace_samples: int = 30,
 ) -> SpectrumReport:
@@ -53,20 +57,41 @@ def curvature_spectrum(
       like: a pytree shaped like ``v``.
       key: a JAX PRNG key.
       k: how many of the largest eigenvalues.
-      num_iters: Lanczos steps for the eigenvalues (``eigsh``'s default if None).
+      tol, max_matvecs, num_iters: :func:`~hvpopt.linalg.lanczos.eigsh`'s, for
+        both eigenvalue runs: by default each runs until its relative residuals
+        are below ``tol`` or its budget is spent; ``num_iters`` fixes the cost
+        instead. Either way the report says which eigenvalues converged.
       density_iters, density_probes: stochastic Lanczos quadrature sizes
-        (``density_iters`` is clamped to the number of parameters).
+        (``density_iters`` is 40 by default, clamped to the number of
+        parameters).
       trace_samples: products for the Hutch++ trace estimate.
 
     Returns:
-      A :class:`SpectrumReport`; :func:`summarize` turns it into JSON-able numbers.
+      A :class:`SpectrumReport`; :func:`summarize` turns it into JSON-able
+      numbers. ``report.top.all_converged & report.smallest.all_converged``
+      says whether the eigenvalues can be trusted to ``tol``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from hvpopt.spectrum import curvature_spectrum, summarize
+      >>> a = jnp.diag(jnp.linspace(-1.0, 4.0, 30))
+      >>> report = jax.jit(lambda a: curvature_spectrum(
+      ...     lambda v: a @ v, jnp.zeros(30), key=jax.random.key(0), k=2,
+      ...     density_iters=10, density_probes=1, trace_samples=12))(a)
+      >>> summary = summarize(report)
+      >>> [round(x, 4) for x in summary["top_eigenvalues"]], round(summary["smallest_eigenvalue"], 4)
+      ([4.0, 3.8276], -1.0)
+      >>> summary["eigenvalues_converged"], summary["top_converged"]
+      (True, [True, True])
     """
     _checks.check_positive_int("k", k)
+    density_iters = DENSITY_ITERS if density_iters is None else density_iters
     density_iters = min(_checks.check_positive_int("density_iters", density_iters),
                         ravel_pytree(like)[0].size)  # exact at P, as eigsh clamps too
     top_key, bottom_key, trace_key, density_key = jax.random.split(key, 4)
-    top = eigsh(matvec, like, k, key=top_key, which="LA", num_iters=num_iters)
-    smallest = eigsh(matvec, like, 1, key=bottom_key, which="SA", num_iters=num_iters)
+    options = {"tol": tol, "max_matvecs": max_matvecs, "num_iters": num_iters}
+    top = eigsh(matvec, like, k, key=top_key, which="LA", **options)
+    smallest = eigsh(matvec, like, 1, key=bottom_key, which="SA", **options)
     return SpectrumReport(
         top=top,
         smallest=smallest,
@@ -80,13 +105,24 @@ def curvature_spectrum(
 
 
 def summarize(report: SpectrumReport) -> dict[str, Any]:
-    """The report's numbers as plain Python values, largest eigenvalue first."""
+    """The report's numbers as plain Python values, largest eigenvalue first.
+
+    ``top_converged`` and ``smallest_converged`` are each eigenvalue's flag
+    (relative residual ``residual_norm / ||A||_est`` within eigsh's ``tol``),
+    ``eigenvalues_converged`` is all of them, ``eigenvalue_matvecs`` the
+    products both eigsh runs used.
+    """
     density = report.density
+    top, smallest = report.top, report.smallest
     return {
-        "top_eigenvalues": np.asarray(report.top.eigenvalues)[::-1].tolist(),
-        "top_residual_norms": np.asarray(report.top.residual_norms)[::-1].tolist(),
-        "smallest_eigenvalue": float(report.smallest.eigenvalues[0]),
-        "smallest_residual_norm": float(report.smallest.residual_norms[0]),
+        "top_eigenvalues": np.asarray(top.eigenvalues)[::-1].tolist(),
+        "top_residual_norms": np.asarray(top.residual_norms)[::-1].tolist(),
+        "top_converged": np.asarray(top.converged)[::-1].tolist(),
+        "smallest_eigenvalue": float(smallest.eigenvalues[0]),
+        "smallest_residual_norm": float(smallest.residual_norms[0]),
+        "smallest_converged": bool(smallest.converged[0]),
+        "eigenvalues_converged": bool(top.all_converged & smallest.all_converged),
+        "eigenvalue_matvecs": int(top.num_matvecs + smallest.num_matvecs),
         "trace": float(report.trace.value),
         "trace_std_error": float(report.trace.std_error),
         "density_sigma": float(density.sigma),

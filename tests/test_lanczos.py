@@ -202,3 +202,155 @@ def test_argument_errors():
         eigsh(matvec, jnp.arange(4), 1, key=key)
     with pytest.raises(ValueError, match=r"matvec\(v\)\['b'\] must have shape"):
         eigsh(lambda v: {"a": v["a"], "b": v["b"].ravel()}, LIKE, 1, key=key)
+
+
+# Thick-restart eigsh at its defaults: converged flags against numpy.linalg.eigh.
+
+N = 120
+SPECTRA = {
+    "clustered": np.concatenate([np.linspace(-2.0, 3.0, N - 5), [10.0, 20.0, 30.0, 40.0, 50.0]]),
+    # Multiplicity 3 at both ends (LM wants 4, 4, 4, -3), then pairs; multiplicity 2 at both ends.
+    "degenerate": np.concatenate([[4.0] * 3, [-3.0] * 3, np.repeat(np.linspace(-1.0, 2.0, (N - 6) // 2), 2)]),
+    "degenerate_pairs": np.concatenate([[5.0] * 2, [-4.0] * 2, np.linspace(-1.0, 2.0, N - 4)]),
+    "wide_gap": np.concatenate([[1e3, 5e2, -8e2], np.linspace(-1e-2, 1e-2, N - 3)]),
+}
+WANTED = (("LA", 3), ("SA", 3), ("LM", 4))
+DTYPES = (jnp.float64, jnp.float32)
+
+
+@jax.jit(static_argnames=("wanted", "max_matvecs"))
+def eigsh_at_defaults(a, key, wanted=WANTED, max_matvecs=None):
+    return {(which, dtype.__name__): eigsh(lambda v: a.astype(dtype) @ v, jnp.zeros(N, dtype), k, key=key,
+                                           which=which, max_matvecs=max_matvecs)
+            for which, k in wanted for dtype in DTYPES}
+
+
+def check_flags(result, a, which, k, dtype):
+    """Converged pairs are within tol of the k wanted eigenvalues of eigh; pairs within tol are flagged."""
+    true_values = np.linalg.eigvalsh(a)
+    eps = np.finfo(dtype).eps
+    tol = max(1e-6, np.sqrt(eps))
+    scale = float(result.norm_estimate)
+    floor = 100 * eps * np.abs(true_values).max()  # rounding of the products, and one breakdown
+    values = np.asarray(result.eigenvalues, float)
+    vectors = np.asarray(result.eigenvectors, float)
+    true_residuals = np.linalg.norm(vectors @ a - values[:, None] * vectors, axis=1)
+    np.testing.assert_allclose(result.residual_norms, true_residuals, atol=floor)  # honest estimates
+    converged = np.asarray(result.converged)
+    assert converged.shape == (k,) and bool(result.all_converged) == converged.all()
+    nearest = np.min(np.abs(values[:, None] - true_values[None, :]), axis=1)
+    assert np.all(nearest[converged] <= true_residuals[converged] + floor)
+    assert np.all(true_residuals[converged] <= tol * scale + floor)
+    assert np.all(converged[true_residuals <= 0.5 * tol * scale])
+    # The wanted eigenvalues themselves (every copy of a multiple one), not only some eigenvalues.
+    wanted = true_values[true_selection(true_values, k, which)]
+    assert np.all(np.abs(values - wanted)[converged] <= tol * scale + floor)
+    return converged
+
+
+@pytest.mark.parametrize("spectrum", sorted(SPECTRA))
+def test_eigsh_defaults_converge_and_flags_tell_the_truth(spectrum):
+    a = random_symmetric(SPECTRA[spectrum], seed=3)
+    results = eigsh_at_defaults(jnp.asarray(a), jax.random.key(0))
+    for which, k in WANTED:
+        for dtype in DTYPES:
+            result = results[which, dtype.__name__]
+            assert result.eigenvalues.dtype == dtype
+            assert int(result.num_matvecs) <= 20 * 20  # the default budget
+            # Every copy of a multiple eigenvalue: the k wanted values of eigh, not only some eigenvalues.
+            converged = check_flags(result, a, which, k, dtype)
+            assert converged.all(), (spectrum, which, dtype)
+
+
+def test_a_budget_that_ends_before_the_verification_block_says_not_converged():
+    """The first Krylov space of the degenerate spectrum converges on [2, 4, 4] (one copy of 4 missed)."""
+    a = jnp.asarray(random_symmetric(SPECTRA["degenerate"], seed=3))
+    run = jax.jit(lambda a: [eigsh(lambda v: a @ v, jnp.zeros(N), 3, key=jax.random.key(0), max_matvecs=m)
+                             for m in (50, 400)])
+    short, enough = run(a)
+    assert int(short.num_matvecs) == 47 and not short.converged.any()  # 47 products: [2, 4, 4], unverified
+    np.testing.assert_allclose(short.eigenvalues, [2.0, 4.0, 4.0], rtol=1e-6)
+    assert bool(enough.all_converged)
+    np.testing.assert_allclose(enough.eigenvalues, [4.0, 4.0, 4.0], rtol=1e-12)
+
+
+def test_a_budget_too_small_says_not_converged():
+    a = random_symmetric(SPECTRA["clustered"], seed=3)
+    wanted = (("SA", 3), ("LM", 4))
+    results = eigsh_at_defaults(jnp.asarray(a), jax.random.key(0), wanted=wanted, max_matvecs=6)
+    assert not results["SA", "float64"].converged.any()  # the cluster needs ~100 products
+    for which, k in wanted:
+        for dtype in DTYPES:
+            result = results[which, dtype.__name__]
+            assert int(result.num_matvecs) == 6
+            check_flags(result, a, which, k, dtype)
+
+
+def test_issue_example_bottom_of_a_cluster_at_the_defaults():
+    """200 parameters in a dict, eigenvalues linspace(-2, 3, 195) and five large: SA, k=2."""
+    values = np.concatenate([np.linspace(-2.0, 3.0, 195), [10.0, 20.0, 30.0, 40.0, 50.0]])
+    a = random_symmetric(values)
+    result = jax.jit(lambda a: eigsh(dense_matvec(a, LIKE), LIKE, 2, key=jax.random.key(0), which="SA"))(
+        jnp.asarray(a))
+    assert bool(result.all_converged)
+    np.testing.assert_allclose(result.eigenvalues, np.sort(values)[:2], rtol=1e-6)
+    assert 40.0 < float(result.norm_estimate) <= 50.0  # the largest Ritz value after restarts
+    assert np.all(np.asarray(result.residual_norms) <= 1e-6 * 50.0)
+    assert 20 < int(result.num_matvecs) <= 400  # restarted, within the default budget
+    # At the old fixed cost (20 steps) the same start is far off, and says so.
+    fixed = eigsh(dense_matvec(a, LIKE), LIKE, 2, key=jax.random.key(0), which="SA", num_iters=20)
+    assert not fixed.converged.any() and int(fixed.num_matvecs) == 20
+    assert np.abs(np.asarray(fixed.eigenvalues) - np.sort(values)[:2]).max() > 1e-2
+
+
+def test_jit_compiles_with_a_traced_tol_and_agrees_with_eager():
+    a = jnp.asarray(random_symmetric(SPECTRA["clustered"], seed=4))
+    run = lambda a, tol: eigsh(lambda v: a @ v, jnp.zeros(N), 2, key=jax.random.key(5), which="SA", tol=tol)
+    eager, compiled = run(a, 1e-8), jax.jit(run)(a, jnp.asarray(1e-8))
+    np.testing.assert_allclose(compiled.eigenvalues, eager.eigenvalues, rtol=1e-12)
+    np.testing.assert_allclose(compiled.eigenvalues, [-2.0, -2.0 + 5.0 / (N - 6)], rtol=1e-10)
+    assert int(compiled.num_matvecs) == int(eager.num_matvecs) and bool(compiled.all_converged)
+    assert np.all(np.asarray(compiled.residual_norms) <= 1e-8 * 50)
+
+
+def test_rank_deficient_operator_at_the_defaults():
+    a = random_symmetric(np.concatenate([[5.0, 3.0, 2.0, 0.5, -1.0], np.zeros(45)]), seed=1)
+    result = jax.jit(lambda a: eigsh(lambda v: a @ v, jnp.zeros(50), 3, key=jax.random.key(2)))(jnp.asarray(a))
+    # A first pass of 20, a verification block of 20 - 3 and 3 products for the final residuals.
+    assert bool(result.all_converged) and int(result.num_matvecs) == 20 + 17 + 3
+    check_pairs(result, a, 3, "LA", jnp.zeros(50))
+
+
+def test_bfloat16_is_computed_in_float32_and_cast_back():
+    a = random_symmetric(np.concatenate([[8.0, 6.0], np.linspace(-1.0, 1.0, 62)]), seed=6)
+    like = {"w": jnp.zeros((8, 4), jnp.bfloat16), "b": jnp.zeros(32, jnp.bfloat16)}
+    unravel = ravel_pytree(like)[1]
+    matvec = lambda v: unravel((jnp.asarray(a, jnp.bfloat16) @ ravel_pytree(v)[0]).astype(jnp.bfloat16))
+    result = jax.jit(lambda: eigsh(matvec, like, 2, key=jax.random.key(7)))()
+    assert result.eigenvalues.dtype == jnp.bfloat16 and result.eigenvectors["w"].dtype == jnp.bfloat16
+    assert bool(result.all_converged)
+    tol = np.sqrt(np.finfo(jnp.bfloat16).eps)  # 0.088: the default in bfloat16
+    np.testing.assert_allclose(np.asarray(result.eigenvalues, float), [6.0, 8.0], atol=tol * 8.0)
+
+
+def test_fixed_num_iters_takes_exactly_that_many_steps_and_flags_by_tol():
+    a = jnp.asarray(synthetic_matrix())
+    run = jax.jit(lambda a: [eigsh(dense_matvec(a, LIKE), LIKE, 3, key=jax.random.key(0), num_iters=m)
+                             for m in (4, 40)])
+    short, long = run(a)
+    assert int(short.num_matvecs) == 4 and int(long.num_matvecs) == 40
+    assert not short.all_converged and bool(long.all_converged)
+    np.testing.assert_allclose(long.eigenvalues, [8.0, 9.0, 10.0], rtol=1e-10)
+
+
+def test_convergence_argument_errors():
+    key = jax.random.key(0)
+    for tol in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tol must be a positive finite number"):
+            eigsh(lambda v: v, LIKE, 2, key=key, tol=tol)
+    with pytest.raises(ValueError, match="max_matvecs must be at least k=3; got 2"):
+        eigsh(lambda v: v, LIKE, 3, key=key, max_matvecs=2)
+    with pytest.raises(ValueError, match="max_matvecs must be a positive integer"):
+        eigsh(lambda v: v, LIKE, 3, key=key, max_matvecs=10.5)
+    with pytest.raises(ValueError, match="pass num_iters .* or max_matvecs .*, not both"):
+        eigsh(lambda v: v, LIKE, 3, key=key, num_iters=10, max_matvecs=100)

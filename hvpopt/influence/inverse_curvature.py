@@ -126,8 +126,11 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
         ``(lam / 2) ||theta||^2`` on the mean loss is matched by ``damping=lam``.
       rtol, maxiter: ``cg``'s relative residual tolerance and iteration cap.
       rank: ``arnoldi``'s number of eigenpairs (default ``min(P, 50)``).
-      num_iters: ``arnoldi``'s Lanczos steps (default :func:`hvpopt.eigsh`'s,
-        ``min(P, max(2 rank + 1, 20))``).
+      num_iters: ``arnoldi``'s Lanczos steps, a fixed cost (default
+        ``min(P, max(2 rank + 1, 20))``, the size of :func:`hvpopt.eigsh`'s
+        basis). The diagnostics say how many of the ``rank`` eigenpairs met
+        eigsh's default tolerance (``num_converged``, ``converged``) and the
+        largest relative residual ``||H x - w x|| / ||H||_est``.
       depth: ``lissa``'s terms of the series.
       key: random key of the Lanczos start vectors (default ``jax.random.key(0)``).
 
@@ -138,7 +141,7 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
     state it reads at call time (a mutable object's attribute) is traced once.
     """
     _checks.check_choice("method", method, METHODS)
-    _checks.check_nonnegative("damping", damping)
+    _checks.check_nonnegative("damping", damping, finite=True)
     _checks.check_choice("curvature", curvature, CURVATURES)
     key = jax.random.key(0) if key is None else key
     if mesh is not None:
@@ -163,7 +166,7 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
         scale = 1.1 * (top + damping)
         if not scale > 0:
             raise ValueError(f"method='lissa' needs H + damping I positive definite; its top eigenvalue is "
-                             f"{top + damping:.3g}. Raise damping or use curvature='ggn'.")
+                             f"{top + damping:.3g}. Raise damping{_ggn_advice(curvature)}.")
         solve = lambda rows: _lissa_rows(params, data, rows, damping, scale, key, operator=operator, depth=depth)
         return InverseCurvature(solve, method, damping, None, None, {"scale": scale, "top_eigenvalue": top})
     if method == "exact":
@@ -172,13 +175,18 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
                              f"{MAX_EXACT_PARAMETERS} parameters is too many: use method='cg' or 'arnoldi'.")
         matrix = _dense(params, data, operator=operator, batch_size=min(num_params, 256))
         eigenvalues, eigenvectors = jnp.linalg.eigh((matrix + matrix.T) / 2)
-        return _eigen_inverse(method, eigenvalues, eigenvectors.T, damping, {"num_matvecs": num_params})
+        return _eigen_inverse(method, curvature, eigenvalues, eigenvectors.T, damping, {"num_matvecs": num_params})
     rank = min(num_params, 50) if rank is None else _checks.check_positive_int("rank", rank)
     if rank > num_params:
         raise ValueError(f"rank must be at most the number of parameters, {num_params}; got {rank}.")
+    if num_iters is None:
+        num_iters = min(num_params, max(2 * rank + 1, 20))
     found = _top_eigenpairs(params, data, key, operator=operator, k=rank, num_iters=num_iters)
-    return _eigen_inverse(method, found.eigenvalues, found.eigenvectors, damping, {
-        "num_matvecs": int(found.num_matvecs), "residual_norms": found.residual_norms})
+    return _eigen_inverse(method, curvature, found.eigenvalues, found.eigenvectors, damping, {
+        "num_matvecs": int(found.num_matvecs), "residual_norms": found.residual_norms,
+        "converged": found.converged, "num_converged": int(found.converged.sum()),
+        "max_relative_residual": float(jnp.max(found.residual_norms)
+                                       / jnp.maximum(found.norm_estimate, jnp.finfo(found.norm_estimate.dtype).tiny))})
 
 
 class _FlatCurvature(NamedTuple):
@@ -251,11 +259,16 @@ def _apply_eigenpairs(rows, eigenvalues, eigenvectors, damping, *, complement: b
     return top + (rows - coordinates @ eigenvectors) / damping, {}
 
 
-def _eigen_inverse(method, eigenvalues, eigenvectors, damping, diagnostics) -> InverseCurvature:
+def _eigen_inverse(method, curvature, eigenvalues, eigenvectors, damping, diagnostics) -> InverseCurvature:
     smallest = float(jnp.min(eigenvalues))
     if not smallest + damping > 0:
         raise ValueError(f"method={method!r}: H + damping I is not positive definite (smallest eigenvalue "
-                         f"{smallest:.3g} + damping {damping:g} <= 0). Raise damping above {-smallest:.3g} "
-                         "or use curvature='ggn'.")
+                         f"{smallest:.3g} + damping {damping:g} <= 0). Raise damping above {-smallest:.3g}"
+                         f"{_ggn_advice(curvature)}.")
     return InverseCurvature(eigen_inverse(eigenvalues, eigenvectors, damping), method, damping,
                             eigenvalues, eigenvectors, diagnostics)
+
+
+def _ggn_advice(curvature: str) -> str:
+    """The second remedy for an indefinite curvature: the Gauss-Newton matrix, where it is not in use."""
+    return " or use curvature='ggn'" if curvature != "ggn" else ""
