@@ -198,7 +198,7 @@ def test_differentiable_solution():
     "kwargs, error, match",
     [
         (dict(x0={"w": jnp.ones(2)}), ValueError, "x0 must have the same pytree structure as b"),
-        (dict(damping=-1.0), ValueError, "damping must be >= 0"),
+        (dict(damping=-1.0), ValueError, "damping must be a finite number >= 0"),
         (dict(maxiter=0), ValueError, "maxiter must be a positive integer"),
         (dict(save_at=(5,), maxiter=3), ValueError, "save_at must hold iterations"),
         (dict(radius=-1.0), ValueError, "radius must be >= 0"),
@@ -249,3 +249,37 @@ def test_matvec_output_and_sizes_are_checked():
         hvpopt.cg(lambda v: v, jnp.zeros(0))
     result = hvpopt.cg(lambda v: 2 * v, jnp.ones(3), maxiter=np.int64(3), save_at=np.array([1, 2]))
     assert bool(result.converged)
+
+
+def _nan_after_first_direction(a):
+    """``v -> A v``, NaN once ``v`` is no longer parallel to ``ones`` (from CG's second direction on)."""
+    return lambda v: jnp.where(jnp.ptp(v) > 1e-3 * jnp.max(jnp.abs(v)), jnp.nan, a @ v)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_a_non_finite_number_anywhere_stops_cg_with_the_last_finite_iterate(dtype):
+    a = jnp.diag(jnp.arange(1.0, 5.0, dtype=dtype))
+    ones = jnp.ones(4, dtype)
+    bad = lambda value: ones.at[1].set(value)
+    tiny = jnp.finfo(dtype).tiny * 1e3  # 1/tiny overflows the first step: x = inf
+    one_step = (ones @ ones) / (ones @ a @ ones) * ones  # CG's first iterate from zero
+    cases = {  # name: (matvec, b, options, the last finite iterate)
+        "nan in b": (lambda v: a @ v, bad(jnp.nan), {}, 0 * ones),
+        "inf in b": (lambda v: a @ v, bad(jnp.inf), {}, 0 * ones),
+        "nan in x0": (lambda v: a @ v, ones, dict(x0=bad(jnp.nan)), 0 * ones),
+        "inf in x0": (lambda v: a @ v, ones, dict(x0=bad(-jnp.inf)), 0 * ones),
+        "matvec nan at iteration 2": (_nan_after_first_direction(a), ones, {}, one_step),
+        "the same, trust region": (_nan_after_first_direction(a), ones, dict(radius=10.0), one_step),
+        "matvec inf": (lambda v: jnp.inf * v, ones, {}, 0 * ones),
+        "overflowing update": (lambda v: tiny * v, 1e10 * ones, {}, 0 * ones),
+        "damping inf": (lambda v: a @ v, ones, dict(damping=jnp.asarray(jnp.inf, dtype)), 0 * ones),
+        "damping nan": (lambda v: a @ v, ones, dict(damping=jnp.asarray(jnp.nan)), 0 * ones),
+        "preconditioner nan": (lambda v: a @ v, ones, dict(precond=lambda r: r / (r - r)), 0 * ones),
+    }
+    for name, (matvec, b, options, last_finite) in cases.items():
+        result = hvpopt.cg(matvec, b, maxiter=20, **options)
+        assert CGStatus.NAMES[int(result.status)] == "non_finite", name
+        assert not bool(result.converged) and not bool(result.negative_curvature), name
+        assert result.x.dtype == dtype and np.all(np.isfinite(result.x)), name
+        np.testing.assert_allclose(result.x, last_finite, rtol=1e-6, err_msg=name)
+        assert np.all(np.isfinite(result.model_values)), name

@@ -81,7 +81,7 @@ def test_pytree_right_hand_side():
     [
         (dict(depth=0), "depth must be a positive integer"),
         (dict(num_repeats=0), "num_repeats must be a positive integer"),
-        (dict(damping=-0.1), "damping must be >= 0"),
+        (dict(damping=-0.1), "damping must be a finite number >= 0"),
         (dict(scale=0.0), "scale must be > 0"),
     ],
 )
@@ -116,3 +116,32 @@ def test_mixed_precision_and_a_float64_damping():
     assert result.x["full"].dtype == jnp.float32 and result.x["half"].dtype == jnp.bfloat16
     np.testing.assert_allclose(result.x["full"], 0.4, rtol=1e-5)
     assert not bool(result.diverged)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_a_non_finite_number_anywhere_stops_lissa_with_the_last_finite_partial_sum(dtype):
+    from hvpopt.linalg.neumann_series import LissaStatus
+
+    a = jnp.diag(jnp.array([1.0, 2.0], dtype))
+    ones = jnp.ones(2, dtype)
+    later_nan = lambda v: jnp.where(v[0] != v[1], jnp.nan, a @ v)  # from the second product on
+    s = 4.0
+    first_sum = (2 * ones - a @ ones / s) / s  # h_1 / s
+    cases = {  # name: (matvec, b, options, the last finite partial sum / s)
+        "nan in b": (lambda v: a @ v, ones.at[0].set(jnp.nan), {}, 0 * ones),
+        "inf in b": (lambda v: a @ v, ones.at[0].set(jnp.inf), {}, 0 * ones),
+        "matvec nan at step 2": (later_nan, ones, {}, first_sum),
+        "damping inf": (lambda v: a @ v, ones, dict(damping=jnp.asarray(jnp.inf, dtype)), ones / s),
+        "damping nan": (lambda v: a @ v, ones, dict(damping=jnp.asarray(jnp.nan)), ones / s),
+        "scale inf": (lambda v: a @ v, ones, dict(scale=jnp.asarray(jnp.inf)), 0 * ones),
+        "overflowing update": (lambda v: -jnp.finfo(dtype).max * v, ones, {}, ones / s),
+    }
+    for name, (matvec, b, options, last_finite) in cases.items():
+        options = dict(damping=0.0, depth=50, key=jax.random.key(0), scale=s) | options
+        result = hvpopt.lissa(matvec, b, **options)
+        assert LissaStatus.NAMES[int(result.status)] == "non_finite", name
+        assert bool(result.diverged) and np.isfinite(result.step_norm), name
+        assert result.x.dtype == dtype and np.all(np.isfinite(result.x)), name
+        np.testing.assert_allclose(result.x, last_finite, rtol=1e-6, err_msg=name)
+    healthy = hvpopt.lissa(lambda v: a @ v, ones, damping=0.0, depth=50, key=jax.random.key(0), scale=s)
+    assert LissaStatus.NAMES[int(healthy.status)] == "completed" and not bool(healthy.diverged)

@@ -3,7 +3,7 @@
 from hvpopt.linalg.conjugate_gradient import CGResult, CGStatus, cg, jacobi_preconditioner
 from hvpopt.linalg.density import SpectralDensity, spectral_density
 from hvpopt.linalg.lanczos import EigshResult, LanczosDecomposition, eigsh, lanczos_tridiagonal
-from hvpopt.linalg.neumann_series import LissaResult, lissa
+from hvpopt.linalg.neumann_series import LissaResult, LissaStatus, lissa
 from hvpopt.linalg.trace_estimation import TraceEstimate, trace
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "EigshResult",
     "LanczosDecomposition",
     "LissaResult",
+    "LissaStatus",
     "SpectralDensity",
     "TraceEstimate",
     "cg",

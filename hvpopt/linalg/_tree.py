@@ -3,6 +3,7 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 PyTree = Any
 
@@ -19,3 +20,14 @@ def add_scaled(x: PyTree, alpha: jax.Array, y: PyTree) -> PyTree:
 def cast_like(tree: PyTree, like: PyTree) -> PyTree:
     """``tree`` with each leaf cast to the dtype of the matching leaf of ``like``."""
     return jax.tree.map(lambda a, b: a.astype(b.dtype), tree, like)
+
+
+def all_finite(*trees: PyTree) -> jax.Array:
+    """Whether every entry of every leaf of ``trees`` (arrays or scalars) is finite."""
+    leaves = jax.tree.leaves(trees)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.asarray(True)
+
+
+def select(condition: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+    """``on_true`` where ``condition`` else ``on_false``, leaf by leaf."""
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true, on_false)

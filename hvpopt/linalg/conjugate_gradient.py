@@ -8,7 +8,12 @@ over growing Krylov spaces. It assumes ``A + lambda I`` is positive definite; a
 damped Hessian often is not. Where CG meets a direction ``p`` with
 ``p^T (A + lambda I) p <= 0`` this solver stops, keeps the last iterate (all
 finite) and says so, instead of stepping to a meaningless point or returning
-NaN. The options the second-order optimizers need are built in:
+NaN. Every quantity CG computes (the start, the products, the step lengths, the
+updated iterate) is checked the same way: at the first one that is not finite
+(a NaN in ``b``, ``x0``, the matvec's output or the preconditioner's, an update
+that overflows) CG stops with status ``NON_FINITE`` and returns the last finite
+iterate, or zero if there is none. The options the second-order optimizers
+need are built in:
 
 * ``radius``: Steihaug-Toint truncation (Steihaug, 1983): stop where the
   iterate leaves the ball ``||x|| <= radius``, or on negative curvature, at the
@@ -39,7 +44,7 @@ import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
-from hvpopt.linalg._tree import add_scaled, cast_like
+from hvpopt.linalg._tree import add_scaled, all_finite, cast_like, select
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -53,7 +58,7 @@ class CGStatus:
     NEGATIVE_CURVATURE = 2  #: met ``p^T (A + damping I) p <= 0``.
     TRUST_REGION = 3  #: the iterate reached ``||x|| = radius``.
     NO_PROGRESS = 4  #: Martens' relative-progress rule fired.
-    NON_FINITE = 5  #: the matvec returned NaN or inf.
+    NON_FINITE = 5  #: a NaN or inf (in ``b``, ``x0``, a product, or an overflowing update).
     BAD_PRECONDITIONER = 6  #: ``r^T M^{-1} r <= 0``: the preconditioner is not positive definite.
 
     NAMES = (
@@ -71,7 +76,8 @@ class CGResult(NamedTuple):
     """The outcome of :func:`cg`.
 
     Attributes:
-      x: the solution estimate, a pytree like ``b``; always finite.
+      x: the solution estimate, a pytree like ``b``; always finite (the last
+        finite iterate, or zero, when ``status`` is ``NON_FINITE``).
       iterations: CG iterations taken.
       num_matvecs: products with ``A`` used (one more than ``iterations`` with
         a warm start).
@@ -161,7 +167,7 @@ def cg(
         _checks.check_like("x0", x0, "b", b)
     _checks.check_matvec_output(matvec, b, "b")
     maxiter = _checks.check_positive_int("maxiter", size if maxiter is None else maxiter)
-    _checks.check_nonnegative("damping", damping)
+    _checks.check_nonnegative("damping", damping, finite=True)
     _checks.check_nonnegative("rtol", rtol)
     _checks.check_nonnegative("atol", atol)
     if radius is not None:
@@ -231,20 +237,27 @@ def _cg(matvec, b, *, x0, precond, rtol, atol, maxiter, radius, progress_tol, sa
     dtype = ravel_pytree(b)[0].dtype
     b_norm = otu.tree_norm(b)
     tolerance = jnp.maximum(rtol * b_norm, atol)
-    x = otu.tree_zeros_like(b) if x0 is None else x0
+    zero = otu.tree_zeros_like(b)
+    x = zero if x0 is None else x0
     if x0 is not None and radius is not None:  # a warm start outside the region: onto its boundary
         x = otu.tree_scale(jnp.minimum(1.0, radius / jnp.maximum(otu.tree_norm(x), 1e-30)), x)
         x = cast_like(x, b)
     r = b if x0 is None else cast_like(otu.tree_sub(b, matvec(x)), b)
+    # A start that is not finite: zero, whose residual is b (non-finite too if b is).
+    finite0 = all_finite(b, b_norm, x, r)
+    x, r = select(finite0, x, zero), select(finite0, r, b)
     z = precond(r)
     model = lambda x, r: -0.5 * otu.tree_vdot(x, otu.tree_add(b, r))  # q(x), as b - r = A x
-    model_values = jnp.zeros(maxiter + 1, dtype).at[0].set(model(x, r).astype(dtype))
+    q0 = jnp.where(finite0, model(x, r), 0.0)  # q(0) = 0
+    model_values = jnp.zeros(maxiter + 1, dtype).at[0].set(q0.astype(dtype))
     saved = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (len(save_at), *leaf.shape)), x)
     save_at_array = jnp.asarray(save_at, jnp.int32).reshape(len(save_at))
-    converged0 = otu.tree_norm(r) <= tolerance
     rz0 = otu.tree_vdot(r, z)
-    bad0 = ~converged0 & ~(rz0 > 0)
-    status0 = jnp.select([converged0, bad0], [CGStatus.CONVERGED, CGStatus.BAD_PRECONDITIONER],
+    finite0 = finite0 & all_finite(z, rz0)
+    converged0 = finite0 & (otu.tree_norm(r) <= tolerance)
+    bad0 = finite0 & ~converged0 & ~(rz0 > 0)
+    status0 = jnp.select([~finite0, converged0, bad0],
+                         [CGStatus.NON_FINITE, CGStatus.CONVERGED, CGStatus.BAD_PRECONDITIONER],
                          CGStatus.MAX_ITERATIONS)
     state = _State(
         iteration=jnp.asarray(0, jnp.int32),
@@ -254,7 +267,7 @@ def _cg(matvec, b, *, x0, precond, rtol, atol, maxiter, radius, progress_tol, sa
         p=z,
         rz=rz0,
         status=status0.astype(jnp.int32),
-        done=converged0 | bad0,
+        done=~finite0 | converged0 | bad0,
         model_values=model_values,
         saved=saved,
         saved_iterations=jnp.zeros(len(save_at), jnp.int32),
@@ -264,29 +277,34 @@ def _cg(matvec, b, *, x0, precond, rtol, atol, maxiter, radius, progress_tol, sa
         i = state.iteration + 1
         ap = matvec(state.p)
         curvature = otu.tree_vdot(state.p, ap)
-        finite = jnp.isfinite(curvature)
         negative = curvature <= 0
-        alpha = state.rz / jnp.where(negative | ~finite, 1.0, curvature)
+        alpha = state.rz / jnp.where(negative, 1.0, curvature)
         x_next = add_scaled(state.x, alpha, state.p)
         r_next = add_scaled(state.r, -alpha, ap)
         status = state.status
         if radius is None:
-            x_next = _select(negative | ~finite, state.x, x_next)
-            r_next = _select(negative | ~finite, state.r, r_next)
+            x_next = select(negative, state.x, x_next)
+            r_next = select(negative, state.r, r_next)
             hit_boundary = jnp.asarray(False)
         else:
             outside = otu.tree_norm(x_next) >= radius
-            hit_boundary = finite & (negative | outside)
+            hit_boundary = negative | outside
             tau = _to_boundary(state.x, state.p, radius)
-            x_boundary = add_scaled(state.x, tau, state.p)
-            r_boundary = add_scaled(state.r, -tau, ap)
-            x_next = _select(hit_boundary, x_boundary, _select(~finite, state.x, x_next))
-            r_next = _select(hit_boundary, r_boundary, _select(~finite, state.r, r_next))
-            status = jnp.where(outside & ~negative, CGStatus.TRUST_REGION, status)
+            x_next = select(hit_boundary, add_scaled(state.x, tau, state.p), x_next)
+            r_next = select(hit_boundary, add_scaled(state.r, -tau, ap), r_next)
         z_next = precond(r_next)
         rz_next = otu.tree_vdot(r_next, z_next)
         beta = rz_next / jnp.where(state.rz == 0, 1.0, state.rz)
         p_next = add_scaled(z_next, beta, state.p)
+        # One check for every way a number can go bad; the direction matters only if CG goes on.
+        going_on = ~(negative | hit_boundary)
+        finite = all_finite(curvature, x_next, r_next) & (~going_on | all_finite(rz_next, p_next))
+        x_next, r_next = select(finite, x_next, state.x), select(finite, r_next, state.r)
+        z_next, p_next = select(finite, z_next, state.z), select(finite, p_next, state.p)
+        rz_next = jnp.where(finite, rz_next, state.rz)
+        negative, hit_boundary = finite & negative, finite & hit_boundary
+        if radius is not None:
+            status = jnp.where(outside & ~negative, CGStatus.TRUST_REGION, status)
         q_next = model(x_next, r_next)
         model_values = state.model_values.at[i].set(q_next.astype(dtype))
         window = jnp.maximum(10, i // 10)
@@ -360,8 +378,3 @@ def _check_iteration(index: Any, maxiter: int) -> int:
     if number is None or not 0 <= number <= maxiter:
         raise ValueError(f"save_at must hold iterations in [0, maxiter={maxiter}]; got {index!r}.")
     return number
-
-
-def _select(condition: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
-    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true, on_false)
-

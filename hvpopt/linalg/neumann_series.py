@@ -16,7 +16,10 @@ diverges anyway (an indefinite matrix, a scale too small) the recursion stops
 at the first sign of growth and the result says ``diverged`` instead of
 overflowing: with deterministic products, the first step longer than an
 earlier one (the terms of a convergent series never grow); with stochastic
-ones, a step 100 times ``||b||``.
+ones, a step 100 times ``||b||``. In the same way the recursion stops at the
+first number that is not finite (in ``b``, a product, the scale, an update), and
+returns the last finite partial sum (zero if there is none) with status
+``NON_FINITE``.
 
 References:
   Agarwal, Bullins, Hazan, "Second-order stochastic optimization for machine
@@ -34,7 +37,7 @@ import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
-from hvpopt.linalg._tree import add_scaled, cast_like
+from hvpopt.linalg._tree import add_scaled, all_finite, cast_like, select
 
 PyTree = Any
 
@@ -48,6 +51,16 @@ GROWTH_TOLERANCE = 1e-3
 DIVERGENCE_FACTOR = 100.0
 
 
+class LissaStatus:
+    """How :func:`lissa`'s series ended (the ``status`` field of :class:`LissaResult`)."""
+
+    COMPLETED = 0  #: every repeat summed ``depth`` terms.
+    DIVERGED = 1  #: a repeat's terms grew (the series does not converge).
+    NON_FINITE = 2  #: a NaN or inf (in ``b``, a product, the scale or an update).
+
+    NAMES = ("completed", "diverged", "non_finite")
+
+
 class LissaResult(NamedTuple):
     """The outcome of :func:`lissa`.
 
@@ -55,8 +68,11 @@ class LissaResult(NamedTuple):
       x: the estimate of ``(A + damping I)^{-1} b``, averaged over repeats;
         always finite.
       scale: the scale ``s`` used.
-      diverged: whether any repeat's series diverged (then ``x`` holds the
-        partial sums before the divergence and should not be trusted).
+      diverged: whether any repeat stopped before ``depth`` terms, its series
+        growing or a number not finite (then ``x`` holds the partial sums
+        before that, zero if none was finite, and should not be trusted).
+      status: a :class:`LissaStatus` code, the worst over repeats;
+        ``LissaStatus.NAMES[status]`` in words.
       step_norm: ``||h_depth - h_{depth-1}|| / s``, the size of the last term,
         averaged over repeats. It shows whether the terms still matter, but it
         is no error bound: the remaining error is about ``step_norm`` divided
@@ -67,6 +83,7 @@ class LissaResult(NamedTuple):
     x: PyTree
     scale: jax.Array
     diverged: jax.Array
+    status: jax.Array
     step_norm: jax.Array
     num_matvecs: jax.Array
 
@@ -113,7 +130,7 @@ def lissa(
     depth = _checks.check_positive_int("depth", depth)
     num_repeats = _checks.check_positive_int("num_repeats", num_repeats)
     power_iters = _checks.check_positive_int("power_iters", power_iters)
-    _checks.check_nonnegative("damping", damping)
+    _checks.check_nonnegative("damping", damping, finite=True)
     if isinstance(scale, (int, float)) and not scale > 0:
         raise ValueError(f"scale must be > 0; got {scale!r}.")
     product = matvec if stochastic else (lambda v, _: matvec(v))
@@ -129,6 +146,10 @@ def lissa(
     valid = scale > 0  # a traced scale is checked here
     inverse_scale = jnp.where(valid, 1.0 / jnp.where(valid, scale, 1.0), 0.0).astype(dtype)
     b_norm = otu.tree_norm(b)
+    start_finite = all_finite(b, b_norm, scale, inverse_scale)
+    start_status = jnp.select([~start_finite, ~valid], [LissaStatus.NON_FINITE, LissaStatus.DIVERGED],
+                              LissaStatus.COMPLETED).astype(jnp.int32)
+    h0 = select(start_finite, b, otu.tree_zeros_like(b))  # the first partial sum, zero if not finite
     rounding = 1e3 * jnp.finfo(dtype).eps * b_norm
 
     def series(repeat_key: jax.Array):
@@ -136,29 +157,37 @@ def lissa(
             j, h, last_size, smallest, _, k = carry
             k, step_key = jax.random.split(k)
             update = add_scaled(b, -inverse_scale, damped(h, step_key))
+            h_next = jax.tree.map(lambda a, u: (a + u).astype(a.dtype), h, update)
             size = otu.tree_norm(update).astype(dtype)
             if stochastic:  # noisy steps: only a blow-up is a sure sign
                 growing = size > DIVERGENCE_FACTOR * b_norm
             else:  # a convergent series has non-increasing steps
                 growing = (size > (1 + GROWTH_TOLERANCE) * smallest) & (size > rounding)
-            bad = ~jnp.isfinite(size) | growing
-            h_next = jax.tree.map(lambda a, u: jnp.where(bad, a, a + u).astype(a.dtype), h, update)
-            size = jnp.where(bad, last_size, size)
-            return j + 1, h_next, size, jnp.minimum(smallest, size), bad, k
+            finite = all_finite(size, h_next)
+            status = jnp.select([~finite, growing], [LissaStatus.NON_FINITE, LissaStatus.DIVERGED],
+                                LissaStatus.COMPLETED).astype(jnp.int32)
+            stop = status != LissaStatus.COMPLETED
+            h_next = select(stop, h, h_next)
+            size = jnp.where(stop, last_size, size)
+            return j + 1, h_next, size, jnp.minimum(smallest, size), status, k
 
         def keep_going(carry):
-            j, _, _, _, bad, _ = carry
-            return (j < depth) & ~bad
+            j, _, _, _, status, _ = carry
+            return (j < depth) & (status == LissaStatus.COMPLETED)
 
-        start = (jnp.asarray(0, jnp.int32), b, b_norm, b_norm, ~valid, repeat_key)
-        steps, h, size, _, bad, _ = jax.lax.while_loop(keep_going, step, start)
-        return otu.tree_scale(inverse_scale, h), size * inverse_scale, bad, steps
+        first_size = jnp.where(start_finite, b_norm, 0.0)
+        start = (jnp.asarray(0, jnp.int32), h0, first_size, first_size, start_status, repeat_key)
+        steps, h, size, _, status, _ = jax.lax.while_loop(keep_going, step, start)
+        inverse = jnp.where(start_finite, inverse_scale, 0.0)
+        return otu.tree_scale(inverse, h), size * inverse, status, steps
 
-    estimates, sizes, bad, steps = jax.lax.map(series, jax.random.split(series_key, num_repeats))
+    estimates, sizes, statuses, steps = jax.lax.map(series, jax.random.split(series_key, num_repeats))
+    status = jnp.max(statuses)
     return LissaResult(
         x=cast_like(jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates), b),
         scale=scale,
-        diverged=jnp.any(bad),
+        diverged=status != LissaStatus.COMPLETED,
+        status=status,
         step_norm=jnp.mean(sizes),
         num_matvecs=(used + jnp.sum(steps)).astype(jnp.int32),
     )
