@@ -1,16 +1,28 @@
-"""Argument checks shared by the public functions.
+"""Argument checks shared by the public functions, and the command line's types and file checks.
 
 Every check runs in Python at trace time, so a mistake fails before anything is
-compiled, with a message that names the argument and what was expected.
+compiled, with a message that begins with the name of the argument and says
+what was expected. The ``argparse`` types below are the only way a number
+enters the command line (finite, in range, or a one-line error naming the
+flag); the file checks and :func:`strict_json` name the file or line at fault.
 """
 
 import argparse
+import json
+import math
 import operator
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+#: Seeds the command line takes: what ``numpy.random.default_rng`` and ``jax.random.key`` both accept.
+SEED_LIMIT = 2**32
+#: Counts the command line takes (steps, iterations, examples) end up as int32 loop bounds in XLA.
+COUNT_LIMIT = 2**31 - 1
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
@@ -115,10 +127,25 @@ def as_int(value: Any) -> int | None:
         return None
 
 
-def check_nonnegative(name: str, value: Any) -> None:
-    """Raises ValueError if a concrete number is negative (or NaN); traced values pass."""
-    if isinstance(value, (int, float)) and not value >= 0:
-        raise ValueError(f"{name} must be >= 0; got {value!r}.")
+def check_number(name: str, value: Any, expected: str = "a finite number",
+                 within: Callable[[float], bool] = lambda x: True) -> float:
+    """``value`` as a float; ValueError unless it is a finite real scalar (not a bool or a string) that
+    ``within`` accepts. ``expected`` says what is accepted, e.g. ``"a finite number >= 0"``."""
+    number = math.nan
+    if not isinstance(value, (bool, str, bytes)) and np.ndim(value) == 0:
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):  # not a real number, or an int too large for a float
+            pass
+    if not math.isfinite(number) or not within(number):
+        raise ValueError(f"{name} must be {expected}; got {value!r}.")
+    return number
+
+
+def check_nonnegative(name: str, value: Any, *, finite: bool = False) -> None:
+    """Raises ValueError if a concrete number is negative or NaN (or infinite, with ``finite``); traced values pass."""
+    if isinstance(value, (int, float)) and not (value >= 0 and (not finite or math.isfinite(value))):
+        raise ValueError(f"{name} must be {'a finite number ' if finite else ''}>= 0; got {value!r}.")
 
 
 def leading_size(name: str, tree: Any) -> int:
@@ -135,11 +162,64 @@ def leading_size(name: str, tree: Any) -> int:
     return sizes.pop()
 
 
+# ---------------------------------------------------------------- argparse types
+# Each turns the text of a flag into a value or raises ArgumentTypeError, which argparse
+# prints as one line naming the flag: "argument --seed: must be an integer in [0, 2**32); got -1".
+
+
 def positive_int(text: str) -> int:
-    """An ``argparse`` type: a positive integer, or a one-line usage error."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    """An ``argparse`` type: an integer in ``[1, 2**31)``."""
+    return _integer(text, 1, COUNT_LIMIT, "a positive integer (at most 2**31 - 1)")
+
+
+def seed(text: str) -> int:
+    """An ``argparse`` type: a random seed, an integer in ``[0, 2**32)``."""
+    return _integer(text, 0, SEED_LIMIT - 1, "an integer in [0, 2**32)")
+
+
+def finite_float(text: str) -> float:
+    """An ``argparse`` type: a finite number (no ``inf``, no ``nan``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An ``argparse`` type: a finite number ``>= 0``."""
+    return _bounded_float(text, lambda x: x >= 0, "a finite number >= 0")
+
+
+def positive_float(text: str) -> float:
+    """An ``argparse`` type: a finite number ``> 0``."""
+    return _bounded_float(text, lambda x: x > 0, "a finite number > 0")
+
+
+def fraction(text: str) -> float:
+    """An ``argparse`` type: a number in ``[0, 1)``."""
+    return _bounded_float(text, lambda x: 0 <= x < 1, "a number in [0, 1)")
+
+
+def _integer(text: str, low: int, high: int, expected: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {expected}; got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be {expected}; got {text}")
+    return value
+
+
+def _bounded_float(text: str, within: Callable[[float], bool], expected: str) -> float:
+    try:
+        value = finite_float(text)
+    except argparse.ArgumentTypeError:
+        value = math.nan
+    if not within(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}; got {text!r}")
     return value
 
 
@@ -150,3 +230,86 @@ def device_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{value} devices asked but this machine has {available} "
                                          f"({jax.default_backend()}); pass at most {available}")
     return value
+
+
+# ---------------------------------------------------------------- a user's files and values
+
+
+def check_file(what: str, path: str) -> None:
+    """Raises ValueError unless ``path`` is an existing file; a folder is called a folder.
+
+    ``what`` names where the path came from (``"--queries"``, a checkpoint's file).
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder; a file is expected there.")
+    if not os.path.exists(path):
+        raise ValueError(f"{what} {path!r} does not exist.")
+
+
+def check_folder(what: str, path: str) -> None:
+    """Raises ValueError unless ``path`` is an existing folder; a file is called a file."""
+    if not os.path.exists(path):
+        raise ValueError(f"{what} {path!r} does not exist.")
+    if not os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a file; a folder is expected there.")
+
+
+def strict_json(text: str, where: str) -> Any:
+    """``json.loads(text)``, refusing what is not JSON though Python's reader takes it.
+
+    ``NaN``, ``Infinity`` and numbers that overflow (``1e999``) are refused, and
+    so is nesting too deep to read (a ``RecursionError`` otherwise): each a
+    ValueError naming ``where`` (a file and line, a flag). Text that is not
+    JSON at all raises ``json.JSONDecodeError`` as ``json.loads`` does, for the
+    caller to word (or to take the text as a string).
+
+    Example:
+      >>> strict_json('{"lr": 0.1}', "config.json")
+      {'lr': 0.1}
+      >>> strict_json("[1e999]", "config.json")
+      Traceback (most recent call last):
+      ValueError: config.json: 1e999 is not a finite number; JSON has no NaN or Infinity.
+    """
+    def refuse(token):
+        raise _NotFinite(token)
+
+    def number(token):
+        value = float(token)
+        if not math.isfinite(value):
+            refuse(token)
+        return value
+
+    try:
+        return json.loads(text, parse_constant=refuse, parse_float=number)
+    except _NotFinite as error:
+        raise ValueError(f"{where}: {error} is not a finite number; JSON has no NaN or Infinity.") from None
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply to read.") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise ValueError(f"{where}: {error}.") from None
+
+
+class _NotFinite(Exception):
+    pass
+
+
+def check_parameters(where: str, params: Any) -> None:
+    """Raises ValueError unless ``params`` has at least one array and every one is finite float32 or float64.
+
+    ``where`` names their source (a checkpoint file, ``--task m:f``), so a
+    message says which parameter is at fault and where it came from.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not leaves:
+        raise ValueError(f"{where}: the parameters hold no arrays.")
+    for path, leaf in leaves:
+        name = "params" + jax.tree_util.keystr(path)
+        dtype = getattr(leaf, "dtype", None)
+        if dtype not in (np.float32, np.float64):
+            got = dtype if dtype is not None else type(leaf).__name__
+            raise ValueError(f"{where}: {name} must be a float32 or float64 array; got {got}. Cast it "
+                             "with .astype(jnp.float32).")
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise ValueError(f"{where}: {name} holds NaN or infinite values (did training diverge?).")

@@ -127,16 +127,15 @@ def make_task(name: str = DEFAULT_TASK, *, seed: int = 0, flip_fraction: float =
     """
     _checks.check_choice("task", name, TASKS)
     generator, model_defaults, default_l2 = _TASKS[name]
-    data_options = _options("data option", name, dict(data_options or {}), _keyword_defaults(generator))
-    model_options = _options("model option", name, dict(model_options or {}), model_defaults)
-    l2 = default_l2 if l2 is None else l2
-    if not isinstance(l2, (int, float)) or isinstance(l2, bool):
-        raise ValueError(f"l2 must be a number; got {l2!r}.")
-    _checks.check_nonnegative("l2", l2)
-    if _checks.as_int(seed) is None:
-        raise ValueError(f"seed must be an integer; got {seed!r}.")
-    seed, l2 = int(seed), float(l2)
+    data_options = _options("data option", name, data_options, _keyword_defaults(generator))
+    model_options = _options("model option", name, model_options, model_defaults)
+    l2 = _checks.check_number("l2", default_l2 if l2 is None else l2, ">= 0 and finite", lambda x: x >= 0)
+    flip_fraction = _checks.check_number("flip_fraction", flip_fraction, "a number in [0, 1)", lambda x: 0 <= x < 1)
+    if _checks.as_int(seed) is None or not 0 <= seed < _checks.SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**32); got {seed!r}.")
+    seed = int(seed)
     split = generator(seed=seed, flip_fraction=flip_fraction, **data_options)
+    _check_model_size(name, split, model_options)
     model_fn, params, loss = _model(name, split, model_options, seed)
     config = {"name": name, "seed": seed, "flip_fraction": flip_fraction, "l2": l2,
               "data_options": data_options, "model_options": model_options}
@@ -170,13 +169,63 @@ def _model(name: str, split: data.TaskData, options: dict, seed: int):
     return model_fn, params, losses.softmax_cross_entropy
 
 
-def _options(kind: str, task: str, given: dict, defaults: dict) -> dict:
-    unknown = sorted(set(given) - set(defaults))
+#: The most parameters a built-in model may have: more does not fit a testbed's memory.
+MAX_PARAMETERS = 100_000_000
+
+
+def _options(kind: str, task: str, given: dict | None, defaults: dict) -> dict:
+    """``defaults`` updated by ``given``, each value of the type of its default (a JSON value, finite)."""
+    given = {} if given is None else given
+    if not isinstance(given, dict):
+        raise ValueError(f"the {kind}s of task {task!r} must be a dict of name: value; got {given!r}.")
+    unknown = sorted(set(given) - set(defaults), key=str)
     if unknown:
         raise ValueError(
             f"task {task!r} has no {kind} {unknown[0]!r}; its {kind}s are {', '.join(sorted(defaults))}."
         )
-    return {**defaults, **given}
+    return {**defaults, **{key: _option_value(f"{kind} {key!r} of task {task!r}", value, defaults[key])
+                           for key, value in given.items()}}
+
+
+def _option_value(what: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default``: a bool, an int, a finite float (an int is taken), a str,
+    or a list of positive ints (layer widths); ValueError naming ``what`` otherwise."""
+    if isinstance(default, bool):
+        expected, valid = "true or false", isinstance(value, bool)
+    elif isinstance(default, int):
+        expected, valid = "an integer", _checks.as_int(value) is not None
+        value = int(value) if valid else value
+    elif isinstance(default, float):
+        return _checks.check_number(what, value)
+    elif isinstance(default, str):
+        expected, valid = "a string", isinstance(value, str)
+    else:  # a list of layer widths
+        expected = "a list of positive integers"
+        valid = isinstance(value, list) and all((_checks.as_int(v) or 0) >= 1 for v in value)
+        value = [int(v) for v in value] if valid else value
+    if not valid:
+        raise ValueError(f"{what} must be {expected}; got {value!r}.")
+    return value
+
+
+def _check_model_size(name: str, split: data.TaskData, options: dict) -> None:
+    """Refuses model options whose parameters could not fit, before any is allocated.
+
+    The count is the weight matrices' (biases and norms left out): an
+    MLP's ``sum a b`` over its layers; a transformer's embeddings, ``(4 + 2
+    mlp_ratio) d^2`` per block and the output head.
+    """
+    if name == "blobs":
+        sizes = [split.train.inputs.shape[1], *options["hidden_sizes"], split.num_classes]
+        count = sum(a * b for a, b in zip(sizes, sizes[1:]))
+    else:
+        d = options["d_model"]
+        count = (d * (split.tokenizer.vocab_size + split.train.inputs.shape[1])
+                 + options["num_layers"] * (4 + 2 * options["mlp_ratio"]) * d * d
+                 + d * (split.num_classes or split.tokenizer.vocab_size))
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"the model options {options} of task {name!r} give about {count:.3g} parameters; at most "
+                         f"{MAX_PARAMETERS:.0e} fit: choose smaller sizes.")
 
 
 def _keyword_defaults(generator: Callable) -> dict:

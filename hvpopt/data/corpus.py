@@ -42,6 +42,9 @@ def char_lm(*, seed: int = 0, flip_fraction: float = 0.0, context_length: int = 
     tokenizer = CharTokenizer.from_text(text)
     window = context_length + 1
     boundary = int(len(text) * (1 - validation_fraction))
+    if window > len(text) - boundary:
+        raise ValueError(f"context_length must be at most {len(text) - boundary - 1:,}, so that the validation text "
+                         f"holds a window; got {context_length}.")
 
     def windows(start: int, stop: int):
         offsets = range(start, stop - window + 1, window)

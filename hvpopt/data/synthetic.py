@@ -17,6 +17,7 @@ Reference:
   algorithmic datasets", arXiv:2201.02177, 2022.
 """
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -24,6 +25,11 @@ import numpy as np
 
 from hvpopt.data.dataset import Dataset, choose_flipped, flip_labels, make_dataset, split
 from hvpopt.data.tokenizer import CharTokenizer
+
+#: The most examples a generator makes, and the most values (examples times their
+#: length or features): a task larger than this does not fit a testbed's memory.
+MAX_EXAMPLES = 1_000_000
+MAX_VALUES = 100_000_000
 
 
 class TaskData(NamedTuple):
@@ -38,7 +44,7 @@ class TaskData(NamedTuple):
 def modular_addition(*, seed: int = 0, flip_fraction: float = 0.0, modulus: int = 31,
                      validation_fraction: float = 0.5) -> TaskData:
     """Every pair ``a, b < modulus`` as the text ``"aa+bb="``, labelled ``(a + b) % modulus``."""
-    _check_int_at_least("modulus", modulus, 2)
+    _check_int_in("modulus", modulus, 2, math.isqrt(MAX_EXAMPLES), f"modulus**2 examples; at most {MAX_EXAMPLES:,} fit")
     width = len(str(modulus - 1))
     pairs = [(a, b) for a in range(modulus) for b in range(modulus)]
     texts = [f"{a:0{width}d}+{b:0{width}d}=" for a, b in pairs]
@@ -58,8 +64,8 @@ def bracket_matching(*, seed: int = 0, flip_fraction: float = 0.0, num_examples:
     word with two positions swapped or one bracket replaced, kept only if the
     result is unbalanced. Labels: 1 balanced, 0 not.
     """
-    _check_int_at_least("num_examples", num_examples, 4)
-    _check_int_at_least("max_length", max_length, 2)
+    _check_int_in("num_examples", num_examples, 4, MAX_EXAMPLES, "the most examples a task holds")
+    _check_int_in("max_length", max_length, 2, MAX_VALUES // num_examples, _values("num_examples * max_length"))
     rng = np.random.default_rng([seed, 1])
     texts, labels = [], []
     while len(texts) < num_examples:
@@ -88,8 +94,8 @@ def reverse_strings(*, seed: int = 0, flip_fraction: float = 0.0, num_examples: 
     characters, so every example weighs the same. A flipped example's
     completion is a random string other than the reverse.
     """
-    _check_int_at_least("num_examples", num_examples, 4)
-    _check_int_at_least("length", length, 1)
+    _check_int_in("num_examples", num_examples, 4, MAX_EXAMPLES, "the most examples a task holds")
+    _check_int_in("length", length, 1, MAX_VALUES // (2 * num_examples), _values("num_examples * 2 * length"))
     if len(alphabet) < 2 or len(set(alphabet)) != len(alphabet) or ">" in alphabet:
         raise ValueError(f"alphabet must hold at least two distinct characters other than '>'; got {alphabet!r}.")
     rng = np.random.default_rng([seed, 2])
@@ -128,9 +134,11 @@ def gaussian_blobs(*, seed: int = 0, flip_fraction: float = 0.0, num_examples: i
     The classes overlap, so a well-regularised logistic regression is neither
     perfect nor trivial: the convex testbed of the exact influence checks.
     """
-    _check_int_at_least("num_examples", num_examples, 4)
-    _check_int_at_least("num_features", num_features, 1)
-    _check_int_at_least("num_classes", num_classes, 2)
+    _check_int_in("num_examples", num_examples, 4, MAX_EXAMPLES, "the most examples a task holds")
+    _check_int_in("num_features", num_features, 1, MAX_VALUES // num_examples, _values("num_examples * num_features"))
+    _check_int_in("num_classes", num_classes, 2, MAX_VALUES // num_features, _values("num_classes * num_features"))
+    if not math.isfinite(separation):
+        raise ValueError(f"separation must be a finite number; got {separation!r}.")
     rng = np.random.default_rng([seed, 3])
     means = separation * rng.standard_normal((num_classes, num_features))
     labels = rng.integers(0, num_classes, num_examples)
@@ -200,6 +208,13 @@ def _is_balanced(word: str) -> bool:
     return not stack
 
 
-def _check_int_at_least(name: str, value, minimum: int) -> None:
+def _values(what: str) -> str:
+    return f"{what} values; at most {MAX_VALUES:,} fit"
+
+
+def _check_int_in(name: str, value, minimum: int, maximum: int, why: str) -> None:
+    """ValueError unless ``value`` is an integer in ``[minimum, maximum]``; ``why`` says what bounds the maximum."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer of at least {minimum}; got {value!r}.")
+    if value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:,} ({why}); got {value!r}.")
