@@ -23,7 +23,7 @@ import optax
 
 from jax.sharding import Mesh
 
-from hvpopt import _checks, sharding
+from hvpopt import _checks, _interrupts, sharding
 from hvpopt._progress import Progress
 from hvpopt.data import Dataset
 from hvpopt.optim import hessian_free, natural_gradient, newton_cg
@@ -130,9 +130,25 @@ class TrainOptions:
                 raise ValueError(f"{name} is for the second-order optimizers ({', '.join(SECOND_ORDER)}); "
                                  f"optimizer {self.optimizer!r} has none.")
         if self.damping is not None:
-            _checks.check_nonnegative("damping", self.damping)
+            _checks.check_nonnegative("damping", self.damping, finite=True)
         if self.cg_iterations is not None:
             _checks.check_positive_int("cg_iterations", self.cg_iterations)
+
+
+class TrainingDiverged(ValueError):
+    """The training or validation loss became non-finite; :func:`train` stops before recording it.
+
+    Attributes:
+      quantity: ``"train loss"`` or ``"validation loss"``.
+      value: its value (``nan`` or ``inf``).
+      step: the step of the evaluation that found it.
+      remedy: ``"lower learning_rate"`` (first-order optimizers) or
+        ``"raise damping"`` (second-order ones).
+    """
+
+    def __init__(self, quantity: str, value: float, step: int, remedy: str):
+        super().__init__(f"training diverged: the {quantity} is {value} at step {step}; {remedy}.")
+        self.quantity, self.value, self.step, self.remedy = quantity, value, step, remedy
 
 
 class TrainResult(NamedTuple):
@@ -168,7 +184,7 @@ def make_optimizer(task: Task, options: TrainOptions) -> optax.GradientTransform
     if options.optimizer in SECOND_ORDER:
         return OPTIMIZERS[options.optimizer](task, options, options.learning_rate)
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, options.learning_rate, warmup_steps=max(1, options.steps // 20),
+        0.0, options.learning_rate, warmup_steps=min(max(1, options.steps // 20), options.steps - 1),
         decay_steps=options.steps, end_value=options.learning_rate / 10,
     )
     optimizer = OPTIMIZERS[options.optimizer](task, options, schedule)
@@ -192,11 +208,22 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
         ``"data"`` axis each batch is split over; the batch size must be a
         multiple of its devices. None: one device.
 
+    Raises:
+      TrainingDiverged: (a ``ValueError``) an evaluation found a non-finite
+        training or validation loss; ``on_evaluation`` is not called with it.
+
     Returns:
       A :class:`TrainResult`. Ctrl-C ends training early with
-      ``interrupted=True`` and the parameters of the last completed step.
+      ``interrupted=True`` and the parameters of the last completed step:
+      from the main thread it is taken between steps, never inside a step
+      (:mod:`hvpopt._interrupts`), however often it is pressed.
     """
-    params = task.params if params is None else params
+    with _interrupts.deferred_interrupts():
+        return _train(task, options, task.params if params is None else params, on_evaluation, progress, mesh)
+
+
+def _train(task: Task, options: TrainOptions, params: Any, on_evaluation: Callable | None, progress: bool,
+           mesh: Mesh | None) -> TrainResult:
     batch_size = check_batch_size(task, options.batch_size or task.train.num_examples)
     place = lambda batch: batch
     if mesh is not None:
@@ -219,6 +246,7 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
     start = time.perf_counter()
     try:
         while done < options.steps:
+            _interrupts.check_interrupt()  # the safe point, between steps
             inputs, targets = place(_batch(task.train, next(batches)))
             params, opt_state, loss = step(params, opt_state, inputs, targets)
             losses.append(loss)
@@ -232,7 +260,8 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
             if done % options.eval_every == 0 or done == options.steps:
                 jax.block_until_ready(params)  # the steps' time is not the evaluation's
                 evaluation_start = time.perf_counter()
-                history.append(_record(task, params, opt_state, done, losses, evaluation_start - start, mesh))
+                history.append(_finite(_record(task, params, opt_state, done, losses, evaluation_start - start,
+                                               mesh), options))
                 losses = []
                 if on_evaluation:
                     on_evaluation(params, history)
@@ -305,6 +334,15 @@ def _record(task: Task, params, opt_state, step: int, losses: list, seconds: flo
     return {"step": step, "train_loss": float(np.mean(jax.device_get(losses))),
             **{f"validation_{name}": value for name, value in validation.items()},
             **optimizer_diagnostics(opt_state), "elapsed_seconds": seconds}
+
+
+def _finite(record: dict, options: TrainOptions) -> dict:
+    """``record``, or :class:`TrainingDiverged` if its training or validation loss is not finite."""
+    for name in ("train_loss", "validation_loss"):
+        if not math.isfinite(record[name]):
+            remedy = "raise damping" if options.optimizer in SECOND_ORDER else "lower learning_rate"
+            raise TrainingDiverged(name.replace("_", " "), record[name], record["step"], remedy)
+    return record
 
 
 def optimizer_diagnostics(opt_state) -> dict[str, float | int]:

@@ -90,7 +90,7 @@ def test_learning_rate_defaults_and_second_order_options_are_checked():
     assert training.TrainOptions(optimizer="newton_cg").learning_rate == 1.0
     with pytest.raises(ValueError, match="damping is for the second-order optimizers"):
         training.TrainOptions(damping=0.1)
-    with pytest.raises(ValueError, match="damping must be >= 0"):
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
         training.TrainOptions(optimizer="hessian_free", damping=-1.0)
     with pytest.raises(ValueError, match="cg_iterations must be a positive integer"):
         training.TrainOptions(optimizer="natural_gradient", cg_iterations=0)
@@ -128,14 +128,19 @@ def edit_config(folder, change):
     (folder / checkpoint.CONFIG_FILE).write_text(json.dumps(config))
 
 
+def params_file(folder):
+    """The parameters file that the checkpoint's config names."""
+    return folder / json.loads((folder / checkpoint.CONFIG_FILE).read_text())["params"]["file"]
+
+
 def test_a_changed_or_truncated_params_file_is_refused(saved, tmp_path):
     folder = copy_of(saved, tmp_path)
-    payload = bytearray((folder / checkpoint.PARAMS_FILE).read_bytes())
+    payload = bytearray(params_file(folder).read_bytes())
     payload[len(payload) // 2] ^= 1
-    (folder / checkpoint.PARAMS_FILE).write_bytes(bytes(payload))
+    params_file(folder).write_bytes(bytes(payload))
     with pytest.raises(ValueError, match="truncated or was changed"):
         checkpoint.load_checkpoint(str(folder))
-    (folder / checkpoint.PARAMS_FILE).write_bytes(bytes(payload[:100]))
+    params_file(folder).write_bytes(bytes(payload[:100]))
     with pytest.raises(ValueError, match="truncated or was changed"):
         checkpoint.load_checkpoint(str(folder))
 
@@ -157,7 +162,8 @@ def test_a_dtype_mismatch_is_refused(saved, tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda f: os.remove(f / checkpoint.PARAMS_FILE), "params.msgpack is missing"),
+    (lambda f: os.remove(params_file(f)), r"params-[0-9a-f]{16}\.msgpack is missing"),
+    (lambda f: edit_config(f, lambda c: c["params"].update(file="../elsewhere.msgpack")), "params.file must name"),
     (lambda f: os.remove(f / checkpoint.CONFIG_FILE), "config.json is missing"),
     (lambda f: (f / checkpoint.CONFIG_FILE).write_text('{"task": '), "not valid JSON"),
     (lambda f: edit_config(f, lambda c: c["task"].update(name="mnist")), "task config does not build"),
