@@ -2,14 +2,19 @@
 
 A checkpoint is a folder holding
 
-* ``params.msgpack``: the parameters, one array per parameter path
-  (``flax.serialization``; never pickle);
+* ``params-<SHA-256 prefix>.msgpack``: the parameters, one array per
+  parameter path (``flax.serialization``; never pickle), named by their content;
 * ``config.json``: how to rebuild the task (:func:`hvpopt.tasks.make_task`),
-  the training options, and a manifest of the parameters: every array's path,
-  shape and dtype and the file's SHA-256.
+  the training options, and a manifest of the parameters: the file's name, its
+  SHA-256, every array's path, shape and dtype.
 
-Each file is written to a temporary name and renamed, parameters first: a
-crash leaves the previous checkpoint or the new one, never a mix that loads.
+``config.json`` says which parameters file is the checkpoint's, so a save is
+all-or-nothing: the new parameters go to a new file, then the config is
+renamed over the old one (the commit), and only then is the old parameters
+file removed. Killed at any moment, the folder holds the previous checkpoint
+or the new one. A folder is written by one process at a time (a lock on
+``.lock``, see :func:`hvpopt._io.owned_folder`), which also removes what a
+killed writer left. Format 1 checkpoints (``params.msgpack``) still load.
 Loading rebuilds the task from the config and refuses, with a one-line
 message naming the file, anything that does not match it: a missing or
 truncated file, a changed byte, an array of another shape or dtype.
@@ -26,11 +31,11 @@ import numpy as np
 from flax import serialization
 
 import hvpopt
-from hvpopt import _io, tasks
+from hvpopt import _checks, _io, tasks
 
-PARAMS_FILE = "params.msgpack"
 CONFIG_FILE = "config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: the parameters always in params.msgpack
 
 
 class Checkpoint(NamedTuple):
@@ -56,15 +61,19 @@ def save_checkpoint(directory: str, params: Any, config: dict) -> None:
         raise ValueError("config must hold the task's config under 'task'.")
     arrays = _flatten(params)
     payload = serialization.msgpack_serialize(arrays)
-    os.makedirs(directory, exist_ok=True)
-    _io.write_atomically(os.path.join(directory, PARAMS_FILE), lambda file: file.write(payload))
+    sha256 = hashlib.sha256(payload).hexdigest()
     manifest = {
-        "file": PARAMS_FILE,
-        "sha256": hashlib.sha256(payload).hexdigest(),
+        "file": f"params-{sha256[:16]}.msgpack",
+        "sha256": sha256,
         "arrays": {path: {"shape": list(x.shape), "dtype": str(x.dtype)} for path, x in arrays.items()},
     }
     record = {"format_version": FORMAT_VERSION, **config, "params": manifest}
-    _io.write_atomically(os.path.join(directory, CONFIG_FILE), lambda file: json.dump(record, file, indent=2), "w")
+    with _io.owned_folder(directory, "checkpoint folder"):
+        _io.write_atomically(os.path.join(directory, manifest["file"]), lambda file: file.write(payload))
+        _io.write_atomically(os.path.join(directory, CONFIG_FILE), lambda file: json.dump(record, file, indent=2, allow_nan=False), "w")
+        for name in os.listdir(directory):  # the previous checkpoint's parameters, now that nothing names them
+            if name.startswith("params") and name.endswith(".msgpack") and name != manifest["file"]:
+                os.remove(os.path.join(directory, name))
 
 
 def training_config(task: tasks.Task, options: Any, history: list[dict], *, step: int | None = None,
@@ -84,31 +93,42 @@ def load_checkpoint(directory: str) -> Checkpoint:
       ValueError: naming the file and what is wrong with it.
     """
     config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isdir(directory):
-        raise ValueError(f"checkpoint folder {directory!r} does not exist.")
-    if not os.path.isfile(config_path):
+    _checks.check_folder("checkpoint folder", directory)
+    if not os.path.lexists(config_path):
         raise ValueError(f"{config_path} is missing: {directory!r} is not a finished checkpoint.")
+    _checks.check_file("checkpoint file", config_path)
     try:
-        with open(config_path) as file:
-            config = json.load(file)
+        with open(config_path, "rb") as file:
+            config = _checks.strict_json(file.read().decode("utf-8"), config_path)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path} is not valid JSON ({err}).") from None
-    if not isinstance(config, dict) or not isinstance(config.get("task"), dict) or "params" not in config:
-        raise ValueError(f"{config_path} lacks the 'task' and 'params' entries of an hvpopt checkpoint.")
-    if config.get("format_version") != FORMAT_VERSION:
+    if not isinstance(config, dict) or not isinstance(config.get("task"), dict) \
+            or not isinstance(config.get("params"), dict):
+        raise ValueError(f"{config_path} lacks the 'task' and 'params' objects of an hvpopt checkpoint.")
+    if config.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"{config_path} has format_version {config.get('format_version')!r}; "
-                         f"this hvpopt reads version {FORMAT_VERSION}.")
+                         f"this hvpopt reads versions {', '.join(map(str, READABLE_VERSIONS))}.")
     try:
         task = tasks.make_task(**config["task"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{config_path}: the task config does not build: {err}") from None
-    params = _restore(os.path.join(directory, PARAMS_FILE), task.params, config["params"])
+    params = _restore(os.path.join(directory, _params_file(config_path, config)), task.params, config["params"])
     return Checkpoint(task, params, config)
 
 
+def _params_file(config_path: str, config: dict) -> str:
+    """The parameters file the config names: a plain file name beside it."""
+    name = config["params"].get("file") if isinstance(config["params"], dict) else None
+    if not isinstance(name, str) or os.path.basename(name) != name or not name.endswith(".msgpack"):
+        raise ValueError(f"{config_path}: params.file must name a .msgpack file in the checkpoint folder; "
+                         f"got {name!r}.")
+    return name
+
+
 def _restore(path: str, like: Any, manifest: dict) -> Any:
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise ValueError(f"{path} is missing.")
+    _checks.check_file("checkpoint file", path)
     with open(path, "rb") as file:
         payload = file.read()
     if hashlib.sha256(payload).hexdigest() != manifest.get("sha256"):
@@ -129,6 +149,7 @@ def _restore(path: str, like: Any, manifest: dict) -> Any:
             shape, dtype = np.shape(array), getattr(array, "dtype", type(array).__name__)
             raise ValueError(f"{path}: parameter {name!r} has shape {shape} and dtype {dtype}; the "
                              f"config builds shape {reference.shape} and dtype {reference.dtype}.")
+    _checks.check_parameters(path, arrays)
     treedef = jax.tree.structure(like)
     return jax.tree.unflatten(treedef, [jax.numpy.asarray(arrays[name]) for name in expected])
 

@@ -8,6 +8,7 @@ where it stopped; the results are written atomically and ``metadata.json``
 last, after which the partial folder is removed.
 """
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -18,7 +19,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -28,9 +30,11 @@ import optax
 from jax.sharding import Mesh
 
 import hvpopt
-from hvpopt import _io, checkpoint, influence, tasks, training
-from hvpopt._checks import device_count, positive_int
+from hvpopt import _interrupts, _io, checkpoint, influence, tasks, training
+from hvpopt._checks import (check_file, check_number, check_parameters, device_count, nonnegative_float, positive_int,
+                             seed)
 from hvpopt._progress import Progress
+from hvpopt.influence.inverse_curvature import MAX_EXACT_PARAMETERS
 from hvpopt.optim.newton_cg import minimize_newton_cg
 from hvpopt.data import Dataset, make_dataset
 
@@ -38,6 +42,7 @@ ACTIONS = ("score", "self", "validate")
 SIGN_CONVENTION = ("scores[q, j] ~ L_q(theta without j) - L_q(theta) = (1/n) grad L_q^T (H + damping I)^-1 "
                    "grad l_j; positive: training example j helped query q (removing it would raise q's loss)")
 PARTIAL = ".partial"
+FINGERPRINT = "fingerprint.json"
 METADATA = "metadata.json"
 
 
@@ -80,20 +85,21 @@ def add_parser(commands) -> None:
                         help="with no --query or --queries: the first N validation examples (default 5)")
     parser.add_argument("--out", default="influence-out", metavar="DIR", help="output folder (created)")
     parser.add_argument("--method", choices=influence.METHODS, default="cg")
-    parser.add_argument("--damping", type=float, default=None,
+    parser.add_argument("--damping", type=nonnegative_float, default=None,
                         help="lambda >= 0 (default: the task's L2 penalty, or 1e-3 without one)")
     parser.add_argument("--curvature", choices=influence.CURVATURES, default=None,
                         help="default: ggn where the model is known, else hessian")
     parser.add_argument("--curvature-examples", type=positive_int, default=256, metavar="N",
                         help="random training examples whose mean loss gives the curvature (default 256)")
     parser.add_argument("--cg-iterations", type=positive_int, default=50)
-    parser.add_argument("--rank", type=positive_int, default=50, help="arnoldi's eigenpairs")
+    parser.add_argument("--rank", type=positive_int, default=None,
+                        help="arnoldi's eigenpairs (default: 50, or every parameter of a smaller model)")
     parser.add_argument("--lissa-depth", type=positive_int, default=1000)
     parser.add_argument("--chunk-size", type=positive_int, default=64, help="examples per gradient chunk")
     parser.add_argument("--top-k", type=positive_int, default=10)
     parser.add_argument("--validate-examples", type=positive_int, default=20,
                         help="validate: training examples left out and retrained")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--devices", type=device_count, default=None, metavar="N",
                         help="devices the training and curvature examples are split over (default: all of "
                         "this machine's)")
@@ -103,7 +109,40 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
+    """The command: ``--out`` is this run's alone, Ctrl-C stops between chunks, and a run that fails
+    leaves only finished work behind (in ``OUT/.partial``, for the same command to resume)."""
     _check_options(args)
+    work = os.path.join(args.out, PARTIAL)
+    try:
+        with _interrupts.deferred_interrupts(), _io.owned_folder(args.out, "--out"):
+            summary = _run(args)
+    except KeyboardInterrupt:
+        kept = (f"finished chunks are kept in {work}: run the same command again to resume" if os.path.isdir(work)
+                else "nothing had finished, so nothing is kept")
+        print(f"hvpopt influence: interrupted; {kept}.", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2) if args.json else _format(summary))
+    warning = _convergence_warning(summary)
+    if warning:
+        print(f"hvpopt influence: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _convergence_warning(summary: dict) -> str | None:
+    """A line saying that the scores come from a solve that did not converge, and what to change; else None."""
+    if summary.get("all_converged") is False:
+        return (f"the CG solves did not converge (largest residual {summary['max_residual_norm']:.3g} after "
+                f"{summary['max_iterations']:.0f} iterations), so the scores are approximate; raise --cg-iterations "
+                "or --damping.")
+    if summary.get("any_diverged"):
+        return "the LiSSA series diverged for some queries, so the scores are approximate; raise --damping."
+    if "rank" in summary and summary.get("num_converged", summary["rank"]) < summary["rank"]:
+        return (f"{summary['num_converged']} of the {summary['rank']} eigenpairs converged to 1e-6; the low-rank "
+                "inverse uses the Ritz approximations of the others.")
+    return None
+
+
+def _run(args) -> dict:
     mesh = hvpopt.data_mesh(args.devices)
     problem = load_problem(args, mesh)
     problem = dataclasses.replace(problem, params=hvpopt.replicate(problem.params, mesh), mesh=mesh)
@@ -112,24 +151,10 @@ def run(args) -> int:
         raise ValueError(f"--out {args.out!r} already holds finished results; pass --overwrite or choose another folder.")
     if args.action == "validate":
         _check_validate(problem, settings)
-    work = _work_folder(args.out, settings)
     print(f"influence ({args.action}, {settings['method']}, {settings['curvature']}, damping "
           f"{settings['damping']:g}) on {problem.description}", file=sys.stderr)
-    try:
-        summary = {"score": _score, "self": _self, "validate": _validate}[args.action](args, problem, settings, work)
-    except KeyboardInterrupt:
-        print(f"hvpopt influence: interrupted; finished chunks are kept in {work}: run the same command "
-              "again to resume.", file=sys.stderr)
-        return 130
-    except ValueError:
-        if os.listdir(work) == ["fingerprint.json"]:  # nothing finished: leave nothing behind
-            shutil.rmtree(work)
-            if not os.listdir(args.out):
-                os.rmdir(args.out)
-        raise
-    shutil.rmtree(work)
-    print(json.dumps(summary, indent=2) if args.json else _format(summary))
-    return 0
+    with _work_folder(args.out, settings) as work:
+        return {"score": _score, "self": _self, "validate": _validate}[args.action](args, problem, settings, work)
 
 
 # ---------------------------------------------------------------- loading
@@ -172,6 +197,20 @@ def _default_checkpoint(progress: bool, mesh: Mesh | None) -> str:
     folder = os.path.join(os.environ.get("HVPOPT_CACHE", os.path.expanduser("~/.cache/hvpopt")), "shakespeare")
     if os.path.exists(os.path.join(folder, checkpoint.CONFIG_FILE)):
         return folder
+    name = "the default model's cache"
+    try:
+        with _io.owned_folder(folder, name):
+            return _train_default_model(folder, progress, mesh)
+    except _io.FolderInUse:
+        print(f"waiting for the hvpopt run that is training the default model in {folder}", file=sys.stderr)
+    with _io.owned_folder(folder, name, wait=True):
+        return _train_default_model(folder, progress, mesh)
+
+
+def _train_default_model(folder: str, progress: bool, mesh: Mesh | None) -> str:
+    """Trains and saves the default model into ``folder`` (held by this process) unless it is there already."""
+    if os.path.exists(os.path.join(folder, checkpoint.CONFIG_FILE)):
+        return folder  # another run trained it while this one waited
     print(f"no --checkpoint: training the default language model once (about a minute on 2 CPU cores); "
           f"cached in {folder}", file=sys.stderr)
     task, options = tasks.make_task(), training.TrainOptions()
@@ -179,54 +218,84 @@ def _default_checkpoint(progress: bool, mesh: Mesh | None) -> str:
         mesh = None  # only a matter of speed: the model is the same
     result = training.train(task, options, progress=progress, mesh=mesh)
     if result.interrupted:
-        raise KeyboardInterrupt
-    os.makedirs(folder, exist_ok=True)
+        raise KeyboardInterrupt  # half a default model is not cached
     checkpoint.save_checkpoint(folder, result.params,
                                checkpoint.training_config(task, options, result.history, completed=True))
     return folder
 
 
 def _user_task(spec: str) -> Problem:
+    """The problem a ``--task MODULE:FUNCTION`` returns, checked: anything wrong is one line naming the task."""
     module_name, _, function_name = spec.partition(":")
+    where = f"--task {spec!r}"
     if not module_name or not function_name:
         raise ValueError(f"--task takes MODULE:FUNCTION; got {spec!r}.")
     try:
         function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"--task {spec!r} cannot be loaded: {error}.") from None
-    given = function()
+    except Exception as error:  # a missing module or function, or any error while the module runs
+        raise ValueError(f"{where} cannot be loaded: {_user_error(error)}") from None
+    if not callable(function):
+        raise ValueError(f"{where}: {function_name} is not a function; got {type(function).__name__}.")
+    try:
+        given = function()
+    except Exception as error:
+        raise ValueError(f"{where} raised {_user_error(error)}") from None
     if not isinstance(given, dict):
-        raise ValueError(f"--task {spec!r} must return a dict with loss_fn, params and train; got a {type(given).__name__}.")
+        raise ValueError(f"{where} must return a dict with loss_fn, params and train; got a {type(given).__name__}.")
     missing = sorted({"loss_fn", "params", "train"} - set(given))
     if missing:
-        raise ValueError(f"--task {spec!r} returned no {', '.join(missing)}: the dict needs loss_fn, params and train.")
-    as_dataset = lambda examples, prefix: examples if isinstance(examples, Dataset) else _arrays_dataset(examples, prefix)
-    queries = given.get("queries")
-    return Problem(spec, given["loss_fn"], given["params"], as_dataset(given["train"], "train"),
-                   None if queries is None else as_dataset(queries, "query"), given.get("model"),
-                   float(given.get("l2", 0.0)), None, {"task": spec})
+        raise ValueError(f"{where} returned no {', '.join(missing)}: the dict needs loss_fn, params and train.")
+    model = given.get("model")
+    if not callable(given["loss_fn"]):
+        raise ValueError(f"{where}: loss_fn must be a function (params, example) -> loss; got "
+                         f"{type(given['loss_fn']).__name__}.")
+    if model is not None and not (isinstance(model, (tuple, list)) and len(model) == 2 and all(map(callable, model))):
+        raise ValueError(f"{where}: model must be a pair (model_fn, output_loss) of functions; got {model!r}.")
+    check_parameters(where, given["params"])
+    l2 = check_number(f"{where}: l2", given.get("l2", 0.0), "a finite number >= 0", lambda x: x >= 0)
+    as_dataset = lambda name, prefix: (given[name] if isinstance(given[name], Dataset)
+                                       else _arrays_dataset(given[name], prefix, f"{where}: {name}"))
+    queries = None if given.get("queries") is None else as_dataset("queries", "query")
+    return Problem(spec, given["loss_fn"], given["params"], as_dataset("train", "train"), queries,
+                   None if model is None else tuple(model), l2, None, {"task": spec})
 
 
-def _arrays_dataset(examples, prefix: str) -> Dataset:
-    size = hvpopt._checks.leading_size(prefix, examples)
+def _user_error(error: Exception) -> str:
+    """``"RuntimeError: boom (my_task.py line 7)"``: an error of a user's code, where it was raised there."""
+    if isinstance(error, SyntaxError):
+        return f"{type(error).__name__}: {error.msg} ({error.filename} line {error.lineno})"
+    library = (os.path.dirname(os.__file__), os.path.dirname(hvpopt.__file__), sys.prefix, sys.base_prefix)
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+              if not frame.filename.startswith(("<", *library))]
+    place = f" ({frames[-1].filename} line {frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {error}{place}"
+
+
+def _arrays_dataset(examples, prefix: str, where: str) -> Dataset:
+    size = hvpopt._checks.leading_size(where, examples)
     inputs, targets = examples if isinstance(examples, tuple) and len(examples) == 2 else (examples, np.zeros(size))
     return make_dataset(inputs, targets, [f"{prefix}-{i:05d}" for i in range(size)], [""] * size)
 
 
 def _read_jsonl(flag: str, path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise ValueError(f"{flag} {path!r} does not exist.")
+    """The records of a JSONL file of ``{"text": ...}`` objects; an error names the file and line."""
+    check_file(flag, path)
     records = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            where = f"{flag} {path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: not UTF-8 text (byte {error.start + 1} of the line).") from None
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = hvpopt._checks.strict_json(line, where)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{flag} {path} line {number}: not valid JSON ({error.msg}).") from None
+                raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{flag} {path} line {number}: expected an object with a \"text\" string.")
+                raise ValueError(f"{where}: expected an object with a \"text\" string.")
             records.append({**record, "file": path, "line": number})
     if not records:
         raise ValueError(f"{flag} {path} holds no examples.")
@@ -238,16 +307,17 @@ def _texts_dataset(problem: Problem, flag: str, records: list[dict]) -> Dataset:
         raise ValueError(f"{flag} needs a checkpoint or the built-in default: a --task MODULE:FUNCTION "
                          "gives its examples as arrays.")
     prefix = flag.lstrip("-").split("/")[0]
-    return tasks.examples_from_texts(
-        problem.task, [r["text"] for r in records],
-        ids=[str(r.get("id", f"{prefix}-{i + 1}")) for i, r in enumerate(records)],
-        names=[f"{flag} {r['file']} line {r['line']}" if "line" in r else f"--query {i + 1}"
-               for i, r in enumerate(records)])
+    ids = [str(r.get("id", f"{prefix}-{i + 1}")) for i, r in enumerate(records)]
+    names = [f"{flag} {r['file']} line {r['line']}" if "line" in r else f"--query {i + 1}"
+             for i, r in enumerate(records)]
+    first = {}
+    for name, example_id in zip(names, ids):
+        if first.setdefault(example_id, name) != name:
+            raise ValueError(f"{name}: id {example_id!r} is already that of {first[example_id]}; ids must be unique.")
+    return tasks.examples_from_texts(problem.task, [r["text"] for r in records], ids=ids, names=names)
 
 
 def _check_options(args) -> None:
-    if args.damping is not None and not args.damping >= 0:
-        raise ValueError(f"--damping must be >= 0; got {args.damping}.")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} exists and is not a folder.")
 
@@ -257,13 +327,20 @@ def _settings(args, problem: Problem) -> dict:
     if curvature == "ggn" and problem.model is None:
         raise ValueError("--curvature ggn needs the model: the --task function's dict has no 'model'.")
     damping = args.damping if args.damping is not None else (problem.l2 or 1e-3)
+    size = sum(np.size(leaf) for leaf in jax.tree.leaves(problem.params))
+    rank = min(50, size) if args.rank is None else args.rank
+    if args.method == "arnoldi" and rank > size:  # checked before any work, and named as the user typed it
+        raise ValueError(f"--rank must be at most the model's {size} parameters; got {rank}.")
+    if args.method == "exact" and size > MAX_EXACT_PARAMETERS:
+        raise ValueError(f"--method exact builds the {size} x {size} curvature matrix; at most {MAX_EXACT_PARAMETERS} "
+                         "parameters fit: use --method cg or --method arnoldi.")
     return {
         "action": args.action, "method": args.method, "curvature": curvature, "damping": float(damping),
         "curvature_examples": min(args.curvature_examples, problem.train.num_examples),
-        "cg_iterations": args.cg_iterations, "rank": args.rank, "lissa_depth": args.lissa_depth,
+        "cg_iterations": args.cg_iterations, "rank": rank, "lissa_depth": args.lissa_depth,
         "chunk_size": args.chunk_size, "seed": args.seed, "source": problem.source,
-        "train_ids_sha256": _digest(problem.train.ids.tolist()), "num_train": problem.train.num_examples,
-        "queries_sha256": None if problem.queries is None else _digest(problem.queries.texts.tolist()),
+        "params_sha256": _content_sha256(problem.params), "num_train": problem.train.num_examples,
+        "train_sha256": _content_sha256(problem.train), "queries_sha256": _content_sha256(problem.queries),
         "validate_examples": args.validate_examples if args.action == "validate" else None,
     }
 
@@ -271,20 +348,41 @@ def _settings(args, problem: Problem) -> dict:
 # ---------------------------------------------------------------- work
 
 
-def _work_folder(out: str, settings: dict) -> str:
-    """``OUT/.partial``: kept if it was started with the same settings, else started afresh."""
+@contextlib.contextmanager
+def _work_folder(out: str, settings: dict) -> Iterator[str]:
+    """``OUT/.partial`` for the block: resumed if its fingerprint is ``settings``, else started afresh.
+
+    Removed when the block ends, unless it fails (any exception, Ctrl-C) with
+    finished work in it: that is kept for the same command to resume.
+    """
     work = os.path.join(out, PARTIAL)
-    fingerprint = os.path.join(work, "fingerprint.json")
-    if os.path.exists(fingerprint):
-        with open(fingerprint) as file:
-            if json.load(file) == json.loads(json.dumps(settings)):
-                print(f"resuming the unfinished run in {work}", file=sys.stderr)
-                return work
-        print(f"{work} was started with other settings; starting over", file=sys.stderr)
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
-    _write_json(fingerprint, settings)
-    return work
+    fingerprint = os.path.join(work, FINGERPRINT)
+    if _read_json(fingerprint) == json.loads(json.dumps(settings)):
+        print(f"resuming the unfinished run in {work}", file=sys.stderr)
+        _io.remove_temporaries(work)
+    else:
+        if os.path.exists(work):
+            print(f"{work} was started with other inputs or settings; starting over", file=sys.stderr)
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        _write_json(fingerprint, settings)
+    try:
+        yield work
+    except BaseException:
+        _io.remove_temporaries(work)
+        if set(os.listdir(work)) <= {FINGERPRINT}:  # nothing finished: leave nothing behind
+            shutil.rmtree(work)
+        raise
+    shutil.rmtree(work)
+
+
+def _read_json(path: str):
+    """The JSON value in ``path``; None if there is none or it does not parse."""
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
 
 
 def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.InverseCurvature, dict]:
@@ -313,6 +411,7 @@ def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.Inverse
         _write_json(cached_diagnostics, diagnostics)
         _io.write_atomically(cached, lambda file: np.savez(file, eigenvalues=np.asarray(inverse.eigenvalues),
                                                            eigenvectors=np.asarray(inverse.eigenvectors)))
+    _interrupts.check_interrupt()  # a safe point: the fit is saved
     return inverse, diagnostics
 
 
@@ -330,11 +429,13 @@ def _chunks(blocks, work: str, prefix: str, total: int, chunk_size: int, progres
     bar = Progress(total, prefix, unit="examples") if progress else None
     if bar:
         bar.update(min(start, total))
+    _interrupts.check_interrupt()  # the safe points: before the first chunk and after each
     for first, block in blocks(start):
         _io.write_atomically(os.path.join(work, f"{prefix}-{first:09d}.npy"),
                              lambda file: np.save(file, np.asarray(block)))
         if bar:
             bar.update(np.shape(block)[-1])
+        _interrupts.check_interrupt()
     if bar:
         bar.close()
     names = sorted(name for name in os.listdir(work) if name.startswith(prefix))
@@ -422,6 +523,7 @@ def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
     bar = Progress(len(removed), "retrain" if convex else "response", unit="examples") if not args.no_progress else None
     actual = []
     for j in removed:
+        _interrupts.check_interrupt()  # a safe point: between retrainings
         actual.append(np.asarray(query_loss(changed(j)) - base))
         if bar:
             bar.update(1)
@@ -452,9 +554,12 @@ def _check_validate(problem: Problem, settings: dict) -> None:
         if abs(settings["damping"] - problem.task.l2) > 1e-12:  # (Gauss-Newton = Hessian here)
             raise ValueError(f"validate compares with retraining the L2-penalised objective: use --damping "
                              f"{problem.task.l2:g}, the task's L2 penalty.")
-    elif settings["curvature"] != "ggn" or not settings["damping"] > 0:
-        raise ValueError("validate on a non-convex task compares with the proximal Bregman response, which "
-                         "Gauss-Newton influence estimates: use --curvature ggn and --damping > 0.")
+    else:
+        needed = [fix for fix, wrong in (("--curvature ggn", settings["curvature"] != "ggn"),
+                                          ("--damping > 0", not settings["damping"] > 0)) if wrong]
+        if needed:
+            raise ValueError("validate on a non-convex task compares with the proximal Bregman response, which "
+                             f"Gauss-Newton influence estimates: use {' and '.join(needed)}.")
 
 
 def _minimise(task: tasks.Task, params, train, weights, steps: int = 40):
@@ -505,6 +610,7 @@ def _finish(args, problem: Problem, settings: dict, diagnostics: dict, rows, out
     _write_json(os.path.join(args.out, METADATA), metadata)
     return {"out": args.out, "action": args.action, "method": settings["method"],
             "curvature": settings["curvature"], "damping": settings["damping"],
+            **({"rank": settings["rank"]} if settings["method"] == "arnoldi" else {}),
             "train_examples": problem.train.num_examples, **{k: v for k, v in diagnostics.items()
                                                              if isinstance(v, (int, float, str))}}
 
@@ -528,8 +634,12 @@ def _solver_summary(solver: dict) -> dict:
     summary = {}
     for name, values in solver.items():
         values = np.asarray(values)
-        summary[f"max_{name}" if values.dtype != bool else f"all_{name}"] = (
-            bool(values.all()) if values.dtype == bool else float(values.max()))
+        if values.dtype != bool:
+            summary[f"max_{name}"] = float(values.max())
+        elif name == "converged":
+            summary["all_converged"] = bool(values.all())
+        else:  # a failure flag: one query is enough
+            summary[f"any_{name}"] = bool(values.any())
     return summary
 
 
@@ -537,8 +647,22 @@ def _examples(dataset: Dataset):
     return dataset.inputs, dataset.targets
 
 
-def _digest(items: list[str]) -> str:
-    return hashlib.sha256("\n".join(items).encode()).hexdigest()
+def _content_sha256(tree) -> str | None:
+    """SHA-256 of a pytree's content: every leaf's path, dtype, shape and bytes (None for None).
+
+    What resuming trusts: two inputs with the same digest hold the same
+    arrays, so chunks of one are never mixed with chunks of the other.
+    """
+    if tree is None:
+        return None
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.asarray(jax.device_get(leaf))
+        if array.dtype == object:
+            array = array.astype(str)
+        digest.update(f"{jax.tree_util.keystr(path)} {array.dtype.str} {array.shape}\n".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def _jsonable(value):

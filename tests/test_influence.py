@@ -199,7 +199,7 @@ def test_self_influence_finds_flipped_labels(method):
 
 @pytest.mark.parametrize("options, message", [
     ({"method": "newton"}, "method must be one of"),
-    ({"damping": -1.0}, "damping must be >= 0"),
+    ({"damping": -1.0}, "damping must be a finite number >= 0"),
     ({"curvature": "fisher"}, "curvature must be one of"),
     ({"curvature": "ggn"}, "curvature='ggn' needs model="),
     ({"method": "arnoldi", "rank": 43}, "rank must be at most the number of parameters, 42"),

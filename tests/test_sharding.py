@@ -33,7 +33,5 @@ def test_mesh_mistakes_name_the_argument_and_the_fix(capsys):
         hvpopt.data_mesh(2)
     with pytest.raises(ValueError, match="axis 'model' is not an axis of the mesh"):
         hvpopt.shard_batch(jnp.ones((4, 2)), hvpopt.data_mesh(), axis="model")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", "--out", "unused", "--devices", "2"])
-    assert exit_info.value.code == 2
+    assert cli.main(["train", "--out", "unused", "--devices", "2"]) == 2
     assert "--devices: 2 devices asked but this machine has 1" in capsys.readouterr().err

@@ -27,6 +27,8 @@ def test_report_matches_the_dense_spectrum():
         )
 
     summary = spectrum.summarize(report(problem.params, jax.random.key(0)))
+    assert summary["eigenvalues_converged"] and summary["top_converged"] == [True] * 3
+    assert summary["eigenvalue_matvecs"] == 2 * size
     np.testing.assert_allclose(summary["top_eigenvalues"], eigenvalues[::-1][:3], rtol=1e-8)
     np.testing.assert_allclose(summary["smallest_eigenvalue"], eigenvalues[0], rtol=1e-8)
     # Hutch++ with 3P products: the sketch spans the whole space, so the trace is exact.
@@ -57,7 +59,27 @@ def test_a_failure_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
             "--density-iters", "4", "--density-probes", "1", "--trace-samples", "4", "--out", str(out)]
     assert cli.main(args) == 2
     assert "disk full" in capsys.readouterr().err
-    assert os.listdir(out) == []
+    assert not out.exists()  # the folder it created is gone again
+
+
+def test_defaults_adapt_to_a_small_task_and_say_converged(tmp_path, capsys):
+    out = tmp_path / "spectrum"
+    assert cli.main(["spectrum", "--task", "blobs", "--out", str(out)]) == 0  # 27 parameters
+    printed = capsys.readouterr().out
+    assert "eigenvalues converged" in printed
+    saved = json.loads((out / "spectrum.json").read_text())
+    assert saved["eigenvalues_converged"] and saved["top_converged"] == [True] * 5
+    assert saved["smallest_converged"] and len(saved["top_residual_norms"]) == 5
+
+
+def test_a_budget_too_small_prints_not_converged_and_the_fix(tmp_path, capsys):
+    out = tmp_path / "spectrum"
+    assert cli.main(["spectrum", "--task", "blobs", "--k", "3", "--lanczos-iters", "3", "--density-iters", "4",
+                     "--density-probes", "1", "--trace-samples", "4", "--out", str(out)]) == 0
+    lines = [text for text in capsys.readouterr().out.splitlines() if "converged" in text]
+    assert len(lines) == 1 and "eigenvalues NOT converged" in lines[0] and "raise --lanczos-iters" in lines[0]
+    saved = json.loads((out / "spectrum.json").read_text())
+    assert not saved["eigenvalues_converged"] and saved["eigenvalue_matvecs"] == 6
 
 
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
@@ -68,11 +90,11 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     assert not_a_folder.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("args", [["spectrum", "--curvature", "fisher"], ["spectrum", "--k", "0"]])
+@pytest.mark.parametrize("args", [["spectrum", "--curvature", "fisher"], ["spectrum", "--k", "0"],
+                                  ["spectrum", "--tol", "0"], ["spectrum", "--tol", "nan"],
+                                  ["spectrum", "--max-matvecs", "0"]])
 def test_bad_arguments_exit_2(args):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(args)
-    assert exit_info.value.code == 2
+    assert cli.main(args) == 2
 
 
 @pytest.mark.parametrize(
@@ -81,6 +103,8 @@ def test_bad_arguments_exit_2(args):
         (["--lanczos-iters", "9000"], "--lanczos-iters must be at most the 27 parameters"),
         (["--density-iters", "9000"], "--density-iters must be at most the 27 parameters"),
         (["--k", "12"], "--k must be at most --lanczos-iters (10)"),
+        (["--k", "28"], "--k must be at most the 27 parameters"),
+        (["--max-matvecs", "30"], "--lanczos-iters (a fixed number of steps) and --max-matvecs"),
         (["--trace-samples", "2"], "--trace-samples must be at least 4"),
         (["--out="], "--out must name a folder"),
     ],
@@ -91,4 +115,12 @@ def test_sizes_are_checked_against_the_flags(tmp_path, capsys, flags, message):
     assert cli.main([*base, "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_budget_below_k_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "spectrum"
+    assert cli.main(["spectrum", "--task", "blobs", "--k", "5", "--max-matvecs", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--max-matvecs must be at least --k (5); got 2" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
