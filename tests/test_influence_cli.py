@@ -72,8 +72,12 @@ def test_scores_files_and_numbers_match_the_library(lm, tmp_path, capsys):
     assert cli.main(args) == 2 and "already holds finished results" in capsys.readouterr().err
 
 
-def test_an_interrupted_run_resumes_to_the_same_scores(lm, tmp_path, monkeypatch, capsys):
-    args = ["influence", "--checkpoint", lm, "--method", "arnoldi", "--rank", "4", *FAST]
+def test_an_interrupted_run_resumes_to_the_same_scores(blobs, tmp_path, monkeypatch, capsys):
+    """The fitted eigenpairs, the query directions and the finished chunks are kept and reused.
+
+    (tests/test_interrupts.py sends a real SIGINT to a subprocess; here the interrupt is injected.)
+    """
+    args = ["influence", "--checkpoint", blobs, "--method", "arnoldi", "--rank", "4", *FAST]
     assert cli.main([*args, "--out", str(tmp_path / "whole")]) == 0
     original, calls = influence.score_blocks, []
 
