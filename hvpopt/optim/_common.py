@@ -6,19 +6,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from hvpopt.linalg._tree import add_scaled
+from hvpopt.linalg._tree import add_scaled, all_finite  # all_finite: the optimizers' skip test, as the solvers'
 
 
 def require(name: str, value: Any, optimizer: str, hint: str) -> None:
     """Raises a ValueError naming an extra argument ``update`` needs but did not get."""
     if value is None:
         raise ValueError(f"{optimizer}.update needs {name}=...: {hint}")
-
-
-def all_finite(value: jax.Array, tree: Any) -> jax.Array:
-    """Whether ``value`` and every entry of ``tree`` are finite."""
-    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
-    return jnp.logical_and(jnp.isfinite(value), jnp.all(jnp.stack(leaves)) if leaves else True)
 
 
 def step_or_skip(ok: jax.Array, step: Callable[[], tuple], skip: Callable[[], tuple]) -> tuple:
