@@ -307,7 +307,7 @@ def mlp_param_count(d_in, w, d_out):
 
 def hvp_point(width, cfg, *, dense):
     d_in, d_out, batch = cfg["d_in"], cfg["d_out"], cfg["batch"]
-    model_fn, params = hvpopt.models.mlp((d_in, width, width, d_out), seed=0)
+    model_fn, params = hvpopt.testbed.models.mlp((d_in, width, width, d_out), seed=0)
     kx, ky, kv = jax.random.split(jax.random.key(1), 3)
     x = jax.random.normal(kx, (batch, d_in), jnp.float32)
     y = jax.random.randint(ky, (batch,), 0, d_out)
@@ -415,7 +415,7 @@ def run_hvps(cfg, log):
         }
     dense_pts = [p for p in points if "dense_hessian" in p]
     return {
-        "model": f"hvpopt.models.mlp(({cfg['d_in']}, w, w, {cfg['d_out']})), tanh",
+        "model": f"hvpopt.testbed.models.mlp(({cfg['d_in']}, w, w, {cfg['d_out']})), tanh",
         "loss": "hvpopt.losses.softmax_cross_entropy (mean over batch)",
         "batch": cfg["batch"],
         "dense_hessian": "jax.hessian (jacfwd of jacrev) of the loss of ravel_pytree(params)",

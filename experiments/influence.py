@@ -46,7 +46,7 @@ from benchmark_env import cpu_load, environment  # noqa: E402
 
 from hvpopt import influence, tasks, training  # noqa: E402
 from hvpopt.influence import pearson, spearman  # noqa: E402
-from hvpopt._io import atomic_path  # noqa: E402
+from hvpopt.testbed.files import atomic_path  # noqa: E402
 
 
 # ---------------------------------------------------------------- 1. leave-one-out
@@ -122,7 +122,7 @@ def flipped_labels(name: str, quick: bool) -> dict:
         damping, curvature, methods = 1e-3, "ggn", {"cg": {"maxiter": 10, **cheaper}, "arnoldi": {"rank": 50},
                                                     "identity": {}}
     start = time.perf_counter()
-    result = training.train(task, options, progress=False)
+    result = training.train(task, options)
     train_seconds = time.perf_counter() - start
     train = (task.train.inputs, task.train.targets)
     flipped = np.asarray(task.train.flipped)
@@ -156,7 +156,7 @@ def bregman(quick: bool) -> dict:
     task = tasks.make_task("shakespeare", data_options={"context_length": 16},
                            model_options={"d_model": 16, "num_layers": 1, "num_heads": 2})
     options = training.TrainOptions(steps=300, batch_size=32, learning_rate=1e-2, eval_every=10_000)
-    params = training.train(task, options, progress=False).params
+    params = training.train(task, options).params
     n, damping = 4000, 0.1
     examples = lambda d: (d.inputs, d.targets)
     train = task.train.take(range(n))

@@ -109,7 +109,7 @@ import optax
 import optax.tree_utils as otu
 
 import hvpopt
-from hvpopt.training import evaluate
+from hvpopt.testbed.training import evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from benchmark_env import cpu_load, environment, write_results  # noqa: E402
@@ -188,13 +188,13 @@ def full_batch(dataset):
 
 
 def blobs(name, title, hidden_sizes, cfg, *, plot_gap=False):
-    task = hvpopt.tasks.make_task("blobs", model_options={"hidden_sizes": hidden_sizes})
+    task = hvpopt.testbed.tasks.make_task("blobs", model_options={"hidden_sizes": hidden_sizes})
     return task_problem(name, title, task, full_batch(task.train), None, cfg, weight_decay=0.0,
                         plot_gap=plot_gap)
 
 
 def shakespeare(cfg):
-    return hvpopt.tasks.make_task("shakespeare", data_options={"context_length": cfg["context_length"]},
+    return hvpopt.testbed.tasks.make_task("shakespeare", data_options={"context_length": cfg["context_length"]},
                                   model_options=cfg["model"])
 
 

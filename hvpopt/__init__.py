@@ -1,20 +1,51 @@
 """hvpopt: second-order optimization in JAX.
 
-Curvature-vector products (Hessian, Gauss-Newton, Fisher) on any parameter
-pytree, the matrix-free solvers built on them, and the optimizers and influence
-estimators built on those, on one device or data-parallel over a
-``jax.sharding`` mesh (:mod:`hvpopt.sharding`).
+The library, each layer importing only the ones above it:
+  types, tree, losses, sharding, jacobians   shared pieces
+  curvature    Hessian, Gauss-Newton and Fisher products, operators averaged over data
+  linalg       cg, lissa, eigsh, trace, spectral_density, diagonals, dense matrices
+  optim        Newton-CG, Hessian-free and natural gradient as optax transformations
+  influence    influence scores and the protocols that validate them
+  spectrum     a curvature spectrum report
+Beside it, imported on first use: ``hvpopt.testbed`` (built-in models, data,
+tasks, training loop, checkpoints) and ``hvpopt.cli`` (the ``hvpopt`` command).
+The products, solvers and optimizers are also at the top level.
 """
 
-__version__ = "0.1.0"
+import importlib
+import warnings
 
-from hvpopt import checkpoint, curvature, data, influence, linalg, losses, models, optim, sharding, tasks, training
-from hvpopt.curvature import *  # noqa: F403  (the products are the top-level API)
+__version__ = "0.2.0"
+
+from hvpopt import curvature, influence, jacobians, linalg, losses, optim, sharding, spectrum, tree, types
+from hvpopt.curvature import (HVP_MODES, average_over_batches, average_over_chunks, empirical_fisher_operator,
+                              empirical_fisher_vp, fisher_operator, fisher_vp, ggn_operator, ggn_vp, hessian_operator,
+                              hvp, mc_fisher_operator, mc_fisher_vp, output_hessian, sandwich_operator)
 from hvpopt.jacobians import SpectralNorm, jacobian, jacobian_spectral_norm
-from hvpopt.linalg import *  # noqa: F403  (so are the solvers)
-from hvpopt.optim import *  # noqa: F403  (and the optimizers)
+from hvpopt.linalg import (CGResult, CGStatus, EigshResult, LanczosDecomposition, LissaResult, LissaStatus,
+                           SpectralDensity, TraceEstimate, cg, dense_matrix, eigsh, exact_diagonal, flat_operator,
+                           hutchinson_diagonal, jacobi_preconditioner, lanczos_tridiagonal, lissa, spectral_density,
+                           trace, tridiagonal)
+from hvpopt.optim import (HessianFreeState, Minimum, NaturalGradientState, NewtonCGState, hessian_free,
+                          minimize_newton_cg, natural_gradient, newton_cg)
 from hvpopt.sharding import data_mesh, replicate, shard_batch, shard_params
 
-__all__ = [*curvature.__all__, *linalg.__all__, *optim.__all__, "optim", "SpectralNorm", "jacobian", "jacobian_spectral_norm",
-           "checkpoint", "data", "losses", "models", "tasks", "training",
-           "sharding", "data_mesh", "replicate", "shard_batch", "shard_params"]
+__all__ = [
+    "curvature", "influence", "jacobians", "linalg", "losses", "optim", "sharding", "spectrum", "tree", "types",
+    "testbed", "cli",
+    *curvature.__all__, *linalg.__all__, *optim.__all__,
+    "SpectralNorm", "jacobian", "jacobian_spectral_norm", "data_mesh", "replicate", "shard_batch", "shard_params",
+]
+
+_LAZY = ("testbed", "cli")  # they import the library, so the library imports them only when asked
+_MOVED_TO_TESTBED = ("checkpoint", "data", "models", "tasks", "training")  # hvpopt.<name> before 0.2
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"hvpopt.{name}")
+    if name in _MOVED_TO_TESTBED:
+        warnings.warn(f"hvpopt.{name} is now hvpopt.testbed.{name}; the old name goes in the next release.",
+                      DeprecationWarning, stacklevel=2)
+        return importlib.import_module(f"hvpopt.testbed.{name}")
+    raise AttributeError(f"module 'hvpopt' has no attribute {name!r}")

@@ -1,13 +1,11 @@
-"""Argument checks shared by the public functions, and the command line's types and file checks.
+"""Argument checks shared by the public functions, and checks of a user's files and values.
 
 Every check runs in Python at trace time, so a mistake fails before anything is
 compiled, with a message that begins with the name of the argument and says
-what was expected. The ``argparse`` types below are the only way a number
-enters the command line (finite, in range, or a one-line error naming the
-flag); the file checks and :func:`strict_json` name the file or line at fault.
+what was expected. The file checks and :func:`strict_json` name the file or
+line at fault. (The command line's flag types are in :mod:`hvpopt.cli.flags`.)
 """
 
-import argparse
 import json
 import math
 import operator
@@ -19,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-#: Seeds the command line takes: what ``numpy.random.default_rng`` and ``jax.random.key`` both accept.
+#: Seeds hvpopt takes: what ``numpy.random.default_rng`` and ``jax.random.key`` both accept.
 SEED_LIMIT = 2**32
-#: Counts the command line takes (steps, iterations, examples) end up as int32 loop bounds in XLA.
+#: Counts hvpopt takes (steps, iterations, examples) end up as int32 loop bounds in XLA.
 COUNT_LIMIT = 2**31 - 1
 
 
@@ -160,76 +158,6 @@ def leading_size(name: str, tree: Any) -> int:
             f"got sizes {sorted(sizes)}."
         )
     return sizes.pop()
-
-
-# ---------------------------------------------------------------- argparse types
-# Each turns the text of a flag into a value or raises ArgumentTypeError, which argparse
-# prints as one line naming the flag: "argument --seed: must be an integer in [0, 2**32); got -1".
-
-
-def positive_int(text: str) -> int:
-    """An ``argparse`` type: an integer in ``[1, 2**31)``."""
-    return _integer(text, 1, COUNT_LIMIT, "a positive integer (at most 2**31 - 1)")
-
-
-def seed(text: str) -> int:
-    """An ``argparse`` type: a random seed, an integer in ``[0, 2**32)``."""
-    return _integer(text, 0, SEED_LIMIT - 1, "an integer in [0, 2**32)")
-
-
-def finite_float(text: str) -> float:
-    """An ``argparse`` type: a finite number (no ``inf``, no ``nan``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number; got {text!r}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """An ``argparse`` type: a finite number ``>= 0``."""
-    return _bounded_float(text, lambda x: x >= 0, "a finite number >= 0")
-
-
-def positive_float(text: str) -> float:
-    """An ``argparse`` type: a finite number ``> 0``."""
-    return _bounded_float(text, lambda x: x > 0, "a finite number > 0")
-
-
-def fraction(text: str) -> float:
-    """An ``argparse`` type: a number in ``[0, 1)``."""
-    return _bounded_float(text, lambda x: 0 <= x < 1, "a number in [0, 1)")
-
-
-def _integer(text: str, low: int, high: int, expected: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {expected}; got {text!r}") from None
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"must be {expected}; got {text}")
-    return value
-
-
-def _bounded_float(text: str, within: Callable[[float], bool], expected: str) -> float:
-    try:
-        value = finite_float(text)
-    except argparse.ArgumentTypeError:
-        value = math.nan
-    if not within(value):
-        raise argparse.ArgumentTypeError(f"must be {expected}; got {text!r}")
-    return value
-
-
-def device_count(text: str) -> int:
-    """An ``argparse`` type: how many of this machine's devices to use, or a one-line usage error."""
-    value, available = positive_int(text), jax.local_device_count()
-    if value > available:
-        raise argparse.ArgumentTypeError(f"{value} devices asked but this machine has {available} "
-                                         f"({jax.default_backend()}); pass at most {available}")
-    return value
 
 
 # ---------------------------------------------------------------- a user's files and values

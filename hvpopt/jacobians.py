@@ -19,7 +19,7 @@ References:
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,8 @@ import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
+from hvpopt.types import PyTree
 
-PyTree = Any
 
 JACOBIAN_MODES = ("auto", "fwd", "rev")
 

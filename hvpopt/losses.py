@@ -32,8 +32,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from hvpopt.types import MatVec
+
 Array = jax.Array
-MatVec = Callable[[Array], Array]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,15 +38,14 @@ References:
   training trillion parameter models", SC 2020.
 """
 
-from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from hvpopt import _checks
+from hvpopt.types import PyTree
 
-PyTree = Any
 #: The mesh axis a batch's examples are split over.
 DATA_AXIS = "data"
 

@@ -21,8 +21,8 @@ from hvpopt import _checks
 from hvpopt.linalg.density import SpectralDensity, spectral_density
 from hvpopt.linalg.lanczos import EigshResult, eigsh
 from hvpopt.linalg.trace_estimation import TraceEstimate, trace
+from hvpopt.types import PyTree
 
-PyTree = Any
 
 DENSITY_ITERS = 40  # curvature_spectrum's default Lanczos steps per density probe
 
@@ -129,23 +129,3 @@ def summarize(report: SpectrumReport) -> dict[str, Any]:
         "num_matvecs": int(report.num_matvecs),
     }
 
-
-def save_density_plot(density: SpectralDensity, path: str, title: str) -> None:
-    """Writes the density as a PNG (log scale, as PyHessian draws it) to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid, values = np.asarray(density.grid), np.asarray(density.density)
-    figure, axes = plt.subplots(figsize=(6, 4))
-    axes.semilogy(grid, np.maximum(values, 1e-12))
-    axes.set_xlabel("eigenvalue")
-    axes.set_ylabel("density (log scale)")
-    axes.set_ylim(bottom=max(1e-8, values.max() * 1e-8))
-    axes.set_title(title, fontsize=9)
-    figure.tight_layout()
-    try:
-        figure.savefig(path, format="png", dpi=120)
-    finally:
-        plt.close(figure)

@@ -44,7 +44,7 @@ import numpy as np
 
 import hvpopt
 from benchmark_env import cpu_load, environment, write_results
-from hvpopt.models import TransformerConfig, transformer_lm
+from hvpopt.testbed.models import TransformerConfig, transformer_lm
 
 ce = hvpopt.losses.softmax_cross_entropy
 
@@ -107,7 +107,7 @@ def transformer_case(d_model: int, batch: int = 16, seq: int = 32, vocab: int = 
         "params": params,
         "batch": (inputs, targets),
         "config": {
-            "model": "hvpopt.models.transformer_lm",
+            "model": "hvpopt.testbed.models.transformer_lm",
             "vocab_size": vocab,
             "d_model": d_model,
             "num_layers": 2,
@@ -124,7 +124,7 @@ def transformer_case(d_model: int, batch: int = 16, seq: int = 32, vocab: int = 
 
 
 def mlp_case(sizes=(256, 512, 512, 10), batch: int = 128) -> dict:
-    model_fn, params = hvpopt.models.mlp(sizes, seed=0)
+    model_fn, params = hvpopt.testbed.models.mlp(sizes, seed=0)
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((batch, sizes[0]), dtype=np.float32))
     y = jnp.asarray(rng.integers(0, sizes[-1], (batch,), dtype=np.int32))
@@ -135,7 +135,7 @@ def mlp_case(sizes=(256, 512, 512, 10), batch: int = 128) -> dict:
         "params": params,
         "batch": (x, y),
         "config": {
-            "model": "hvpopt.models.mlp",
+            "model": "hvpopt.testbed.models.mlp",
             "sizes": list(sizes),
             "activation": "tanh",
             "batch_size": batch,

@@ -161,7 +161,7 @@ def _device_peak_bytes():
 
 @functools.lru_cache(maxsize=1)  # --in-process: load once
 def _load(folder: str):
-    from hvpopt import checkpoint
+    from hvpopt.testbed import checkpoint
     return checkpoint.load_checkpoint(folder)
 
 
@@ -386,13 +386,13 @@ def _int_list(text: str) -> list[int]:
 
 
 def _checkpoint(args) -> str:
-    from hvpopt import checkpoint
+    from hvpopt.testbed import checkpoint
     if args.checkpoint:
         if not os.path.exists(os.path.join(args.checkpoint, checkpoint.CONFIG_FILE)):
             sys.exit(f"--checkpoint {args.checkpoint!r} holds no checkpoint: train one with "
                      f"'hvpopt train --out {args.checkpoint}' (or leave --checkpoint out for the cached default).")
         return os.path.abspath(args.checkpoint)
-    from hvpopt.influence_command import _default_checkpoint
+    from hvpopt.cli.influence import _default_checkpoint
     return os.path.abspath(_default_checkpoint(True, None))  # trains and caches it if absent, as the CLI does
 
 

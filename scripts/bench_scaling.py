@@ -12,7 +12,7 @@ with several accelerators the same script measures real scaling; device counts
 beyond the devices present are skipped and listed in the JSON.
 
 Model and data. The ``shakespeare`` task's character transformer language model
-(``hvpopt.tasks.make_task``: context 32, d_model 64, 2 layers, 4 heads, 110,271
+(``hvpopt.testbed.tasks.make_task``: context 32, d_model 64, 2 layers, 4 heads, 110,271
 parameters, float32) at its initial parameters; batches are the first training
 sequences, queries the first validation sequences; vectors are standard
 normal (key 0).

@@ -8,7 +8,7 @@ b, lineax.CG(...), throw=False)`` at the same tolerance (relative residual
 on:
 
 * the damped Gauss-Newton operator ``G + lambda I`` of the default small
-  transformer (``hvpopt.models.transformer_lm()``: vocab 64, d_model 64, 2
+  transformer (``hvpopt.testbed.models.transformer_lm()``: vocab 64, d_model 64, 2
   layers, context 32; batch 16 random tokens; softmax cross-entropy; float32),
   ``b`` = the gradient;
 * the damped Hessian ``H + lambda I`` of the same model, at ``lambda = 1``
@@ -112,7 +112,7 @@ from jax.flatten_util import ravel_pytree
 
 import hvpopt
 from benchmark_env import cpu_load, environment, write_results
-from hvpopt.models import TransformerConfig, transformer_lm
+from hvpopt.testbed.models import TransformerConfig, transformer_lm
 
 ce = hvpopt.losses.softmax_cross_entropy
 
@@ -248,7 +248,7 @@ def clustered_spectrum(n: int) -> np.ndarray:
 
 def mlp_problem(sizes: tuple[int, ...], batch: int, dtype) -> dict:
     """A small MLP classifier (the --quick stand-in for the transformer: it compiles faster)."""
-    model_fn, params = hvpopt.models.mlp(sizes, seed=0)
+    model_fn, params = hvpopt.testbed.models.mlp(sizes, seed=0)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     rng = np.random.default_rng(1)
     inputs = jnp.asarray(rng.standard_normal((batch, sizes[0])), dtype)
@@ -261,7 +261,7 @@ def mlp_problem(sizes: tuple[int, ...], batch: int, dtype) -> dict:
         "inputs": inputs,
         "targets": targets,
         "loss": loss,
-        "config": {"model": "hvpopt.models.mlp", "sizes": list(sizes), "activation": "tanh",
+        "config": {"model": "hvpopt.testbed.models.mlp", "sizes": list(sizes), "activation": "tanh",
                    "batch_size": batch, "inputs": "standard normal (numpy seed 1)",
                    "loss": "hvpopt.losses.softmax_cross_entropy", "dtype": jnp.dtype(dtype).name,
                    "num_params": num_params(params), "num_leaves": len(jax.tree.leaves(params))},
@@ -291,7 +291,7 @@ def transformer_problem(config: TransformerConfig, batch: int, dtype) -> dict:
         "targets": targets,
         "loss": loss,
         "config": {
-            "model": "hvpopt.models.transformer_lm",
+            "model": "hvpopt.testbed.models.transformer_lm",
             **{f: getattr(config, f) for f in ("vocab_size", "d_model", "num_layers", "num_heads",
                                                "context_length", "mlp_ratio")},
             "batch_size": batch,

@@ -24,17 +24,17 @@ import hvpopt  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default=hvpopt.tasks.DEFAULT_TASK, choices=hvpopt.tasks.TASKS)
-    parser.add_argument("--steps", type=int, default=hvpopt.training.TrainOptions().steps)
+    parser.add_argument("--task", default=hvpopt.testbed.tasks.DEFAULT_TASK, choices=hvpopt.testbed.tasks.TASKS)
+    parser.add_argument("--steps", type=int, default=hvpopt.testbed.training.TrainOptions().steps)
     parser.add_argument("--out", default="benchmarks/results/bench_train_cpu.json")
     args = parser.parse_args()
 
     load_before = cpu_load()
     start = time.perf_counter()
-    task = hvpopt.tasks.make_task(args.task)
+    task = hvpopt.testbed.tasks.make_task(args.task)
     build_seconds = time.perf_counter() - start
-    options = hvpopt.training.TrainOptions(steps=args.steps)
-    result = hvpopt.training.train(task, options)
+    options = hvpopt.testbed.training.TrainOptions(steps=args.steps)
+    result = hvpopt.testbed.training.train(task, options)
     wall_seconds = time.perf_counter() - start
     report = {
         "benchmark": "bench_train",

@@ -12,7 +12,7 @@ import sys
 import jax
 
 import hvpopt
-from hvpopt._io import atomic_path
+from hvpopt.testbed.files import atomic_path
 
 
 def cpu_load() -> dict:

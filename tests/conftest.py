@@ -9,7 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import hvpopt
-from hvpopt.models import TransformerConfig
+from hvpopt.testbed.models import TransformerConfig
 
 jax.config.update("jax_enable_x64", True)
 
@@ -69,7 +69,7 @@ custom_softplus.defvjp(lambda x: (jax.nn.softplus(x), x), lambda x, g: (g * cust
 
 
 def make_mlp() -> Problem:
-    model_fn, params = hvpopt.models.mlp((4, 6, 3), seed=1)
+    model_fn, params = hvpopt.testbed.models.mlp((4, 6, 3), seed=1)
     x = jax.random.normal(jax.random.key(0), (8, 4), jnp.float64)
     y = jax.random.randint(jax.random.key(1), (8,), 0, 3)
     return Problem("mlp", model_fn, hvpopt.losses.softmax_cross_entropy, to_float64(params), x, y)
@@ -79,7 +79,7 @@ def make_transformer() -> Problem:
     config = TransformerConfig(
         vocab_size=5, d_model=4, num_layers=1, num_heads=2, context_length=4, mlp_ratio=2
     )
-    model_fn, params = hvpopt.models.transformer_lm(config, seed=2)
+    model_fn, params = hvpopt.testbed.models.transformer_lm(config, seed=2)
     tokens = jax.random.randint(jax.random.key(3), (3, 5), 0, 5)
     return Problem(
         "transformer",
@@ -92,8 +92,8 @@ def make_transformer() -> Problem:
 
 
 def make_custom_vjp() -> Problem:
-    model_fn, params = hvpopt.models.mlp((4, 5, 3), activation=custom_softplus, seed=4)
-    reference_model_fn, _ = hvpopt.models.mlp((4, 5, 3), activation=jax.nn.softplus, seed=4)
+    model_fn, params = hvpopt.testbed.models.mlp((4, 5, 3), activation=custom_softplus, seed=4)
+    reference_model_fn, _ = hvpopt.testbed.models.mlp((4, 5, 3), activation=jax.nn.softplus, seed=4)
     x = jax.random.normal(jax.random.key(5), (6, 4), jnp.float64)
     y = jax.random.randint(jax.random.key(6), (6,), 0, 3)
     loss = hvpopt.losses.softmax_cross_entropy

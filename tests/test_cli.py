@@ -10,6 +10,7 @@ import pytest
 
 import hvpopt
 from hvpopt import cli
+from hvpopt.cli import flags
 
 
 def run(*args):
@@ -68,7 +69,7 @@ def test_train_writes_a_checkpoint_that_eval_reads(tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", out, "--json"]) == 0
     evaluation = json.loads(capsys.readouterr().out)
     assert evaluation["step"] == 6 and evaluation["loss"] == pytest.approx(summary["validation_loss"])
-    task, params = cli._load_problem(cli.build_parser().parse_args(["demo", "--checkpoint", out]))
+    task, params = flags.load_problem(cli.build_parser().parse_args(["demo", "--checkpoint", out]))
     assert task.config == config["task"] and jax.tree.structure(params) == jax.tree.structure(task.params)
 
     assert cli.main(["train", "--out", out, *TINY_TRAIN]) == 2  # would replace finished work
@@ -113,7 +114,7 @@ def test_eval_of_a_broken_checkpoint_exits_2_with_one_line(tmp_path):
 
 
 def test_ctrl_c_during_a_save_still_leaves_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
-    from hvpopt import checkpoint
+    from hvpopt.testbed import checkpoint
 
     original, calls = checkpoint.save_checkpoint, []
 

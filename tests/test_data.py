@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hvpopt import data
+from hvpopt.testbed import data
 
 
 def test_tokenizer_round_trips_the_corpus():

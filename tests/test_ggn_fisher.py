@@ -89,7 +89,7 @@ def test_all_padding_batch_has_zero_loss_not_nan():
 
 
 def regression_problem() -> Problem:
-    model_fn, params = hvpopt.models.mlp((3, 5, 2), seed=7)
+    model_fn, params = hvpopt.testbed.models.mlp((3, 5, 2), seed=7)
     x = jax.random.normal(jax.random.key(8), (7, 3), jnp.float64)
     y = jax.random.normal(jax.random.key(9), (7, 2), jnp.float64)
     return Problem("regression", model_fn, losses.squared_error, to_float64(params), x, y)
@@ -203,7 +203,7 @@ def test_loss_errors_name_the_argument():
 
 
 def test_ggn_dtype_follows_inputs():
-    model_fn, params = hvpopt.models.mlp((3, 4, 2))
+    model_fn, params = hvpopt.testbed.models.mlp((3, 4, 2))
     x, y = jnp.ones((5, 3), jnp.float32), jnp.zeros(5, jnp.int32)
     gv = hvpopt.ggn_vp(model_fn, losses.softmax_cross_entropy, params, params, x, y)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(gv))

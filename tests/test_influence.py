@@ -7,7 +7,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from sklearn.datasets import load_wine
 
-from hvpopt import influence, tasks, training
+from hvpopt import influence
+from hvpopt.testbed import tasks, training
 
 L2 = 0.1
 
@@ -189,7 +190,7 @@ def test_self_influence_finds_flipped_labels(method):
     with jax.enable_x64(False):
         task = tasks.make_task("blobs", flip_fraction=0.1)  # logistic regression, L2 1e-2
         options = training.TrainOptions(steps=30, batch_size=None, optimizer="newton_cg", eval_every=30)
-        params = training.train(task, options, progress=False).params
+        params = training.train(task, options).params
         scores = influence.self_scores(task.example_loss, params, (task.train.inputs, task.train.targets),
                                        method=method, damping=task.l2, rank=20)
     flipped = np.asarray(task.train.flipped)

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from hvpopt import checkpoint, cli, influence, tasks, training
+from hvpopt import cli, influence
+from hvpopt.testbed import checkpoint, tasks, training
 
 TINY_LM = {"data_options": {"context_length": 8},
            "model_options": {"d_model": 8, "num_layers": 1, "num_heads": 2}}
@@ -22,7 +23,7 @@ def lm(tmp_path_factory):
     so large that the proximal Bregman objective is not convex even at the trained point)."""
     task, folder = tasks.make_task("shakespeare", **TINY_LM), tmp_path_factory.mktemp("lm")
     options = training.TrainOptions(steps=100, batch_size=32, learning_rate=1e-2, eval_every=100)
-    checkpoint.save_checkpoint(str(folder), training.train(task, options, progress=False).params, {"task": task.config})
+    checkpoint.save_checkpoint(str(folder), training.train(task, options).params, {"task": task.config})
     return str(folder)
 
 
@@ -32,7 +33,7 @@ def blobs(tmp_path_factory):
     task = tasks.make_task("blobs", flip_fraction=0.1, data_options={"num_examples": 200})
     options = training.TrainOptions(steps=20, batch_size=None, optimizer="newton_cg", eval_every=20)
     folder = tmp_path_factory.mktemp("blobs")
-    checkpoint.save_checkpoint(str(folder), training.train(task, options, progress=False).params, {"task": task.config})
+    checkpoint.save_checkpoint(str(folder), training.train(task, options).params, {"task": task.config})
     return str(folder)
 
 

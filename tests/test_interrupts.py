@@ -14,7 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from hvpopt import _io, checkpoint, cli, influence_command, tasks
+from hvpopt import cli
+from hvpopt.testbed import files, checkpoint, tasks
+from hvpopt.cli import chunk_store
+from hvpopt.cli import influence as influence_command
 
 HVPOPT = [sys.executable, "-m", "hvpopt.cli"]
 BLOBS_TRAIN = ["train", "--task", "blobs", "--batch-size", "8", "--no-progress"]
@@ -100,7 +103,7 @@ def held(tmp_path):
     folder.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import fcntl, os, time
-        handle = os.open({str(folder / _io.LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)
+        handle = os.open({str(folder / files.LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)
         fcntl.flock(handle, fcntl.LOCK_EX)
         os.write(handle, str(os.getpid()).encode())
         print("locked", flush=True)
@@ -127,8 +130,8 @@ def test_a_second_run_on_a_busy_out_fails_at_once_with_one_line(held, capsys, co
 def test_waiting_for_a_busy_folder_takes_it_once_the_holder_is_gone(held):
     folder, pid = held
     threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()  # a holder killed: the kernel frees its lock
-    with _io.owned_folder(str(folder), "the default model's cache", wait=True):
-        assert (folder / _io.LOCK_FILE).read_text().strip() == str(os.getpid())
+    with files.owned_folder(str(folder), "the default model's cache", wait=True):
+        assert (folder / files.LOCK_FILE).read_text().strip() == str(os.getpid())
     assert os.listdir(folder) == []  # the lock file goes with the lock; the folder was not made here, so it stays
 
 
@@ -249,7 +252,7 @@ def test_resume_refuses_other_training_texts_targets_or_params(tmp_path, monkeyp
 
 def test_the_fingerprint_digest_covers_every_array():
     task = tasks.make_task("blobs")
-    digest = influence_command._content_sha256
+    digest = chunk_store.content_sha256
     assert digest(task.params) == digest(jax.tree.map(np.array, task.params))
     assert digest(task.params) != digest(jax.tree.map(lambda p: p.at[(0,) * p.ndim].add(1e-7), task.params))
     assert digest(task.train) != digest(task.train._replace(targets=task.train.targets[::-1]))

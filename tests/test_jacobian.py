@@ -48,7 +48,7 @@ def test_bad_input_names_the_argument():
 
 
 def test_spectral_norm_matches_svd_of_the_dense_jacobian():
-    model_fn, params = hvpopt.models.mlp((6, 16, 4), seed=3)
+    model_fn, params = hvpopt.testbed.models.mlp((6, 16, 4), seed=3)
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     x = jax.random.normal(jax.random.key(0), (6,), jnp.float64)
     f = lambda x, p: model_fn(p, x)

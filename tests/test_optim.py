@@ -14,7 +14,7 @@ from test_tasks import tiny_task
 
 import hvpopt
 from hvpopt import CGStatus
-from hvpopt.tasks import make_task
+from hvpopt.testbed.tasks import make_task
 
 
 def minimise(tx, f, params, steps, stop=0.0, extra=None):

@@ -59,7 +59,7 @@ def test_hvp_every_mode_on_random_pytrees(structure, seed):
     seed=st.integers(0, 2**16),
 )
 def test_ggn_on_random_mlps(sizes, batch, seed):
-    model_fn, params = hvpopt.models.mlp(sizes, seed=seed)
+    model_fn, params = hvpopt.testbed.models.mlp(sizes, seed=seed)
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     rng = np.random.default_rng(seed)
     inputs = jnp.asarray(rng.normal(size=(batch, sizes[0])))

@@ -32,7 +32,7 @@ def test_readme_python_examples_run_in_order():
             exec(compile(block, f"README.md python block {index}", "exec"), namespace)
 
 
-MODULES = [name for _, name, _ in pkgutil.walk_packages(hvpopt.__path__, "hvpopt.")]
+MODULES = [name for _, name, _ in pkgutil.walk_packages(hvpopt.__path__, "hvpopt.") if not name.endswith(".__main__")]
 
 
 @pytest.mark.parametrize("name", MODULES)

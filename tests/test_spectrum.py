@@ -11,6 +11,7 @@ from conftest import make_mlp, problem_hessian
 
 import hvpopt
 from hvpopt import cli, spectrum
+from hvpopt.cli import spectrum as spectrum_command
 
 
 def test_report_matches_the_dense_spectrum():
@@ -55,7 +56,7 @@ def test_cli_at_its_defaults_writes_the_report_and_the_plot_and_says_converged(t
 def test_an_unconverged_spectrum_says_so_and_names_the_flag_to_raise(lanczos_iters, fix):
     summary = {"top_converged": [True, False, False], "smallest_converged": False, "eigenvalues_converged": False,
                "eigenvalue_matvecs": 6}
-    line = cli._format_convergence(summary, argparse.Namespace(lanczos_iters=lanczos_iters))
+    line = spectrum_command._format_convergence(summary, argparse.Namespace(lanczos_iters=lanczos_iters))
     assert line.startswith("eigenvalues NOT converged: 1 of 4 within --tol after 6 products") and fix in line
 
 
@@ -63,7 +64,7 @@ def test_a_failure_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
     def broken_plot(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(spectrum, "save_density_plot", broken_plot)
+    monkeypatch.setattr(spectrum_command, "save_density_plot", broken_plot)
     out = tmp_path / "spectrum"
     args = ["spectrum", "--task", "blobs", "--batch-size", "2", "--k", "1", "--lanczos-iters", "4",
             "--density-iters", "4", "--density-probes", "1", "--trace-samples", "4", "--out", str(out)]

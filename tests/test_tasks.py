@@ -7,8 +7,8 @@ import pytest
 from conftest import flat, rel_error, to_float64
 
 import hvpopt
-from hvpopt.models.transformer import rotate_positions
-from hvpopt.tasks import TASKS, make_task
+from hvpopt.testbed.models.transformer import rotate_positions
+from hvpopt.testbed.tasks import TASKS, make_task
 
 TINY = {"d_model": 8, "num_layers": 1, "num_heads": 2, "mlp_ratio": 2}
 SMALL_DATA = {

@@ -9,8 +9,8 @@ import optax
 import pytest
 from test_tasks import SMALL_DATA, tiny_task
 
-from hvpopt import checkpoint, training
-from hvpopt.tasks import TASKS, make_task
+from hvpopt.testbed import checkpoint, training
+from hvpopt.testbed.tasks import TASKS, make_task
 
 FEW_STEPS = training.TrainOptions(steps=30, batch_size=16, eval_every=30, learning_rate=1e-2)
 
@@ -22,7 +22,7 @@ def train_loss(task, params):
 @pytest.mark.parametrize("name", TASKS)
 def test_loss_decreases_on_every_task_within_a_few_dozen_steps(name):
     task = make_task(name, data_options=SMALL_DATA[name])  # the task's own model
-    result = training.train(task, FEW_STEPS, progress=False)
+    result = training.train(task, FEW_STEPS)
     before, after = train_loss(task, task.params), train_loss(task, result.params)
     assert after < 0.9 * before, (before, after)
     assert result.steps_done == 30 and not result.interrupted
@@ -32,7 +32,7 @@ def test_loss_decreases_on_every_task_within_a_few_dozen_steps(name):
 def test_training_is_deterministic_for_a_seed():
     task = tiny_task("blobs")
     options = training.TrainOptions(steps=5, batch_size=8, eval_every=5, seed=3)
-    first, again = (training.train(task, options, progress=False).params for _ in range(2))
+    first, again = (training.train(task, options).params for _ in range(2))
     other = training.train(task, training.TrainOptions(steps=5, batch_size=8, eval_every=5, seed=4),
                            progress=False).params
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)))
@@ -64,9 +64,9 @@ def test_ctrl_c_returns_the_last_completed_step():
             raise KeyboardInterrupt
 
     options = training.TrainOptions(steps=50, batch_size=8, eval_every=5)
-    result = training.train(task, options, on_evaluation=interrupt_on_second, progress=False)
+    result = training.train(task, options, on_evaluation=interrupt_on_second)
     assert result.interrupted and result.steps_done == 10 and calls == [5, 10]
-    replay = training.train(task, training.TrainOptions(steps=10, batch_size=8, eval_every=5), progress=False)
+    replay = training.train(task, training.TrainOptions(steps=10, batch_size=8, eval_every=5))
     assert result.steps_done == replay.steps_done
 
 
@@ -78,7 +78,7 @@ def test_second_order_optimizers_train_logistic_regression_to_its_minimum(optimi
     gradient_norm = lambda p: float(optax.tree_utils.tree_norm(jax.grad(task.objective)(p, inputs, targets)))
     options = training.TrainOptions(steps=15, batch_size=None, optimizer=optimizer,
                                     learning_rate=learning_rate, eval_every=15)
-    result = training.train(task, options, progress=False)
+    result = training.train(task, options)
     assert gradient_norm(result.params) < 1e-4 * gradient_norm(task.params)
     record = result.history[-1]
     assert record["optimizer_skipped_steps"] == 0 and record["optimizer_cg_iterations"] >= 1
@@ -99,7 +99,7 @@ def test_learning_rate_defaults_and_second_order_options_are_checked():
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     task = tiny_task("modular")
-    params = training.train(task, training.TrainOptions(steps=3, batch_size=8, eval_every=3), progress=False).params
+    params = training.train(task, training.TrainOptions(steps=3, batch_size=8, eval_every=3)).params
     folder = str(tmp_path_factory.mktemp("checkpoint"))
     checkpoint.save_checkpoint(folder, params, {"task": task.config, "step": 3})
     return folder, params

@@ -16,7 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hvpopt import _checks, checkpoint, cli, tasks, training
+from hvpopt import _checks
+from hvpopt import cli
+from hvpopt.cli import flags
+from hvpopt.testbed import checkpoint, tasks, training
 
 
 def fails(capsys, argv, *names, out=None):
@@ -34,15 +37,15 @@ def fails(capsys, argv, *names, out=None):
 
 # ---------------------------------------------------------------- 1. numbers: every numeric flag
 
-BAD_TEXT = {  # the argparse types of _checks, and text each must refuse
-    _checks.positive_int: ["0", "-3", str(2**31), str(10**30), "1.5", "inf", "nan", "x"],
-    _checks.seed: ["-1", str(2**32), str(10**23), "1e23", "nan", "x"],
-    _checks.nonnegative_float: ["-1", "-inf", "inf", "nan", "1e999", "x"],
-    _checks.positive_float: ["0", "-1", "inf", "nan", "1e999"],
-    _checks.fraction: ["1", "-0.1", "inf", "nan"],
-    _checks.finite_float: ["inf", "-inf", "nan", "1e999", "x"],
-    _checks.device_count: ["0", str(10**6)],
-    cli._batch_size: ["0", "-1", "inf", "fulll"],
+BAD_TEXT = {  # the argparse types of cli.flags, and text each must refuse
+    flags.positive_int: ["0", "-3", str(2**31), str(10**30), "1.5", "inf", "nan", "x"],
+    flags.seed: ["-1", str(2**32), str(10**23), "1e23", "nan", "x"],
+    flags.nonnegative_float: ["-1", "-inf", "inf", "nan", "1e999", "x"],
+    flags.positive_float: ["0", "-1", "inf", "nan", "1e999"],
+    flags.fraction: ["1", "-0.1", "inf", "nan"],
+    flags.finite_float: ["inf", "-inf", "nan", "1e999", "x"],
+    flags.device_count: ["0", str(10**6)],
+    flags.batch_size_or_full: ["0", "-1", "inf", "fulll"],
 }
 
 
@@ -58,7 +61,7 @@ def test_every_numeric_flag_has_a_checked_type():
     flags = typed_flags()
     assert {command for command, _, _ in flags} >= {"demo", "spectrum", "train", "influence"}
     unchecked = [(command, flag, kind) for command, flag, kind in flags if kind not in BAD_TEXT]
-    assert not unchecked, f"give these flags a type of hvpopt._checks: {unchecked}"
+    assert not unchecked, f"give these flags a type of hvpopt.cli.flags: {unchecked}"
 
 
 @pytest.mark.parametrize("command, flag, text", [
@@ -70,10 +73,10 @@ def test_a_bad_number_is_refused_naming_its_flag(tmp_path, capsys, command, flag
 
 
 @pytest.mark.parametrize("kind, text, value", [
-    (_checks.positive_int, "1", 1), (_checks.positive_int, str(2**31 - 1), 2**31 - 1),
-    (_checks.seed, "0", 0), (_checks.seed, str(2**32 - 1), 2**32 - 1),
-    (_checks.nonnegative_float, "0", 0.0), (_checks.nonnegative_float, "1e300", 1e300),
-    (_checks.positive_float, "1e-300", 1e-300), (_checks.fraction, "0", 0.0), (_checks.fraction, "0.999", 0.999),
+    (flags.positive_int, "1", 1), (flags.positive_int, str(2**31 - 1), 2**31 - 1),
+    (flags.seed, "0", 0), (flags.seed, str(2**32 - 1), 2**32 - 1),
+    (flags.nonnegative_float, "0", 0.0), (flags.nonnegative_float, "1e300", 1e300),
+    (flags.positive_float, "1e-300", 1e-300), (flags.fraction, "0", 0.0), (flags.fraction, "0.999", 0.999),
 ])
 def test_the_edges_of_each_range_are_taken(kind, text, value):
     assert kind(text) == value

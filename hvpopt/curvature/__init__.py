@@ -1,8 +1,18 @@
-"""Curvature-vector products: Hessian, Gauss-Newton, Fisher, and their diagonals."""
+"""Curvature-vector products: Hessian, Gauss-Newton and Fisher, one batch or averaged over a dataset.
+
+Each ``*_vp`` computes one product; each ``*_operator`` fixes the point and the
+data and returns the operator ``v -> C v`` that :mod:`hvpopt.linalg` solves with.
+
+Moved in 0.2: ``dense_matrix``, ``exact_diagonal`` and ``hutchinson_diagonal``
+work on any operator and live in :mod:`hvpopt.linalg` (and at the top level).
+``hvpopt.curvature.<name>`` still finds them in this release, with a
+``DeprecationWarning``.
+"""
+
+import importlib
+import warnings
 
 from hvpopt.curvature.averaged import average_over_batches, average_over_chunks
-from hvpopt.curvature.dense import dense_matrix
-from hvpopt.curvature.diagonal import exact_diagonal, hutchinson_diagonal
 from hvpopt.curvature.fisher import (
     empirical_fisher_operator,
     empirical_fisher_vp,
@@ -19,19 +29,27 @@ __all__ = [
     "HVP_MODES",
     "average_over_batches",
     "average_over_chunks",
-    "dense_matrix",
     "empirical_fisher_operator",
     "empirical_fisher_vp",
-    "exact_diagonal",
     "fisher_operator",
     "fisher_vp",
     "ggn_operator",
     "ggn_vp",
     "hessian_operator",
-    "hutchinson_diagonal",
     "hvp",
     "mc_fisher_operator",
     "mc_fisher_vp",
     "output_hessian",
     "sandwich_operator",
 ]
+
+_MOVED_TO_LINALG = ("dense_matrix", "exact_diagonal", "hutchinson_diagonal")
+
+
+def __getattr__(name: str):
+    """The names moved to :mod:`hvpopt.linalg`, for this release only."""
+    if name in _MOVED_TO_LINALG:
+        warnings.warn(f"hvpopt.curvature.{name} is now hvpopt.linalg.{name} (also hvpopt.{name}); the old name "
+                      "goes in the next release.", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("hvpopt.linalg"), name)
+    raise AttributeError(f"module 'hvpopt.curvature' has no attribute {name!r}")

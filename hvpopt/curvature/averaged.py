@@ -19,9 +19,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from hvpopt import _checks, sharding
 from hvpopt.sharding import DATA_AXIS
+from hvpopt.types import MatVec, PyTree
 
-PyTree = Any
-MatVec = Callable[[PyTree], PyTree]
 BatchMatVec = Callable[[PyTree, Any], PyTree]
 
 

@@ -31,9 +31,7 @@ from hvpopt.curvature.averaged import average_over_chunks
 from hvpopt.curvature.ggn import ggn_operator
 from hvpopt.curvature.sandwich import sandwich_operator
 from hvpopt.losses import Loss
-
-PyTree = Any
-MatVec = Callable[[PyTree], PyTree]
+from hvpopt.types import MatVec, PyTree
 
 
 def fisher_operator(

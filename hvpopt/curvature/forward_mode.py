@@ -12,12 +12,10 @@ another mode in time, and reuse the trace when forward mode works.
 
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.extend
-
-PyTree = Any
+from hvpopt.types import PyTree
 
 
 def trace_jvp(fn: Callable, primal: PyTree, tangent: PyTree):

@@ -19,9 +19,7 @@ from hvpopt import _checks
 from hvpopt.curvature.hvp import hessian_operator
 from hvpopt.curvature.sandwich import sandwich_operator
 from hvpopt.losses import Loss
-
-PyTree = Any
-MatVec = Callable[[PyTree], PyTree]
+from hvpopt.types import MatVec, PyTree
 
 
 def output_hessian(loss_fn: Callable, outputs: Any, targets: Any) -> MatVec:

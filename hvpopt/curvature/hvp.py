@@ -27,15 +27,13 @@ References:
 """
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 
 from hvpopt import _checks
 from hvpopt.curvature.forward_mode import trace_jvp, try_linearize, warn_reverse_fallback
+from hvpopt.types import MatVec, PyTree
 
-PyTree = Any
-MatVec = Callable[[PyTree], PyTree]
 
 HVP_MODES = ("auto", "fwd_rev", "rev_rev", "rev_fwd")
 

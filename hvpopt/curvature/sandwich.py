@@ -15,14 +15,11 @@ Reference:
 """
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 
 from hvpopt.curvature.forward_mode import try_linearize, warn_reverse_fallback
-
-PyTree = Any
-MatVec = Callable[[PyTree], PyTree]
+from hvpopt.types import MatVec, PyTree
 
 
 def sandwich_operator(

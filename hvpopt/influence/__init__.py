@@ -7,6 +7,7 @@ from hvpopt.influence.agreement import pearson, spearman
 from hvpopt.influence.gradients import flat_example_gradients, gradient_chunks
 from hvpopt.influence.inverse_curvature import (
     CURVATURES,
+    MAX_EXACT_PARAMETERS,
     METHODS,
     InverseCurvature,
     curvature_operator,
@@ -24,6 +25,7 @@ from hvpopt.influence.scores import (
 
 __all__ = [
     "CURVATURES",
+    "MAX_EXACT_PARAMETERS",
     "METHODS",
     "InverseCurvature",
     "curvature_operator",

@@ -1,7 +1,6 @@
 """Per-example gradients, flattened, one chunk of examples in memory at a time."""
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +8,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from hvpopt import _checks, sharding
-
-PyTree = Any
+from hvpopt.types import PyTree
 
 
 def flat_example_gradients(loss_fn: Callable, params: PyTree, examples: PyTree) -> jax.Array:

@@ -26,7 +26,7 @@ References:
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +35,14 @@ from jax.sharding import Mesh
 
 from hvpopt import _checks, sharding
 from hvpopt.curvature.averaged import average_over_chunks
-from hvpopt.curvature.dense import dense_matrix
+from hvpopt.linalg.dense import dense_matrix
 from hvpopt.curvature.ggn import ggn_vp
 from hvpopt.curvature.hvp import hvp
 from hvpopt.linalg.conjugate_gradient import cg
 from hvpopt.linalg.lanczos import eigsh
 from hvpopt.linalg.neumann_series import lissa
+from hvpopt.types import PyTree
 
-PyTree = Any
 METHODS = ("exact", "cg", "lissa", "arnoldi", "identity")
 CURVATURES = ("hessian", "ggn")
 #: ``method="exact"`` refuses more parameters than this (the dense matrix has ``P^2`` entries).

@@ -27,9 +27,8 @@ from typing import Any
 import jax
 import optax.tree_utils as otu
 
-from hvpopt.optim.newton_cg import minimize_newton_cg
-
-PyTree = Any
+from hvpopt.optim import minimize_newton_cg
+from hvpopt.types import PyTree
 
 
 def proximal_bregman_response(loss_fn: Callable, model: tuple[Callable, Callable], params: PyTree, data: Any,
@@ -65,4 +64,4 @@ def proximal_bregman_response(loss_fn: Callable, model: tuple[Callable, Callable
         proximity = 0.5 * damping * otu.tree_norm(otu.tree_sub(theta, params), squared=True)
         return bregman - loss_fn(theta, example) / num_train + proximity
 
-    return minimize_newton_cg(objective, params, steps=steps, forcing=1e-6, maxiter=maxiter)
+    return minimize_newton_cg(objective, params, steps=steps, forcing=1e-6, maxiter=maxiter).params

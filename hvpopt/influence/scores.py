@@ -21,7 +21,6 @@ Reference:
 """
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from hvpopt import _checks, sharding
 from hvpopt.influence.gradients import padded_gradient_chunks
 from hvpopt.influence.inverse_curvature import InverseCurvature, fit_inverse_curvature
-
-PyTree = Any
+from hvpopt.types import PyTree
 
 
 def pairwise_scores(loss_fn: Callable, params: PyTree, train: PyTree, queries: PyTree, *,

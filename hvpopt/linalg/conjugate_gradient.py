@@ -35,7 +35,7 @@ References:
   Martens, "Deep learning via Hessian-free optimization", ICML 2010.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -44,10 +44,8 @@ import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
-from hvpopt.linalg._tree import add_scaled, all_finite, cast_like, select
-
-PyTree = Any
-MatVec = Callable[[PyTree], PyTree]
+from hvpopt.tree import add_scaled, all_finite, select
+from hvpopt.types import MatVec, PyTree
 
 
 class CGStatus:
@@ -177,9 +175,9 @@ def cg(
     save_at = tuple(_check_iteration(index, maxiter) for index in save_at)
 
     if isinstance(damping, (int, float)) and damping == 0:
-        damped = lambda v: cast_like(matvec(v), v)
+        damped = lambda v: otu.tree_cast_like(matvec(v), v)
     else:
-        damped = lambda v: cast_like(add_scaled(matvec(v), damping, v), v)
+        damped = lambda v: otu.tree_cast_like(add_scaled(matvec(v), damping, v), v)
     options = dict(
         x0=x0, precond=precond, rtol=rtol, atol=atol, maxiter=maxiter, radius=radius,
         progress_tol=progress_tol, save_at=save_at,
@@ -241,8 +239,8 @@ def _cg(matvec, b, *, x0, precond, rtol, atol, maxiter, radius, progress_tol, sa
     x = zero if x0 is None else x0
     if x0 is not None and radius is not None:  # a warm start outside the region: onto its boundary
         x = otu.tree_scale(jnp.minimum(1.0, radius / jnp.maximum(otu.tree_norm(x), 1e-30)), x)
-        x = cast_like(x, b)
-    r = b if x0 is None else cast_like(otu.tree_sub(b, matvec(x)), b)
+        x = otu.tree_cast_like(x, b)
+    r = b if x0 is None else otu.tree_cast_like(otu.tree_sub(b, matvec(x)), b)
     # A start that is not finite: zero, whose residual is b (non-finite too if b is).
     finite0 = all_finite(b, b_norm, x, r)
     x, r = select(finite0, x, zero), select(finite0, r, b)

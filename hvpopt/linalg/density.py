@@ -22,17 +22,16 @@ References:
   Hessian eigenvalue density", ICML 2019.
 """
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from hvpopt import _checks
-from hvpopt.linalg.lanczos import check_num_iters, flat_operator, lanczos_flat, tridiagonal
+from hvpopt.linalg.flat import check_num_iters, flat_operator
+from hvpopt.linalg.lanczos import lanczos_flat, tridiagonal
+from hvpopt.types import MatVec, PyTree
 
-PyTree = Any
-MatVec = Callable[[PyTree], PyTree]
 
 # Default Gaussian width, as a fraction of the range of the nodes.
 _SIGMA_FRACTION = 0.01

@@ -59,12 +59,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
+from hvpopt.linalg.flat import check_num_iters, flat_operator
+from hvpopt.types import MatVec, PyTree
 
-PyTree = Any
-MatVec = Callable[[PyTree], PyTree]
 
 EIGSH_WHICH = ("LA", "SA", "LM")
 
@@ -567,37 +566,3 @@ def _lock_and_restart(state: _Krylov, theta: jax.Array, s: jax.Array, wanted: ja
     t = jnp.zeros_like(state.projected).at[jnp.arange(num_keep), jnp.arange(num_keep)].set(theta[wanted])
     return _Krylov(_set_row(blocks, jnp.asarray(num_keep), start), t, jnp.asarray(num_keep), state.residual_norm,
                    state.scale)
-
-
-def check_num_iters(num_iters: Any, size: int) -> None:
-    """Raises ValueError unless ``1 <= num_iters <= size`` (an int)."""
-    _checks.check_positive_int("num_iters", num_iters)
-    if num_iters > size:
-        raise ValueError(
-            f"num_iters must be at most the number of parameters {size}; got {num_iters}."
-        )
-
-
-def flat_operator(
-    name: str, matvec: MatVec, like: PyTree
-) -> tuple[jax.Array, Callable, Callable[[jax.Array], jax.Array]]:
-    """``(flat like, unravel, flat matvec)``, checking ``like`` and the matvec's output.
-
-    ``like`` must hold at least one floating array. The flat matvec checks, at
-    trace time, that ``matvec`` returns a pytree shaped like ``like``, and casts
-    its output to ``like``'s dtype.
-    """
-    leaves = jax.tree_util.tree_leaves(like)
-    if not leaves:
-        raise ValueError(f"{name} must hold at least one array; got {like!r}.")
-    _checks.check_floating(name, like)
-    flat, unravel = ravel_pytree(like)
-    if flat.size == 0:
-        raise ValueError(f"{name} must hold at least one number; got size 0.")
-
-    def flat_matvec(x: jax.Array) -> jax.Array:
-        out = matvec(unravel(x))
-        _checks.check_like("matvec(v)", out, name, like, dtypes=False)
-        return ravel_pytree(out)[0].astype(flat.dtype)
-
-    return flat, unravel, flat_matvec

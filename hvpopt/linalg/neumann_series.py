@@ -29,7 +29,7 @@ References:
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +37,9 @@ import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
-from hvpopt.linalg._tree import add_scaled, all_finite, cast_like, select
+from hvpopt.tree import add_scaled, all_finite, select
+from hvpopt.types import PyTree
 
-PyTree = Any
 
 #: Deterministic products: the series is declared divergent once a step is
 #: longer than the shortest so far by this fraction (beyond rounding). The steps
@@ -135,7 +135,7 @@ def lissa(
         raise ValueError(f"scale must be > 0; got {scale!r}.")
     product = matvec if stochastic else (lambda v, _: matvec(v))
     _checks.check_matvec_output(lambda v: product(v, key), b, "b")
-    damped = lambda v, k: cast_like(add_scaled(product(v, k), damping, v), v)
+    damped = lambda v, k: otu.tree_cast_like(add_scaled(product(v, k), damping, v), v)
     dtype = ravel_pytree(b)[0].dtype
     scale_key, series_key = jax.random.split(key)
     used = 0
@@ -184,7 +184,7 @@ def lissa(
     estimates, sizes, statuses, steps = jax.lax.map(series, jax.random.split(series_key, num_repeats))
     status = jnp.max(statuses)
     return LissaResult(
-        x=cast_like(jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates), b),
+        x=otu.tree_cast_like(jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates), b),
         scale=scale,
         diverged=status != LissaStatus.COMPLETED,
         status=status,
@@ -197,14 +197,14 @@ def _largest_eigenvalue(damped: Callable, like: PyTree, key: jax.Array, num_iter
     """Power iteration: ``|lambda|_max`` of ``damped`` (a lower estimate)."""
     start_key, product_key = jax.random.split(key)
     v = otu.tree_random_like(start_key, like, jax.random.normal)
-    v = cast_like(otu.tree_scale(1.0 / otu.tree_norm(v), v), like)
+    v = otu.tree_cast_like(otu.tree_scale(1.0 / otu.tree_norm(v), v), like)
     zero = jnp.zeros((), ravel_pytree(like)[0].dtype)
 
     def step(carry, step_key):
         v, _ = carry
         av = damped(v, step_key)
         norm = otu.tree_norm(av)
-        v_next = cast_like(otu.tree_scale(1.0 / jnp.where(norm > 0, norm, 1.0), av), v)
+        v_next = otu.tree_cast_like(otu.tree_scale(1.0 / jnp.where(norm > 0, norm, 1.0), av), v)
         return (v_next, norm.astype(zero.dtype)), None
 
     (_, estimate), _ = jax.lax.scan(step, (v, zero), jax.random.split(product_key, num_iters))

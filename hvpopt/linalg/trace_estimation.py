@@ -23,17 +23,15 @@ References:
   estimation", SOSA 2021.
 """
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from hvpopt import _checks
-from hvpopt.linalg.lanczos import flat_operator
+from hvpopt.linalg.flat import flat_operator
+from hvpopt.types import MatVec, PyTree
 
-PyTree = Any
-MatVec = Callable[[PyTree], PyTree]
 
 TRACE_METHODS = ("hutchinson", "hutch++")
 

@@ -6,7 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from hvpopt.linalg._tree import add_scaled, all_finite  # all_finite: the optimizers' skip test, as the solvers'
+from hvpopt.tree import add_scaled
 
 
 def require(name: str, value: Any, optimizer: str, hint: str) -> None:

@@ -32,9 +32,9 @@ import optax
 import optax.tree_utils as otu
 
 from hvpopt.curvature.ggn import ggn_operator
-from hvpopt.linalg._tree import add_scaled, cast_like
+from hvpopt.tree import add_scaled, all_finite
 from hvpopt.linalg.conjugate_gradient import cg
-from hvpopt.optim._common import all_finite, backtracking_line_search, require, skip_step, step_or_skip
+from hvpopt.optim._common import backtracking_line_search, require, skip_step, step_or_skip
 
 
 class HessianFreeState(NamedTuple):
@@ -154,7 +154,7 @@ def hessian_free(model_fn: Callable, loss: Callable, *, learning_rate: float = 1
                 negative_curvature_count=state.negative_curvature_count + solve.negative_curvature,
                 skipped_steps=state.skipped_steps,
             )
-            return cast_like(otu.tree_scale(step_size, direction), grad), new_state
+            return otu.tree_cast_like(otu.tree_scale(step_size, direction), grad), new_state
 
         skip = lambda: skip_step(grad, state, step_size=jnp.zeros_like(state.step_size))
         return step_or_skip(all_finite(value, grad), step, skip)

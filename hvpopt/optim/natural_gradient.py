@@ -30,9 +30,10 @@ import optax.tree_utils as otu
 
 from hvpopt import _checks
 from hvpopt.curvature.fisher import empirical_fisher_operator, fisher_operator, mc_fisher_operator
-from hvpopt.linalg._tree import cast_like
+
 from hvpopt.linalg.conjugate_gradient import cg
-from hvpopt.optim._common import all_finite, backtracking_line_search, require, skip_step, step_or_skip
+from hvpopt.tree import all_finite
+from hvpopt.optim._common import backtracking_line_search, require, skip_step, step_or_skip
 
 FISHERS = ("true", "monte_carlo", "empirical")
 
@@ -138,7 +139,7 @@ def natural_gradient(model_fn: Callable, loss: Callable, *, learning_rate: float
                 residual_norm=solve.residual_norm.astype(state.residual_norm.dtype),
                 step_size=step_size.astype(state.step_size.dtype), skipped_steps=state.skipped_steps,
             )
-            return cast_like(otu.tree_scale(step_size, direction), grad), new_state
+            return otu.tree_cast_like(otu.tree_scale(step_size, direction), grad), new_state
 
         skip = lambda: skip_step(grad, state, key=next_key, step_size=jnp.zeros_like(state.step_size))
         finite = all_finite(jnp.zeros([]) if value is None else value, grad)

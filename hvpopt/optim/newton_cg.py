@@ -44,9 +44,10 @@ from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
 from hvpopt.curvature.hvp import hessian_operator
-from hvpopt.linalg._tree import cast_like
+
 from hvpopt.linalg.conjugate_gradient import CGStatus, cg
-from hvpopt.optim._common import all_finite, backtracking_line_search, require, skip_step, step_or_skip
+from hvpopt.tree import all_finite
+from hvpopt.optim._common import backtracking_line_search, require, skip_step, step_or_skip
 
 #: The most CG iterations per step when ``maxiter=None``, whatever the size.
 MAX_CG_BUDGET = 1000
@@ -233,7 +234,7 @@ def newton_cg(learning_rate: float = 1.0, *, damping: float = 0.0, maxiter: int 
                 predicted_grad_norm=predicted,
                 previous_solution=solve.x if warm_start else None,
             )
-            return cast_like(otu.tree_scale(step_size, direction), grad), new_state
+            return otu.tree_cast_like(otu.tree_scale(step_size, direction), grad), new_state
 
         skip = lambda: skip_step(grad, state, step_size=jnp.zeros_like(state.step_size),
                                  cg_status=jnp.asarray(CGStatus.NON_FINITE, jnp.int32))
@@ -249,20 +250,3 @@ def _forcing_term(state: NewtonCGState, grad_norm: jax.Array) -> jax.Array:
     previous = jnp.where(first, 1.0, state.grad_norm)
     eta = jnp.where(first, MAX_FORCING, jnp.abs(grad_norm - state.predicted_grad_norm) / previous)
     return jnp.clip(eta, floor, MAX_FORCING)
-
-
-def minimize_newton_cg(objective, params: Any, *, steps: int, **options) -> Any:
-    """``steps`` :func:`newton_cg` steps on ``objective(params) -> scalar`` from ``params``, in one ``lax.scan``.
-
-    For an inner minimisation inside a jitted computation (a retraining, a
-    response function); ``options`` go to :func:`newton_cg`.
-    """
-    tx = newton_cg(**options)
-
-    def step(carry, _):
-        params, state = carry
-        value, grad = jax.value_and_grad(objective)(params)
-        updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=objective)
-        return (optax.apply_updates(params, updates), state), None
-
-    return jax.lax.scan(step, (params, tx.init(params)), length=steps)[0][0]

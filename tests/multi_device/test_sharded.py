@@ -24,7 +24,8 @@ import pytest
 from jax.sharding import PartitionSpec
 
 import hvpopt
-from hvpopt import cli, influence, tasks, training
+from hvpopt import cli, influence
+from hvpopt.testbed import tasks, training
 from conftest import make_mlp, make_transformer, random_like
 
 DEVICES = 4
@@ -203,7 +204,7 @@ def test_influence_gradients_stay_on_their_devices_and_the_curvature_psums(mesh)
 def test_training_on_a_mesh_follows_the_one_device_run(mesh):
     task = tasks.make_task("blobs", data_options={"num_examples": 128})
     options = training.TrainOptions(steps=4, batch_size=32, eval_every=2)
-    single = training.train(task, options, progress=False)
+    single = training.train(task, options)
     sharded = training.train(task, options, progress=False, mesh=mesh)
     assert_same(sharded.params, single.params, rtol=1e-4)
     assert [r["validation_loss"] for r in sharded.history] == pytest.approx(

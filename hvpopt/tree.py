@@ -1,11 +1,9 @@
 """Pytree arithmetic that keeps every leaf in its own dtype (mixed precision)."""
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-PyTree = Any
+from hvpopt.types import PyTree
 
 
 def add_scaled(x: PyTree, alpha: jax.Array, y: PyTree) -> PyTree:
@@ -15,11 +13,6 @@ def add_scaled(x: PyTree, alpha: jax.Array, y: PyTree) -> PyTree:
     ``alpha`` (float32 from a ``tree_vdot``), which breaks a loop's carry.
     """
     return jax.tree.map(lambda a, b: (a + alpha * b).astype(a.dtype), x, y)
-
-
-def cast_like(tree: PyTree, like: PyTree) -> PyTree:
-    """``tree`` with each leaf cast to the dtype of the matching leaf of ``like``."""
-    return jax.tree.map(lambda a, b: a.astype(b.dtype), tree, like)
 
 
 def all_finite(*trees: PyTree) -> jax.Array:

@@ -9,16 +9,16 @@ import importlib.resources
 
 import numpy as np
 
-from hvpopt.data.dataset import make_dataset
-from hvpopt.data.synthetic import TaskData
-from hvpopt.data.tokenizer import CharTokenizer
+from hvpopt.testbed.data.dataset import make_dataset
+from hvpopt.testbed.data.synthetic import TaskData
+from hvpopt.testbed.data.tokenizer import CharTokenizer
 
 CORPUS_FILE = "shakespeare.txt"
 
 
 def corpus_text() -> str:
     """The shipped corpus as one string."""
-    return importlib.resources.files("hvpopt.data").joinpath(CORPUS_FILE).read_text(encoding="utf-8")
+    return importlib.resources.files("hvpopt.testbed.data").joinpath(CORPUS_FILE).read_text(encoding="utf-8")
 
 
 def char_lm(*, seed: int = 0, flip_fraction: float = 0.0, context_length: int = 32,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hvpopt import _checks
-from hvpopt.models._functional import pure
+from hvpopt.testbed.models._functional import pure
 
 POSITIONS = ("learned", "rotary")
 
@@ -195,7 +195,7 @@ def transformer_lm(
 
     Example:
       >>> import jax, jax.numpy as jnp, hvpopt
-      >>> model_fn, params = hvpopt.models.transformer_lm()
+      >>> model_fn, params = hvpopt.testbed.models.transformer_lm()
       >>> jax.jit(model_fn)(params, jnp.zeros((2, 32), jnp.int32)).shape
       (2, 32, 64)
     """
@@ -215,8 +215,8 @@ def transformer_classifier(
 
     Example:
       >>> import jax, jax.numpy as jnp, hvpopt
-      >>> config = hvpopt.models.TransformerConfig(vocab_size=12, context_length=8)
-      >>> model_fn, params = hvpopt.models.transformer_classifier(config, num_classes=3)
+      >>> config = hvpopt.testbed.models.TransformerConfig(vocab_size=12, context_length=8)
+      >>> model_fn, params = hvpopt.testbed.models.transformer_classifier(config, num_classes=3)
       >>> jax.jit(model_fn)(params, jnp.ones((5, 8), jnp.int32)).shape
       (5, 3)
     """

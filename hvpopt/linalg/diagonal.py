@@ -13,8 +13,6 @@ Reference:
   Applied Numerical Mathematics 2007.
 """
 
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +20,7 @@ import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
-
-PyTree = Any
-MatVec = Callable[[PyTree], PyTree]
+from hvpopt.types import MatVec, PyTree
 
 
 def hutchinson_diagonal(

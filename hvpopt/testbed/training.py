@@ -23,11 +23,12 @@ import optax
 
 from jax.sharding import Mesh
 
-from hvpopt import _checks, _interrupts, sharding
-from hvpopt._progress import Progress
-from hvpopt.data import Dataset
+from hvpopt import _checks, sharding
+from hvpopt.testbed import interrupts
+from hvpopt.testbed.progress import Progress
+from hvpopt.testbed.data import Dataset
 from hvpopt.optim import hessian_free, natural_gradient, newton_cg
-from hvpopt.tasks import Task, check_batch_size
+from hvpopt.testbed.tasks import Task, check_batch_size
 
 
 def _adamw(task, options, learning_rate):
@@ -194,7 +195,7 @@ def make_optimizer(task: Task, options: TrainOptions) -> optax.GradientTransform
 
 def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = None,
           on_evaluation: Callable[[Any, list[dict]], None] | None = None,
-          progress: bool = True, mesh: Mesh | None = None) -> TrainResult:
+          progress: bool = False, mesh: Mesh | None = None) -> TrainResult:
     """Trains ``task`` from ``params`` (its initial parameters by default).
 
     Args:
@@ -216,9 +217,9 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
       A :class:`TrainResult`. Ctrl-C ends training early with
       ``interrupted=True`` and the parameters of the last completed step:
       from the main thread it is taken between steps, never inside a step
-      (:mod:`hvpopt._interrupts`), however often it is pressed.
+      (:mod:`hvpopt.testbed.interrupts`), however often it is pressed.
     """
-    with _interrupts.deferred_interrupts():
+    with interrupts.deferred_interrupts():
         return _train(task, options, task.params if params is None else params, on_evaluation, progress, mesh)
 
 
@@ -246,7 +247,7 @@ def _train(task: Task, options: TrainOptions, params: Any, on_evaluation: Callab
     start = time.perf_counter()
     try:
         while done < options.steps:
-            _interrupts.check_interrupt()  # the safe point, between steps
+            interrupts.check_interrupt()  # the safe point, between steps
             inputs, targets = place(_batch(task.train, next(batches)))
             params, opt_state, loss = step(params, opt_state, inputs, targets)
             losses.append(loss)

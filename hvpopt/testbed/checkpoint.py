@@ -4,7 +4,7 @@ A checkpoint is a folder holding
 
 * ``params-<SHA-256 prefix>.msgpack``: the parameters, one array per
   parameter path (``flax.serialization``; never pickle), named by their content;
-* ``config.json``: how to rebuild the task (:func:`hvpopt.tasks.make_task`),
+* ``config.json``: how to rebuild the task (:func:`hvpopt.testbed.tasks.make_task`),
   the training options, and a manifest of the parameters: the file's name, its
   SHA-256, every array's path, shape and dtype.
 
@@ -13,7 +13,7 @@ all-or-nothing: the new parameters go to a new file, then the config is
 renamed over the old one (the commit), and only then is the old parameters
 file removed. Killed at any moment, the folder holds the previous checkpoint
 or the new one. A folder is written by one process at a time (a lock on
-``.lock``, see :func:`hvpopt._io.owned_folder`), which also removes what a
+``.lock``, see :func:`hvpopt.testbed.files.owned_folder`), which also removes what a
 killed writer left. Format 1 checkpoints (``params.msgpack``) still load.
 Loading rebuilds the task from the config and refuses, with a one-line
 message naming the file, anything that does not match it: a missing or
@@ -31,7 +31,8 @@ import numpy as np
 from flax import serialization
 
 import hvpopt
-from hvpopt import _checks, _io, tasks
+from hvpopt import _checks
+from hvpopt.testbed import files, tasks
 
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 2
@@ -51,7 +52,7 @@ def save_checkpoint(directory: str, params: Any, config: dict) -> None:
 
     Example:
       >>> import tempfile, hvpopt
-      >>> task = hvpopt.tasks.make_task("blobs")
+      >>> task = hvpopt.testbed.tasks.make_task("blobs")
       >>> folder = tempfile.mkdtemp()
       >>> save_checkpoint(folder, task.params, {"task": task.config})
       >>> load_checkpoint(folder).task.name
@@ -68,9 +69,9 @@ def save_checkpoint(directory: str, params: Any, config: dict) -> None:
         "arrays": {path: {"shape": list(x.shape), "dtype": str(x.dtype)} for path, x in arrays.items()},
     }
     record = {"format_version": FORMAT_VERSION, **config, "params": manifest}
-    with _io.owned_folder(directory, "checkpoint folder"):
-        _io.write_atomically(os.path.join(directory, manifest["file"]), lambda file: file.write(payload))
-        _io.write_atomically(os.path.join(directory, CONFIG_FILE), lambda file: json.dump(record, file, indent=2, allow_nan=False), "w")
+    with files.owned_folder(directory, "checkpoint folder"):
+        files.write_atomically(os.path.join(directory, manifest["file"]), lambda file: file.write(payload))
+        files.write_atomically(os.path.join(directory, CONFIG_FILE), lambda file: json.dump(record, file, indent=2, allow_nan=False), "w")
         for name in os.listdir(directory):  # the previous checkpoint's parameters, now that nothing names them
             if name.startswith("params") and name.endswith(".msgpack") and name != manifest["file"]:
                 os.remove(os.path.join(directory, name))

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 
-from hvpopt import _interrupts
+from hvpopt.testbed import interrupts
 
 TEMPORARY_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
@@ -123,7 +123,7 @@ def _lock(folder: str, name: str, wait: bool) -> int:
                 by = f" (process {holder})" if holder else ""
                 raise FolderInUse(f"{name} {folder!r} is in use by another hvpopt run{by}; wait for it to "
                                   f"finish or choose another folder.") from None
-            _interrupts.check_interrupt()
+            interrupts.check_interrupt()
             time.sleep(0.1)
             continue
         try:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hvpopt import _checks
-from hvpopt.models._functional import pure
+from hvpopt.testbed.models._functional import pure
 
 
 class MLP(nnx.Module):
@@ -40,7 +40,7 @@ def mlp(
 
     Example:
       >>> import jax.numpy as jnp, hvpopt
-      >>> model_fn, params = hvpopt.models.mlp((3, 8, 2))
+      >>> model_fn, params = hvpopt.testbed.models.mlp((3, 8, 2))
       >>> model_fn(params, jnp.ones((5, 3))).shape
       (5, 2)
     """
@@ -59,7 +59,7 @@ def logistic_regression(num_features: int, num_classes: int, *, seed: int = 0) -
 
     Example:
       >>> import jax.numpy as jnp, hvpopt
-      >>> model_fn, params = hvpopt.models.logistic_regression(4, 3)
+      >>> model_fn, params = hvpopt.testbed.models.logistic_regression(4, 3)
       >>> model_fn(params, jnp.ones((5, 4))).shape
       (5, 3)
     """

@@ -1,14 +1,10 @@
 """Dense materialisation of a matrix-free operator, for small models."""
 
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
-
-PyTree = Any
-MatVec = Callable[[PyTree], PyTree]
+from hvpopt.types import MatVec, PyTree
 
 
 def dense_matrix(matvec: MatVec, like: PyTree, *, batch_size: int | None = None) -> jax.Array:

@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from hvpopt.data.dataset import Dataset, choose_flipped, flip_labels, make_dataset, split
-from hvpopt.data.tokenizer import CharTokenizer
+from hvpopt.testbed.data.dataset import Dataset, choose_flipped, flip_labels, make_dataset, split
+from hvpopt.testbed.data.tokenizer import CharTokenizer
 
 #: The most examples a generator makes, and the most values (examples times their
 #: length or features): a task larger than this does not fit a testbed's memory.

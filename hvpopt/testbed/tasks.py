@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 
-from hvpopt import _checks, data, losses
-from hvpopt.models import TransformerConfig, mlp, transformer_classifier, transformer_lm
+from hvpopt import _checks, losses
+from hvpopt.testbed import data
+from hvpopt.testbed.models import TransformerConfig, mlp, transformer_classifier, transformer_lm
 
 #: Model options of the transformer tasks (the vocabulary and context come from the data).
 TRANSFORMER_OPTIONS = {"d_model": 64, "num_layers": 2, "num_heads": 4, "mlp_ratio": 4,
@@ -114,13 +115,13 @@ def make_task(name: str = DEFAULT_TASK, *, seed: int = 0, flip_fraction: float =
         records which); for the classification and reverse tasks.
       l2: L2 penalty of the training objective; None for the task's default.
       data_options: keyword options of the task's data generator (e.g.
-        ``{"modulus": 7}`` for ``modular``; see :mod:`hvpopt.data`).
+        ``{"modulus": 7}`` for ``modular``; see :mod:`hvpopt.testbed.data`).
       model_options: model sizes, e.g. ``{"d_model": 32, "num_layers": 1}``
         (:data:`TRANSFORMER_OPTIONS`), or ``{"hidden_sizes": [32]}`` for ``blobs``.
 
     Example:
       >>> import jax, hvpopt
-      >>> task = hvpopt.tasks.make_task("modular", data_options={"modulus": 5})
+      >>> task = hvpopt.testbed.tasks.make_task("modular", data_options={"modulus": 5})
       >>> str(task.train.texts[0]), task.train.num_examples
       ('0+0=0', 13)
       >>> loss = jax.jit(task.batch_loss)(task.params, task.train.inputs, task.train.targets)

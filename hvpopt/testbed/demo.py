@@ -18,7 +18,7 @@ from jax.flatten_util import ravel_pytree
 
 import hvpopt
 from hvpopt import _checks
-from hvpopt.tasks import Task, first_batch
+from hvpopt.testbed.tasks import Task, first_batch
 
 
 def curvature_tour(task: Task, params: Any, *, batch_size: int = 16, seed: int = 0,
@@ -26,7 +26,7 @@ def curvature_tour(task: Task, params: Any, *, batch_size: int = 16, seed: int =
     """Runs every product once compiled and returns a report (a JSON-able dict).
 
     Args:
-      task: a built-in task (:func:`hvpopt.tasks.make_task`).
+      task: a built-in task (:func:`hvpopt.testbed.tasks.make_task`).
       params: its parameters (``task.params``, or a checkpoint's).
       batch_size: the first ``batch_size`` training examples form the batch.
       seed: seed of the random probes.
