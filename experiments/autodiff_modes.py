@@ -75,7 +75,8 @@ def compile_and_time_all(fns, *, repeats, target_sample_s, max_number=1000):
     ``number``, the calls per sample (about ``target_sample_s`` of work). Then
     ``repeats`` rounds each take one sample of every function in turn (round
     robin, each sample of a cheap function after one untimed call), so slow
-    drifts and load from other processes hit all candidates alike. Returns, per name, compile_s, median_s, min_s, max_s, repeats,
+    drifts and load from other processes hit all candidates alike. Returns, per name, compile_s, median_s, min_s, max_s,
+    repeats,
     number, and the output of one call (for correctness checks).
     """
     prepared = {}
@@ -118,8 +119,9 @@ def compile_and_time_all(fns, *, repeats, target_sample_s, max_number=1000):
 
 def dispatch_floor(repeats, target_sample_s):
     """Time of a jitted call that does almost nothing: the per-call overhead floor."""
-    rec = compile_and_time_all({"floor": (lambda x: x + 1.0, (jnp.zeros((), jnp.float32),))},
-                               repeats=repeats, target_sample_s=target_sample_s)
+    rec = compile_and_time_all(
+        {"floor": (lambda x: x + 1.0, (jnp.zeros((), jnp.float32),))}, repeats=repeats, target_sample_s=target_sample_s
+    )
     return _strip(rec["floor"])
 
 
@@ -149,9 +151,7 @@ def jacobian_point(n, m, h, *, repeats, target_sample_s, seed=0):
     }
     timings = compile_and_time_all(fns, repeats=repeats, target_sample_s=target_sample_s)
     ref = np.asarray(timings["rev"]["out"])
-    max_abs_diff = {
-        name: float(np.max(np.abs(np.asarray(t["out"]) - ref))) for name, t in timings.items()
-    }
+    max_abs_diff = {name: float(np.max(np.abs(np.asarray(t["out"]) - ref))) for name, t in timings.items()}
     assert ref.shape == (m, n), ref.shape
 
     prefers_forward = bool(jacobian_mode_prefers_forward(two_layer, x, w1, w2))
@@ -268,31 +268,37 @@ def run_jacobians(cfg, log):
         p = jacobian_point(n, m_fixed, h, repeats=cfg["jac_repeats"], target_sample_s=cfg["target_sample_s"])
         n_sweep.append(p)
         log(
-            f"  n={n:5d} m={m_fixed}: fwd {p['fwd']['median_s']*1e3:8.3f} ms  rev {p['rev']['median_s']*1e3:8.3f} ms"
-            f"  auto {p['auto']['median_s']*1e3:8.3f} ms  (auto={p['auto_choice']}, faster={p['faster']})"
+            f"  n={n:5d} m={m_fixed}: fwd {p['fwd']['median_s'] * 1e3:8.3f} ms  "
+            f"rev {p['rev']['median_s'] * 1e3:8.3f} ms"
+            f"  auto {p['auto']['median_s'] * 1e3:8.3f} ms  (auto={p['auto_choice']}, faster={p['faster']})"
         )
     for m in cfg["sizes"]:
         p = jacobian_point(n_fixed, m, h, repeats=cfg["jac_repeats"], target_sample_s=cfg["target_sample_s"])
         m_sweep.append(p)
         log(
-            f"  n={n_fixed} m={m:5d}: fwd {p['fwd']['median_s']*1e3:8.3f} ms  rev {p['rev']['median_s']*1e3:8.3f} ms"
-            f"  auto {p['auto']['median_s']*1e3:8.3f} ms  (auto={p['auto_choice']}, faster={p['faster']})"
+            f"  n={n_fixed} m={m:5d}: fwd {p['fwd']['median_s'] * 1e3:8.3f} ms  "
+            f"rev {p['rev']['median_s'] * 1e3:8.3f} ms"
+            f"  auto {p['auto']['median_s'] * 1e3:8.3f} ms  (auto={p['auto_choice']}, faster={p['faster']})"
         )
     return {
         "function": "f(x) = tanh(W2 @ tanh(W1 @ x)), W1 [h, n], W2 [m, h], float32",
         "h": h,
-        "vary_n": {"m": m_fixed, "points": n_sweep,
-                   "crossover": crossover(n_sweep, "n", m_fixed, rev_wins_when_large=True),
-                   "picks": pick_summary(n_sweep),
-                   "crossover_by_min": crossover(n_sweep, "n", m_fixed, rev_wins_when_large=True,
-                                                 view=by_min),
-                   "picks_by_min": pick_summary(n_sweep, by_min)},
-        "vary_m": {"n": n_fixed, "points": m_sweep,
-                   "crossover": crossover(m_sweep, "m", n_fixed, rev_wins_when_large=False),
-                   "picks": pick_summary(m_sweep),
-                   "crossover_by_min": crossover(m_sweep, "m", n_fixed, rev_wins_when_large=False,
-                                                 view=by_min),
-                   "picks_by_min": pick_summary(m_sweep, by_min)},
+        "vary_n": {
+            "m": m_fixed,
+            "points": n_sweep,
+            "crossover": crossover(n_sweep, "n", m_fixed, rev_wins_when_large=True),
+            "picks": pick_summary(n_sweep),
+            "crossover_by_min": crossover(n_sweep, "n", m_fixed, rev_wins_when_large=True, view=by_min),
+            "picks_by_min": pick_summary(n_sweep, by_min),
+        },
+        "vary_m": {
+            "n": n_fixed,
+            "points": m_sweep,
+            "crossover": crossover(m_sweep, "m", n_fixed, rev_wins_when_large=False),
+            "picks": pick_summary(m_sweep),
+            "crossover_by_min": crossover(m_sweep, "m", n_fixed, rev_wins_when_large=False, view=by_min),
+            "picks_by_min": pick_summary(m_sweep, by_min),
+        },
         "picks_all": pick_summary(n_sweep + m_sweep),
         "picks_all_by_min": pick_summary(n_sweep + m_sweep, by_min),
     }
@@ -328,13 +334,14 @@ def hvp_point(width, cfg, *, dense):
             for mode in ("fwd_rev", "rev_rev", "rev_fwd")
         },
     }
-    timings = compile_and_time_all(fns, repeats=cfg["hvp_repeats"],
-                                   target_sample_s=cfg["target_sample_s"])
+    timings = compile_and_time_all(fns, repeats=cfg["hvp_repeats"], target_sample_s=cfg["target_sample_s"])
     if dense:  # timed on its own: its large buffers would disturb the cheap calls after it
         loss_flat = lambda theta, x, y: loss(unravel(theta), x, y)
         timings |= compile_and_time_all(
             {"dense_hessian": (lambda theta, x, y: jax.hessian(loss_flat)(theta, x, y), (flat, x, y))},
-            repeats=cfg["dense_repeats"], target_sample_s=cfg["target_sample_s"])
+            repeats=cfg["dense_repeats"],
+            target_sample_s=cfg["target_sample_s"],
+        )
 
     # Correctness: the three HVP modes agree with each other (and with H @ v when dense).
     ref = ravel_pytree(timings["hvp_fwd_rev"]["out"])[0]
@@ -358,13 +365,16 @@ def hvp_point(width, cfg, *, dense):
         "grad_matmul_flops_est": grad_flops,
         "grad_gflops_per_s_est": grad_flops / t_grad / 1e9,
         **{name: _strip(t) for name, t in timings.items()},
-        "ratio_to_grad": {
-            name: t["median_s"] / t_grad for name, t in timings.items() if name != "grad"
-        },
+        "ratio_to_grad": {name: t["median_s"] / t_grad for name, t in timings.items() if name != "grad"},
         # dense Hessian time per column, in units of one fwd_rev HVP
-        **({"dense_over_P_times_hvp_fwd_rev":
-            timings["dense_hessian"]["median_s"] / (P * timings["hvp_fwd_rev"]["median_s"])}
-           if dense else {}),
+        **(
+            {
+                "dense_over_P_times_hvp_fwd_rev": timings["dense_hessian"]["median_s"]
+                / (P * timings["hvp_fwd_rev"]["median_s"])
+            }
+            if dense
+            else {}
+        ),
         "max_rel_diff_vs_fwd_rev": rel_diff,
     }
 
@@ -376,8 +386,13 @@ def loglog_slope(points, key, p_min=0, stat="median_s"):
         return None
     P, t = np.log(np.array(pts, float)).T
     slope, intercept = np.polyfit(P, t, 1)
-    return {"slope": float(slope), "intercept_log_s": float(intercept), "n_points": len(pts),
-            "P_min": int(min(p for p, _ in pts)), "P_max": int(max(p for p, _ in pts))}
+    return {
+        "slope": float(slope),
+        "intercept_log_s": float(intercept),
+        "n_points": len(pts),
+        "P_min": int(min(p for p, _ in pts)),
+        "P_max": int(max(p for p, _ in pts)),
+    }
 
 
 def run_hvps(cfg, log):
@@ -388,7 +403,7 @@ def run_hvps(cfg, log):
         assert p["P"] == P, (p["P"], P)
         points.append(p)
         msg = "  ".join(
-            f"{k} {p[k]['median_s']*1e3:8.3f}ms"
+            f"{k} {p[k]['median_s'] * 1e3:8.3f}ms"
             for k in ("grad", "hvp_fwd_rev", "hvp_rev_rev", "hvp_rev_fwd", "dense_hessian")
             if k in p
         )
@@ -410,8 +425,7 @@ def run_hvps(cfg, log):
             "max_all": float(np.max(r)),
             "median_large_P": float(np.median(r_large)) if r_large else None,
             "at_largest_P": float(r[-1]),
-            "median_all_by_min": float(np.median(
-                [p[k]["min_s"] / p["grad"]["min_s"] for p in points])),
+            "median_all_by_min": float(np.median([p[k]["min_s"] / p["grad"]["min_s"] for p in points])),
         }
     dense_pts = [p for p in points if "dense_hessian" in p]
     return {
@@ -428,8 +442,7 @@ def run_hvps(cfg, log):
         "fit_P_min_large": p_fit,
         "ratio_to_grad": ratios,
         "dense_over_hvp_fwd_rev_at_largest_dense_P": (
-            dense_pts[-1]["dense_hessian"]["median_s"] / dense_pts[-1]["hvp_fwd_rev"]["median_s"]
-            if dense_pts else None
+            dense_pts[-1]["dense_hessian"]["median_s"] / dense_pts[-1]["hvp_fwd_rev"]["median_s"] if dense_pts else None
         ),
     }
 
@@ -456,43 +469,60 @@ def plot(results, path):
         xs = [p[key] for p in pts]
         for name in ("fwd", "rev", "auto"):
             c, mk, ls = styles[name]
-            ax.plot(xs, [p[name]["median_s"] * 1e3 for p in pts], color=c, marker=mk, ls=ls,
-                    ms=7 if name == "auto" else 5, label=labels[name])
+            ax.plot(
+                xs,
+                [p[name]["median_s"] * 1e3 for p in pts],
+                color=c,
+                marker=mk,
+                ls=ls,
+                ms=7 if name == "auto" else 5,
+                label=labels[name],
+            )
         fixed = sweep[fixed_name]
         ax.axvline(fixed, color="gray", ls="--", lw=1, label=f"{key} = {fixed_name} = {fixed}")
         cross = sweep["crossover"]["interpolated_crossover_size"]
         cross_min = sweep["crossover_by_min"]["interpolated_crossover_size"]
         if cross:
             by_min = f"; by min time ~ {cross_min:.0f}" if cross_min else ""
-            ax.axvline(cross, color="C2", ls="-.", lw=1,
-                       label=f"measured crossover ~ {cross:.0f} (median{by_min})")
+            ax.axvline(cross, color="C2", ls="-.", lw=1, label=f"measured crossover ~ {cross:.0f} (median{by_min})")
         picks = sweep["picks"]
-        ax.axhline(floor_ms, color="gray", ls=":", lw=1, label=f"per-call floor ({floor_ms*1e3:.0f} us)")
+        ax.axhline(floor_ms, color="gray", ls=":", lw=1, label=f"per-call floor ({floor_ms * 1e3:.0f} us)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(f"{'input' if key == 'n' else 'output'} size {key}  ({fixed_name} = {fixed}, h = {jac['h']})")
         ax.set_ylabel("Jacobian time per call [ms]")
         panel = "(a)" if key == "n" else "(b)"
-        ax.set_title(f"{panel} Jacobian of tanh(W2 tanh(W1 x)), vary {key}\n"
-                     f"auto picked faster side {picks['correct_strict']}/{picks['points']} "
-                     f"({picks['correct_within_tol']}/{picks['points']} within {int(TIE_TOLERANCE*100)}%)")
+        ax.set_title(
+            f"{panel} Jacobian of tanh(W2 tanh(W1 x)), vary {key}\n"
+            f"auto picked faster side {picks['correct_strict']}/{picks['points']} "
+            f"({picks['correct_within_tol']}/{picks['points']} within {int(TIE_TOLERANCE * 100)}%)"
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
 
     hv = results["hvp"]
     ax = axes[2]
-    names = {"grad": ("gradient", "C7", "o"), "hvp_fwd_rev": ("HVP fwd_rev", "C0", "s"),
-             "hvp_rev_rev": ("HVP rev_rev", "C1", "^"), "hvp_rev_fwd": ("HVP rev_fwd", "C2", "v"),
-             "dense_hessian": ("dense Hessian (jax.hessian)", "C3", "D")}
+    names = {
+        "grad": ("gradient", "C7", "o"),
+        "hvp_fwd_rev": ("HVP fwd_rev", "C0", "s"),
+        "hvp_rev_rev": ("HVP rev_rev", "C1", "^"),
+        "hvp_rev_fwd": ("HVP rev_fwd", "C2", "v"),
+        "dense_hessian": ("dense Hessian (jax.hessian)", "C3", "D"),
+    }
     for k, (label, c, mk) in names.items():
         pts = [p for p in hv["points"] if k in p]
         s_all, s_large = hv["slopes_all"][k], hv["slopes_large_P"][k]
         slope_txt = f"slope {s_all['slope']:.2f} all P" if s_all else ""
         if s_large:
             slope_txt += f", {s_large['slope']:.2f} P>={s_large['P_min']}"
-        ax.plot([p["P"] for p in pts], [p[k]["median_s"] * 1e3 for p in pts], color=c, marker=mk,
-                label=f"{label} ({slope_txt})")
-    ax.axhline(floor_ms, color="gray", ls=":", lw=1, label=f"per-call floor ({floor_ms*1e3:.0f} us)")
+        ax.plot(
+            [p["P"] for p in pts],
+            [p[k]["median_s"] * 1e3 for p in pts],
+            color=c,
+            marker=mk,
+            label=f"{label} ({slope_txt})",
+        )
+    ax.axhline(floor_ms, color="gray", ls=":", lw=1, label=f"per-call floor ({floor_ms * 1e3:.0f} us)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(f"parameter count P  (MLP (d_in, w, w, d_out), batch {hv['batch']})")
@@ -501,9 +531,11 @@ def plot(results, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
 
-    fig.suptitle(f"hvpopt autodiff modes on {results['machine']['jax_devices'][0]} "
-                 f"({results['machine']['cpu_count']} CPU cores), float32, median of repeats, compile excluded",
-                 fontsize=11)
+    fig.suptitle(
+        f"hvpopt autodiff modes on {results['machine']['jax_devices'][0]} "
+        f"({results['machine']['cpu_count']} CPU cores), float32, median of repeats, compile excluded",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -542,29 +574,51 @@ def machine_info():
 def config(quick):
     if quick:
         return {
-            "h": 128, "m_fixed": 128, "n_fixed": 128,
+            "h": 128,
+            "m_fixed": 128,
+            "n_fixed": 128,
             "sizes": [16, 64, 128, 256, 1024],
-            "jac_repeats": 3, "target_sample_s": 0.005,
-            "d_in": 16, "d_out": 10, "batch": 128,
+            "jac_repeats": 3,
+            "target_sample_s": 0.005,
+            "d_in": 16,
+            "d_out": 10,
+            "batch": 128,
             "widths": [4, 16, 32, 128],
             "dense_max_P": 2000,
-            "hvp_repeats": 3, "dense_repeats": 2,
-            "fit_P_min": {"grad": 1000, "hvp_fwd_rev": 1000, "hvp_rev_rev": 1000,
-                          "hvp_rev_fwd": 1000, "dense_hessian": 300},
+            "hvp_repeats": 3,
+            "dense_repeats": 2,
+            "fit_P_min": {
+                "grad": 1000,
+                "hvp_fwd_rev": 1000,
+                "hvp_rev_rev": 1000,
+                "hvp_rev_fwd": 1000,
+                "dense_hessian": 300,
+            },
         }
     return {
-        "h": 256, "m_fixed": 256, "n_fixed": 256,
+        "h": 256,
+        "m_fixed": 256,
+        "n_fixed": 256,
         # geometric 16..4096, denser around the expected crossover at 256
         "sizes": [16, 32, 64, 128, 181, 224, 256, 292, 362, 512, 1024, 2048, 4096],
-        "jac_repeats": 9, "target_sample_s": 0.02,
-        "d_in": 16, "d_out": 10, "batch": 512,
+        "jac_repeats": 9,
+        "target_sample_s": 0.02,
+        "d_in": 16,
+        "d_out": 10,
+        "batch": 512,
         # P = 16w + w^2 + 10w + 2w + 10: w=4 -> 138, w=40 -> 2730, w=300 -> 98410
         "widths": [4, 6, 9, 13, 19, 27, 40, 57, 80, 113, 160, 226, 300],
         "dense_max_P": 3000,
-        "hvp_repeats": 9, "dense_repeats": 3,
+        "hvp_repeats": 9,
+        "dense_repeats": 3,
         # the large-P fits start where compute, not per-op overhead, dominates
-        "fit_P_min": {"grad": 10000, "hvp_fwd_rev": 10000, "hvp_rev_rev": 10000,
-                      "hvp_rev_fwd": 10000, "dense_hessian": 300},
+        "fit_P_min": {
+            "grad": 10000,
+            "hvp_fwd_rev": 10000,
+            "hvp_rev_rev": 10000,
+            "hvp_rev_fwd": 10000,
+            "dense_hessian": 300,
+        },
     }
 
 
@@ -578,14 +632,18 @@ def main(argv=None):
     t_start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t_start:6.1f}s] {s}", flush=True)
 
-    results = {"experiment": "autodiff_modes", "quick": args.quick, "config": cfg,
-               "machine": machine_info(),
-               "timing_method": "jax.jit + lower().compile() (compile_s reported separately); one warm-up "
-                                "call; median over `repeats` samples, each the mean of `number` calls "
-                                "blocked with jax.block_until_ready"}
+    results = {
+        "experiment": "autodiff_modes",
+        "quick": args.quick,
+        "config": cfg,
+        "machine": machine_info(),
+        "timing_method": "jax.jit + lower().compile() (compile_s reported separately); one warm-up "
+        "call; median over `repeats` samples, each the mean of `number` calls "
+        "blocked with jax.block_until_ready",
+    }
     log(f"devices {results['machine']['jax_devices']}, {results['machine']['cpu_count']} CPUs")
     results["dispatch_floor"] = dispatch_floor(cfg["hvp_repeats"], cfg["target_sample_s"])
-    log(f"dispatch floor (jitted x + 1 on a scalar): {results['dispatch_floor']['median_s']*1e6:.1f} us")
+    log(f"dispatch floor (jitted x + 1 on a scalar): {results['dispatch_floor']['median_s'] * 1e6:.1f} us")
     loadavg = {"start": os.getloadavg()}
     log(f"load average {loadavg['start']}")
     log("claim 1: Jacobian, forward vs reverse mode")
@@ -607,18 +665,27 @@ def main(argv=None):
     log("summary")
     for sweep, stat in (("vary_n", ""), ("vary_m", ""), ("vary_n", "_by_min"), ("vary_m", "_by_min")):
         c, p = jac[sweep]["crossover" + stat], jac[sweep]["picks" + stat]
-        log(f"  {sweep}{stat or ' (median)'}: large-{c['swept']} winner {c['large_size_winner']}: first win at {c['first_size_where_large_winner_wins']}, "
+        log(
+            f"  {sweep}{stat or ' (median)'}: large-{c['swept']} winner {c['large_size_winner']}: "
+            f"first win at {c['first_size_where_large_winner_wins']}, "
             f"stable from {c['stable_crossover_size']}, interpolated {c['interpolated_crossover_size']} "
             f"(x{c['interpolated_crossover_over_fixed']} of fixed {c['fixed']}); "
-            f"auto correct {p['correct_strict']}/{p['points']} strict, {p['correct_within_tol']}/{p['points']} within tol, "
-            f"max loss {p['max_time_lost_rel']:.1%}")
+            f"auto correct {p['correct_strict']}/{p['points']} strict, "
+            f"{p['correct_within_tol']}/{p['points']} within tol, "
+            f"max loss {p['max_time_lost_rel']:.1%}"
+        )
     for k in ("grad", "hvp_fwd_rev", "hvp_rev_rev", "hvp_rev_fwd", "dense_hessian"):
         s, sl = hv["slopes_all"][k], hv["slopes_large_P"][k]
         sm, slm = hv["slopes_all_by_min"][k], hv["slopes_large_P_by_min"][k]
-        log(f"  slope {k:14s}: all {s['slope']:.2f}   P>={sl['P_min']}: {sl['slope']:.2f}"
-            f"   (by min time: {sm['slope']:.2f}, {slm['slope']:.2f})")
+        log(
+            f"  slope {k:14s}: all {s['slope']:.2f}   P>={sl['P_min']}: {sl['slope']:.2f}"
+            f"   (by min time: {sm['slope']:.2f}, {slm['slope']:.2f})"
+        )
     for k, r in hv["ratio_to_grad"].items():
-        log(f"  {k}/grad: median {r['median_all']:.2f} (large P {r['median_large_P']:.2f}, at largest P {r['at_largest_P']:.2f})")
+        log(
+            f"  {k}/grad: median {r['median_all']:.2f} (large P {r['median_large_P']:.2f}, "
+            f"at largest P {r['at_largest_P']:.2f})"
+        )
     log(f"wrote {json_path} and {png_path}")
 
 

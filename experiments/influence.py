@@ -48,7 +48,6 @@ from hvpopt import influence, tasks, training  # noqa: E402
 from hvpopt.influence import pearson, spearman  # noqa: E402
 from hvpopt.testbed.files import atomic_path  # noqa: E402
 
-
 # ---------------------------------------------------------------- 1. leave-one-out
 
 
@@ -73,7 +72,7 @@ def leave_one_out(lam: float, quick: bool) -> dict:
 
         def objective(v):
             losses = jax.vmap(softmax_loss, in_axes=(None, 0))(unravel(v), train)
-            return jnp.sum(weights * losses) / n + 0.5 * lam * jnp.sum(v ** 2)
+            return jnp.sum(weights * losses) / n + 0.5 * lam * jnp.sum(v**2)
 
         newton = lambda _, v: v - jnp.linalg.solve(jax.hessian(objective)(v), jax.grad(objective)(v))
         return unravel(jax.lax.fori_loop(0, 25, newton, flat))
@@ -82,25 +81,48 @@ def leave_one_out(lam: float, quick: bool) -> dict:
     query_losses = jax.jit(lambda p: jax.vmap(softmax_loss, in_axes=(None, 0))(p, queries))
     removed = np.arange(0, n, 6 if quick else 3)
     start = time.perf_counter()
-    actual = np.stack([query_losses(retrain(params, jnp.ones(n).at[j].set(0.0))) - query_losses(params)
-                       for j in removed], axis=1)
+    actual = np.stack(
+        [query_losses(retrain(params, jnp.ones(n).at[j].set(0.0))) - query_losses(params) for j in removed], axis=1
+    )
     retrain_seconds = time.perf_counter() - start
-    settings = {"exact": {}, "cg": {"rtol": 1e-12, "maxiter": 200}, "lissa": {"depth": 2000},
-                "arnoldi (full rank 42)": {"rank": 42}, "arnoldi (rank 10)": {"rank": 10}, "identity": {}}
+    settings = {
+        "exact": {},
+        "cg": {"rtol": 1e-12, "maxiter": 200},
+        "lissa": {"depth": 2000},
+        "arnoldi (full rank 42)": {"rank": 42},
+        "arnoldi (rank 10)": {"rank": 10},
+        "identity": {},
+    }
     results, predicted = {}, {}
     for name, options in settings.items():
         start = time.perf_counter()
-        scores = np.asarray(influence.pairwise_scores(softmax_loss, params, train, queries, method=name.split()[0],
-                                                      damping=lam, **options))
+        scores = np.asarray(
+            influence.pairwise_scores(
+                softmax_loss, params, train, queries, method=name.split()[0], damping=lam, **options
+            )
+        )
         seconds = time.perf_counter() - start
         predicted[name] = scores[:, removed]
-        results[name] = {"pearson": pearson(predicted[name], actual), "spearman": spearman(predicted[name], actual),
-                         "slope": float(np.sum(predicted[name] * actual) / np.sum(predicted[name] ** 2)),
-                         "pearson_with_exact": pearson(scores[:, removed], predicted["exact"]), "seconds": seconds}
-    return {"lam": lam, "train_examples": n, "queries": 8, "removed": len(removed),
-            "retrain_seconds": retrain_seconds, "methods": results,
-            "scatter": {"actual": actual.ravel().tolist(), "exact": predicted["exact"].ravel().tolist(),
-                        "identity": predicted["identity"].ravel().tolist()}}
+        results[name] = {
+            "pearson": pearson(predicted[name], actual),
+            "spearman": spearman(predicted[name], actual),
+            "slope": float(np.sum(predicted[name] * actual) / np.sum(predicted[name] ** 2)),
+            "pearson_with_exact": pearson(scores[:, removed], predicted["exact"]),
+            "seconds": seconds,
+        }
+    return {
+        "lam": lam,
+        "train_examples": n,
+        "queries": 8,
+        "removed": len(removed),
+        "retrain_seconds": retrain_seconds,
+        "methods": results,
+        "scatter": {
+            "actual": actual.ravel().tolist(),
+            "exact": predicted["exact"].ravel().tolist(),
+            "identity": predicted["identity"].ravel().tolist(),
+        },
+    }
 
 
 # ---------------------------------------------------------------- 2. flipped labels
@@ -110,17 +132,28 @@ def flipped_labels(name: str, quick: bool) -> dict:
     if name == "blobs":
         task = tasks.make_task("blobs", flip_fraction=0.1)
         options = training.TrainOptions(steps=30, batch_size=None, optimizer="newton_cg", eval_every=30)
-        damping, curvature, methods = task.l2, "hessian", {"exact": {}, "cg": {"maxiter": 100}, "arnoldi": {"rank": 20},
-                                                          "lissa": {}, "identity": {}}
+        damping, curvature, methods = (
+            task.l2,
+            "hessian",
+            {"exact": {}, "cg": {"maxiter": 100}, "arnoldi": {"rank": 20}, "lissa": {}, "identity": {}},
+        )
     else:
-        task = tasks.make_task("dyck", flip_fraction=0.1, data_options={"num_examples": 500 if quick else 1000},
-                               model_options={"d_model": 16, "num_layers": 1, "num_heads": 2})
-        options = training.TrainOptions(steps=400 if quick else 1500, batch_size=None, optimizer="adam",
-                                        learning_rate=1e-2, eval_every=10_000)
+        task = tasks.make_task(
+            "dyck",
+            flip_fraction=0.1,
+            data_options={"num_examples": 500 if quick else 1000},
+            model_options={"d_model": 16, "num_layers": 1, "num_heads": 2},
+        )
+        options = training.TrainOptions(
+            steps=400 if quick else 1500, batch_size=None, optimizer="adam", learning_rate=1e-2, eval_every=10_000
+        )
         subset = task.train.take(np.sort(np.random.default_rng(0).choice(task.train.num_examples, 128, replace=False)))
         cheaper = {"curvature_data": (subset.inputs, subset.targets)}  # one CG solve per training example
-        damping, curvature, methods = 1e-3, "ggn", {"cg": {"maxiter": 10, **cheaper}, "arnoldi": {"rank": 50},
-                                                    "identity": {}}
+        damping, curvature, methods = (
+            1e-3,
+            "ggn",
+            {"cg": {"maxiter": 10, **cheaper}, "arnoldi": {"rank": 50}, "identity": {}},
+        )
     start = time.perf_counter()
     result = training.train(task, options)
     train_seconds = time.perf_counter() - start
@@ -131,17 +164,33 @@ def flipped_labels(name: str, quick: bool) -> dict:
     seconds = {}
     for method, extra in methods.items():
         start = time.perf_counter()
-        scores = influence.self_scores(task.example_loss, result.params, train, method=method, damping=damping,
-                                       curvature=curvature, model=(task.model_fn, task.loss), **extra)
+        scores = influence.self_scores(
+            task.example_loss,
+            result.params,
+            train,
+            method=method,
+            damping=damping,
+            curvature=curvature,
+            model=(task.model_fn, task.loss),
+            **extra,
+        )
         seconds[method] = time.perf_counter() - start
         curves[f"self-influence ({method})"] = _recall_curve(np.asarray(scores), flipped)
     tenth = round(0.1 * flipped.size)
     at_10 = {label: (0.1 if curve is None else curve[tenth - 1]) for label, curve in curves.items()}
-    return {"task": task.describe(), "train_seconds": train_seconds,
-            "train_loss": float(losses.mean()), "flipped": int(flipped.sum()),
-            "mean_loss_flipped": float(losses[flipped].mean()), "mean_loss_clean": float(losses[~flipped].mean()),
-            "damping": damping, "curvature": curvature, "recall_at_10_percent": at_10, "seconds": seconds,
-            "curves": {label: curve for label, curve in curves.items() if curve is not None}}
+    return {
+        "task": task.describe(),
+        "train_seconds": train_seconds,
+        "train_loss": float(losses.mean()),
+        "flipped": int(flipped.sum()),
+        "mean_loss_flipped": float(losses[flipped].mean()),
+        "mean_loss_clean": float(losses[~flipped].mean()),
+        "damping": damping,
+        "curvature": curvature,
+        "recall_at_10_percent": at_10,
+        "seconds": seconds,
+        "curves": {label: curve for label, curve in curves.items() if curve is not None},
+    }
 
 
 def _recall_curve(scores: np.ndarray, flipped: np.ndarray) -> list[float]:
@@ -153,8 +202,11 @@ def _recall_curve(scores: np.ndarray, flipped: np.ndarray) -> list[float]:
 
 
 def bregman(quick: bool) -> dict:
-    task = tasks.make_task("shakespeare", data_options={"context_length": 16},
-                           model_options={"d_model": 16, "num_layers": 1, "num_heads": 2})
+    task = tasks.make_task(
+        "shakespeare",
+        data_options={"context_length": 16},
+        model_options={"d_model": 16, "num_layers": 1, "num_heads": 2},
+    )
     options = training.TrainOptions(steps=300, batch_size=32, learning_rate=1e-2, eval_every=10_000)
     params = training.train(task, options).params
     n, damping = 4000, 0.1
@@ -165,25 +217,56 @@ def bregman(quick: bool) -> dict:
     model = (task.model_fn, task.loss)
     removed = np.arange(0, n, n // (8 if quick else 16))
     query_losses = jax.jit(lambda p: jax.vmap(task.example_loss, in_axes=(None, 0))(p, examples(queries)))
-    response = jax.jit(lambda example: query_losses(influence.proximal_bregman_response(
-        task.example_loss, model, params, examples(subset), example, num_train=n, damping=damping)))
+    response = jax.jit(
+        lambda example: query_losses(
+            influence.proximal_bregman_response(
+                task.example_loss, model, params, examples(subset), example, num_train=n, damping=damping
+            )
+        )
+    )
     start = time.perf_counter()
     base = query_losses(params)
-    actual = np.stack([np.asarray(response(jax.tree.map(lambda a: a[j], examples(train))) - base)
-                       for j in removed], axis=1)
+    actual = np.stack(
+        [np.asarray(response(jax.tree.map(lambda a: a[j], examples(train))) - base) for j in removed], axis=1
+    )
     response_seconds = time.perf_counter() - start
     results = {}
-    for name, method, extra in [("cg (200 iterations)", "cg", {"maxiter": 200, "rtol": 1e-6}),
-                                ("cg (10 iterations)", "cg", {"maxiter": 10}),
-                                ("arnoldi (rank 30)", "arnoldi", {"rank": 30}), ("identity", "identity", {})]:
+    for name, method, extra in [
+        ("cg (200 iterations)", "cg", {"maxiter": 200, "rtol": 1e-6}),
+        ("cg (10 iterations)", "cg", {"maxiter": 10}),
+        ("arnoldi (rank 30)", "arnoldi", {"rank": 30}),
+        ("identity", "identity", {}),
+    ]:
         start = time.perf_counter()
-        scores = np.asarray(influence.pairwise_scores(
-            task.example_loss, params, examples(train), examples(queries), method=method, damping=damping,
-            curvature="ggn", model=model, curvature_data=examples(subset), **extra))[:, removed]
-        results[name] = {"pearson": pearson(scores, actual), "spearman": spearman(scores, actual),
-                         "seconds": time.perf_counter() - start}
-    return {"task": task.describe(), "train_examples": n, "curvature_examples": 64, "damping": damping,
-            "removed": len(removed), "queries": 5, "response_seconds": response_seconds, "methods": results}
+        scores = np.asarray(
+            influence.pairwise_scores(
+                task.example_loss,
+                params,
+                examples(train),
+                examples(queries),
+                method=method,
+                damping=damping,
+                curvature="ggn",
+                model=model,
+                curvature_data=examples(subset),
+                **extra,
+            )
+        )[:, removed]
+        results[name] = {
+            "pearson": pearson(scores, actual),
+            "spearman": spearman(scores, actual),
+            "seconds": time.perf_counter() - start,
+        }
+    return {
+        "task": task.describe(),
+        "train_examples": n,
+        "curvature_examples": 64,
+        "damping": damping,
+        "removed": len(removed),
+        "queries": 5,
+        "response_seconds": response_seconds,
+        "methods": results,
+    }
 
 
 # ---------------------------------------------------------------- report
@@ -202,8 +285,11 @@ def plot(report: dict, path: str) -> None:
     low = min(min(scatter["actual"]), min(scatter["exact"]))
     high = max(max(scatter["actual"]), max(scatter["exact"]))
     axes[0].plot([low, high], [low, high], "k--", lw=0.8)
-    axes[0].set(xlabel="predicted change of test loss", ylabel="actual change (leave-one-out)",
-                title=f"wine, logistic regression, L2 {report['leave_one_out']['lam']}")
+    axes[0].set(
+        xlabel="predicted change of test loss",
+        ylabel="actual change (leave-one-out)",
+        title=f"wine, logistic regression, L2 {report['leave_one_out']['lam']}",
+    )
     axes[0].legend()
     for axis, key in zip(axes[1:], ("blobs", "dyck")):
         curves = report["flipped_labels"][key]["curves"]
@@ -213,8 +299,12 @@ def plot(report: dict, path: str) -> None:
             axis.plot(fractions, curve, label=label)
         axis.plot([0, 1], [0, 1], "k:", lw=0.8, label="random")
         axis.axvline(0.1, color="grey", lw=0.5)
-        axis.set(xlabel="fraction of training set inspected", ylabel="fraction of flipped labels found",
-                 title=f"{key}: recall of flipped labels", xlim=(0, 0.5))
+        axis.set(
+            xlabel="fraction of training set inspected",
+            ylabel="fraction of flipped labels found",
+            title=f"{key}: recall of flipped labels",
+            xlim=(0, 0.5),
+        )
         axis.legend(fontsize=7)
     figure.tight_layout()
     with atomic_path(path) as temporary:
@@ -234,7 +324,8 @@ def main() -> None:
         "experiment": "influence",
         "environment": environment(("jax", "jaxlib", "flax", "optax", "numpy", "scikit-learn", "hvpopt")),
         "cpu_load_before": load_before,
-        "leave_one_out": loo["0.1"], "leave_one_out_lam_0.01": {k: v for k, v in loo["0.01"].items() if k != "scatter"},
+        "leave_one_out": loo["0.1"],
+        "leave_one_out_lam_0.01": {k: v for k, v in loo["0.01"].items() if k != "scatter"},
         "flipped_labels": {name: flipped_labels(name, args.quick) for name in ("blobs", "dyck")},
         "proximal_bregman_response": bregman(args.quick),
     }
@@ -244,13 +335,25 @@ def main() -> None:
         with open(temporary, "w") as file:
             json.dump(report, file, indent=1)
     plot(report, os.path.join(args.out_dir, "influence.png"))
-    print(json.dumps({
-        "leave_one_out": {lam: {m: {k: round(v, 4) for k, v in r.items() if k != "seconds"}
-                                for m, r in (loo[lam]["methods"]).items()} for lam in loo},
-        "flipped_recall_at_10_percent": {k: v["recall_at_10_percent"] for k, v in report["flipped_labels"].items()},
-        "proximal_bregman_response": report["proximal_bregman_response"]["methods"],
-        "seconds": report["seconds"],
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "leave_one_out": {
+                    lam: {
+                        m: {k: round(v, 4) for k, v in r.items() if k != "seconds"}
+                        for m, r in (loo[lam]["methods"]).items()
+                    }
+                    for lam in loo
+                },
+                "flipped_recall_at_10_percent": {
+                    k: v["recall_at_10_percent"] for k, v in report["flipped_labels"].items()
+                },
+                "proximal_bregman_response": report["proximal_bregman_response"]["methods"],
+                "seconds": report["seconds"],
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def rosenbrock_residuals(x, inputs):
     """Residuals of the extended Rosenbrock function, ``[1, n]`` (``inputs`` is unused)."""
     del inputs
     odd, even = x[0::2], x[1::2]
-    return jnp.concatenate([10.0 * (even - odd ** 2), 1.0 - odd])[None]
+    return jnp.concatenate([10.0 * (even - odd**2), 1.0 - odd])[None]
 
 
 def rosenbrock(cfg):
@@ -169,17 +169,43 @@ def rosenbrock(cfg):
     loss = hvpopt.losses.squared_error
     batch = (jnp.zeros((1, 1), jnp.float32), jnp.zeros((1, dim), jnp.float32))
     return Problem(
-        "rosenbrock", f"extended Rosenbrock, n = {dim}, objective 1/2 sum r^2", rosenbrock_residuals, loss,
-        start, jax.jit(lambda x, inputs, targets: loss(rosenbrock_residuals(x, inputs), targets)),
-        lambda step: batch, None, None, cfg["first_order_steps"], cfg["second_order_steps"], None,
-        cfg["sweeps"], weight_decay=0.0)
+        "rosenbrock",
+        f"extended Rosenbrock, n = {dim}, objective 1/2 sum r^2",
+        rosenbrock_residuals,
+        loss,
+        start,
+        jax.jit(lambda x, inputs, targets: loss(rosenbrock_residuals(x, inputs), targets)),
+        lambda step: batch,
+        None,
+        None,
+        cfg["first_order_steps"],
+        cfg["second_order_steps"],
+        None,
+        cfg["sweeps"],
+        weight_decay=0.0,
+    )
 
 
 def task_problem(name, title, task, batch, monitor, cfg, *, weight_decay, plot_gap=False, reference="optimum"):
-    return Problem(name, f"{title}: {task.describe()}", task.model_fn, task.loss, task.params,
-                   jax.jit(task.objective), batch, monitor, task, cfg["first_order_steps"],
-                   cfg["second_order_steps"], cfg.get("budget"), cfg["sweeps"], weight_decay, task.l2, plot_gap,
-                   reference)
+    return Problem(
+        name,
+        f"{title}: {task.describe()}",
+        task.model_fn,
+        task.loss,
+        task.params,
+        jax.jit(task.objective),
+        batch,
+        monitor,
+        task,
+        cfg["first_order_steps"],
+        cfg["second_order_steps"],
+        cfg.get("budget"),
+        cfg["sweeps"],
+        weight_decay,
+        task.l2,
+        plot_gap,
+        reference,
+    )
 
 
 def full_batch(dataset):
@@ -189,20 +215,27 @@ def full_batch(dataset):
 
 def blobs(name, title, hidden_sizes, cfg, *, plot_gap=False):
     task = hvpopt.testbed.tasks.make_task("blobs", model_options={"hidden_sizes": hidden_sizes})
-    return task_problem(name, title, task, full_batch(task.train), None, cfg, weight_decay=0.0,
-                        plot_gap=plot_gap)
+    return task_problem(name, title, task, full_batch(task.train), None, cfg, weight_decay=0.0, plot_gap=plot_gap)
 
 
 def shakespeare(cfg):
-    return hvpopt.testbed.tasks.make_task("shakespeare", data_options={"context_length": cfg["context_length"]},
-                                  model_options=cfg["model"])
+    return hvpopt.testbed.tasks.make_task(
+        "shakespeare", data_options={"context_length": cfg["context_length"]}, model_options=cfg["model"]
+    )
 
 
 def transformer_full(task, cfg):
     subset = np.random.default_rng(0).choice(task.train.num_examples, cfg["sequences"], replace=False)
-    return task_problem("transformer_full", f"transformer, full batch of {cfg['sequences']} sequences",
-                        task, full_batch(task.train.take(np.sort(subset))), None, cfg, weight_decay=1e-4,
-                        reference="adamw")
+    return task_problem(
+        "transformer_full",
+        f"transformer, full batch of {cfg['sequences']} sequences",
+        task,
+        full_batch(task.train.take(np.sort(subset))),
+        None,
+        cfg,
+        weight_decay=1e-4,
+        reference="adamw",
+    )
 
 
 def transformer_minibatch(task, cfg):
@@ -215,15 +248,25 @@ def transformer_minibatch(task, cfg):
         part = task.train.take(order[step])
         return jnp.asarray(part.inputs), jax.tree.map(jnp.asarray, part.targets)
 
-    return task_problem("transformer_minibatch", f"transformer, mini-batches of {cfg['batch_size']} sequences",
-                        task, batch, full_batch(monitor)(0), cfg, weight_decay=1e-4, reference="adamw")
+    return task_problem(
+        "transformer_minibatch",
+        f"transformer, mini-batches of {cfg['batch_size']} sequences",
+        task,
+        batch,
+        full_batch(monitor)(0),
+        cfg,
+        weight_decay=1e-4,
+        reference="adamw",
+    )
 
 
 def epochs(num_examples, batch_size, steps, rng):
     """``[steps, batch_size]`` indices: shuffled epochs cut into whole batches."""
     per_epoch = num_examples // batch_size
-    orders = [rng.permutation(num_examples)[:per_epoch * batch_size].reshape(per_epoch, batch_size)
-              for _ in range(math.ceil(steps / per_epoch))]
+    orders = [
+        rng.permutation(num_examples)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
+        for _ in range(math.ceil(steps / per_epoch))
+    ]
     return np.concatenate(orders)[:steps]
 
 
@@ -243,16 +286,22 @@ class Method:
 def adamw(problem, learning_rate, steps, maxiter):
     """AdamW as ``hvpopt train`` runs it: linear warm-up over 5% of the steps, cosine decay to a
     tenth at the last step, gradients clipped to global norm 1."""
-    shape = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=max(1, steps // 20),
-                                               decay_steps=steps, end_value=0.1)
+    shape = optax.warmup_cosine_decay_schedule(
+        0.0, 1.0, warmup_steps=max(1, steps // 20), decay_steps=steps, end_value=0.1
+    )
     schedule = lambda count: learning_rate * shape(count)  # learning_rate may be traced
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=problem.weight_decay))
 
 
 def hessian_free(problem, initial_damping, steps, maxiter):
     """The Gauss-Newton matrix is of the data loss: the L2 term's curvature ``l2 I`` is the least damping."""
-    return hvpopt.hessian_free(problem.model_fn, problem.loss, initial_damping=initial_damping,
-                               min_damping=max(1e-6, problem.l2), maxiter=maxiter)
+    return hvpopt.hessian_free(
+        problem.model_fn,
+        problem.loss,
+        initial_damping=initial_damping,
+        min_damping=max(1e-6, problem.l2),
+        maxiter=maxiter,
+    )
 
 
 def natural_gradient(problem, damping, steps, maxiter):
@@ -262,10 +311,12 @@ def natural_gradient(problem, damping, steps, maxiter):
 
 METHODS = {
     "adamw": Method("learning_rate", adamw, second_order=False),
-    "lbfgs": Method("memory_size", lambda problem, memory, steps, maxiter: optax.lbfgs(memory_size=LBFGS_MEMORY),
-                    second_order=False),
-    "newton_cg": Method("damping", lambda problem, d, steps, maxiter: hvpopt.newton_cg(damping=d, maxiter=maxiter),
-                        second_order=True),
+    "lbfgs": Method(
+        "memory_size", lambda problem, memory, steps, maxiter: optax.lbfgs(memory_size=LBFGS_MEMORY), second_order=False
+    ),
+    "newton_cg": Method(
+        "damping", lambda problem, d, steps, maxiter: hvpopt.newton_cg(damping=d, maxiter=maxiter), second_order=True
+    ),
     "hessian_free": Method("initial_damping", hessian_free, second_order=True, curvature_batch=True),
     "natural_gradient": Method("damping", natural_gradient, second_order=True, curvature_batch=True),
 }
@@ -303,8 +354,12 @@ def compile_step(problem, name, maxiter):
         updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=f, **extra)
         return optax.apply_updates(params, updates), state, value
 
-    args = (jnp.float32(problem.sweeps[name][0]), problem.params,
-            method.build(problem, problem.sweeps[name][0], steps, maxiter).init(problem.params), *problem.batch(0))
+    args = (
+        jnp.float32(problem.sweeps[name][0]),
+        problem.params,
+        method.build(problem, problem.sweeps[name][0], steps, maxiter).init(problem.params),
+        *problem.batch(0),
+    )
     start = time.perf_counter()
     compiled = jax.jit(step).lower(*args).compile()
     jax.block_until_ready(compiled(*args))  # the first call of an executable pays a one-time setup
@@ -314,19 +369,25 @@ def compile_step(problem, name, maxiter):
 def counters(state) -> dict:
     """Cumulative products and loss evaluations, and this step's L-BFGS line-search evaluations."""
     get = lambda key: int(otu.tree_get(state, key, default=0))
-    return {"products": sum(get(key) for key in PRODUCT_COUNTERS), "values": get("num_value_evals"),
-            "linesearch": get("num_linesearch_steps"), "skipped": get("skipped_steps")}
+    return {
+        "products": sum(get(key) for key in PRODUCT_COUNTERS),
+        "values": get("num_value_evals"),
+        "linesearch": get("num_linesearch_steps"),
+        "skipped": get("skipped_steps"),
+    }
 
 
 def step_cost(before, after, gradients) -> dict:
     """What one step evaluated: gradients, loss evaluations, curvature products."""
-    return {"gradients": gradients + after["linesearch"], "values": after["values"] - before["values"],
-            "products": after["products"] - before["products"]}
+    return {
+        "gradients": gradients + after["linesearch"],
+        "values": after["values"] - before["values"],
+        "products": after["products"] - before["products"],
+    }
 
 
 def gradient_equivalents(cost: dict) -> float:
-    return (COST["gradient"] * cost["gradients"] + COST["value"] * cost["values"]
-            + COST["product"] * cost["products"])
+    return COST["gradient"] * cost["gradients"] + COST["value"] * cost["values"] + COST["product"] * cost["products"]
 
 
 # ----------------------------------------------------------------------------------- runs
@@ -367,11 +428,19 @@ def run(problem, name, knob, step, maxiter):
     final = problem.objective(params, *(monitor or problem.batch(0)))
     record(final)
     result = {
-        "method": name, "knob": method.knob, "value": knob, "steps": done, "stopped_by": stopped_by,
-        "final_loss": float(final), "lowest_loss": float(np.nanmin(trace["loss"])),
-        "grad_equivalents": gradient_equivalents(totals), "seconds": seconds, "evaluations": totals,
+        "method": name,
+        "knob": method.knob,
+        "value": knob,
+        "steps": done,
+        "stopped_by": stopped_by,
+        "final_loss": float(final),
+        "lowest_loss": float(np.nanmin(trace["loss"])),
+        "grad_equivalents": gradient_equivalents(totals),
+        "seconds": seconds,
+        "evaluations": totals,
         "skipped_steps": counters(state)["skipped"],
-        "trace": trace, **({"batch_loss": batch_losses} if monitor else {}),
+        "trace": trace,
+        **({"batch_loss": batch_losses} if monitor else {}),
     }
     if problem.task is not None and problem.task.tokenizer is not None:
         result["validation_loss"] = evaluate(problem.task, params, problem.task.validation)["loss"]
@@ -387,18 +456,28 @@ def run_problem(problem, maxiter, log):
         for knob in problem.sweeps[name]:
             runs.append(run(problem, name, knob, step, maxiter))
             log_run(log, runs[-1], compile_seconds[name])
-    best = {name: min((r for r in runs if r["method"] == name), key=lambda r: nan_last(r["final_loss"]))
-            for name in METHODS}
+    best = {
+        name: min((r for r in runs if r["method"] == name), key=lambda r: nan_last(r["final_loss"])) for name in METHODS
+    }
     level, rule = reach_level(problem, runs, best["adamw"])
     for r in runs:
         i = first_reaching(r["trace"], level)
-        r["reached"] = None if i is None else {key: r["trace"][key][i]
-                                               for key in ("step", "grad_equivalents", "seconds")}
-    return {"title": problem.title, "sweeps": problem.sweeps, "first_order_steps": problem.first_order_steps,
-            "second_order_steps": problem.second_order_steps, "budget_grad_equivalents": problem.budget,
-            "compile_seconds": compile_seconds, "reach_level": level, "reach_rule": rule, "runs": runs,
-            "best": {name: {"value": r["value"], "final_loss": r["final_loss"]} for name, r in best.items()},
-            "_best_runs": best}
+        r["reached"] = (
+            None if i is None else {key: r["trace"][key][i] for key in ("step", "grad_equivalents", "seconds")}
+        )
+    return {
+        "title": problem.title,
+        "sweeps": problem.sweeps,
+        "first_order_steps": problem.first_order_steps,
+        "second_order_steps": problem.second_order_steps,
+        "budget_grad_equivalents": problem.budget,
+        "compile_seconds": compile_seconds,
+        "reach_level": level,
+        "reach_rule": rule,
+        "runs": runs,
+        "best": {name: {"value": r["value"], "final_loss": r["final_loss"]} for name, r in best.items()},
+        "_best_runs": best,
+    }
 
 
 def reach_level(problem, runs, adamw_run):
@@ -410,9 +489,11 @@ def reach_level(problem, runs, adamw_run):
 
 
 def log_run(log, r, compile_seconds):
-    log(f"  {r['method']:16s} {r['knob']}={r['value']:<8g} steps {r['steps']:4d} ({r['stopped_by']:6s})  "
+    log(
+        f"  {r['method']:16s} {r['knob']}={r['value']:<8g} steps {r['steps']:4d} ({r['stopped_by']:6s})  "
         f"loss {r['final_loss']:.6g}  GE {r['grad_equivalents']:8.1f}  {r['seconds']:7.2f}s "
-        f"(compile {compile_seconds:.1f}s)" + (f"  val {r['validation_loss']:.4f}" if "validation_loss" in r else ""))
+        f"(compile {compile_seconds:.1f}s)" + (f"  val {r['validation_loss']:.4f}" if "validation_loss" in r else "")
+    )
 
 
 def nan_last(x):
@@ -433,20 +514,31 @@ def targets(result):
     level, adamw_steps, adamw_seconds = adamw_run["final_loss"], adamw_run["steps"], adamw_run["seconds"]
     rows = [target_row(r, level, adamw_steps, adamw_seconds) for r in result["runs"] if r["method"] != "adamw"]
     near = first_reaching(adamw_run["trace"], NEAR_TARGET * level)
-    return {"problem": "transformer_full", "adamw_learning_rate": adamw_run["value"], "adamw_steps": adamw_steps,
-            "adamw_loss": level, "adamw_seconds": adamw_seconds,
-            "adamw_grad_equivalents": adamw_run["grad_equivalents"],
-            "adamw_near_step": int(adamw_run["trace"]["step"][near]),
-            "adamw_near_seconds": adamw_run["trace"]["seconds"][near],
-            "rule": f"first step whose full-batch training loss is <= AdamW's; met if that step is <= "
-                    f"{TARGET_STEP_FRACTION} x {adamw_steps} and its seconds <= AdamW's",
-            "runs": rows}
+    return {
+        "problem": "transformer_full",
+        "adamw_learning_rate": adamw_run["value"],
+        "adamw_steps": adamw_steps,
+        "adamw_loss": level,
+        "adamw_seconds": adamw_seconds,
+        "adamw_grad_equivalents": adamw_run["grad_equivalents"],
+        "adamw_near_step": int(adamw_run["trace"]["step"][near]),
+        "adamw_near_seconds": adamw_run["trace"]["seconds"][near],
+        "rule": f"first step whose full-batch training loss is <= AdamW's; met if that step is <= "
+        f"{TARGET_STEP_FRACTION} x {adamw_steps} and its seconds <= AdamW's",
+        "runs": rows,
+    }
 
 
 def target_row(r, level, adamw_steps, adamw_seconds):
-    row = {"method": r["method"], "second_order": METHODS[r["method"]].second_order, "knob": r["knob"],
-           "value": r["value"], "lowest_loss": r["lowest_loss"], "steps_run": r["steps"],
-           "stopped_by": r["stopped_by"]}
+    row = {
+        "method": r["method"],
+        "second_order": METHODS[r["method"]].second_order,
+        "knob": r["knob"],
+        "value": r["value"],
+        "lowest_loss": r["lowest_loss"],
+        "steps_run": r["steps"],
+        "stopped_by": r["stopped_by"],
+    }
     near = first_reaching(r["trace"], NEAR_TARGET * level)
     if near is not None:
         row["near_step"] = int(r["trace"]["step"][near])
@@ -456,10 +548,15 @@ def target_row(r, level, adamw_steps, adamw_seconds):
     if i is None:
         return row | {"meets_target": False}
     steps, seconds = r["trace"]["step"][i], r["trace"]["seconds"][i]
-    row |= {"step": int(steps), "step_ratio": steps / adamw_steps, "seconds": seconds,
-            "seconds_ratio": seconds / adamw_seconds, "grad_equivalents": r["trace"]["grad_equivalents"][i],
-            "meets_step_target": steps <= TARGET_STEP_FRACTION * adamw_steps,
-            "meets_wall_clock_target": seconds <= adamw_seconds}
+    row |= {
+        "step": int(steps),
+        "step_ratio": steps / adamw_steps,
+        "seconds": seconds,
+        "seconds_ratio": seconds / adamw_seconds,
+        "grad_equivalents": r["trace"]["grad_equivalents"][i],
+        "meets_step_target": steps <= TARGET_STEP_FRACTION * adamw_steps,
+        "meets_wall_clock_target": seconds <= adamw_seconds,
+    }
     return row | {"meets_target": row["meets_step_target"] and row["meets_wall_clock_target"]}
 
 
@@ -477,14 +574,18 @@ def measured_cost_ratios(problem, repeats):
         "ggn_product": lambda p, v: repeat(hvpopt.ggn_operator(problem.model_fn, problem.loss, p, inputs, targets), v),
     }
     v = jax.tree.map(jnp.ones_like, problem.params)
-    seconds = {name: best_time(jax.jit(fn).lower(problem.params, v).compile(), (problem.params, v), repeats)
-               for name, fn in loops.items()}
+    seconds = {
+        name: best_time(jax.jit(fn).lower(problem.params, v).compile(), (problem.params, v), repeats)
+        for name, fn in loops.items()
+    }
     per_product = {"hvp": seconds["hvp"] / 10, "ggn_product": seconds["ggn_product"] / 10}
-    return {"gradient_seconds": seconds["gradient"],
-            "value_over_gradient": seconds["value"] / seconds["gradient"],
-            **{f"{k}_over_gradient": s / seconds["gradient"] for k, s in per_product.items()},
-            "note": "products timed in a jitted loop of 10 with one linearization, per product; "
-                    "the Fisher product is the Gauss-Newton product here (hvpopt.fisher_operator)"}
+    return {
+        "gradient_seconds": seconds["gradient"],
+        "value_over_gradient": seconds["value"] / seconds["gradient"],
+        **{f"{k}_over_gradient": s / seconds["gradient"] for k, s in per_product.items()},
+        "note": "products timed in a jitted loop of 10 with one linearization, per product; "
+        "the Fisher product is the Gauss-Newton product here (hvpopt.fisher_operator)",
+    }
 
 
 def repeat(matvec, v, times=10):
@@ -518,17 +619,25 @@ def plot(result, path, level=None):
     floor = min(r["lowest_loss"] for r in result["runs"]) if gap else 0.0
     losses = {method: np.array(r["trace"]["loss"]) - floor for method, r in best.items()}
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
-    for ax, key, label in zip(axes, ("step", "grad_equivalents", "seconds"),
-                              ("steps", "gradient-equivalents (gradient 1, loss 0.5, product 2)",
-                               "wall-clock seconds (compile excluded)")):
+    for ax, key, label in zip(
+        axes,
+        ("step", "grad_equivalents", "seconds"),
+        ("steps", "gradient-equivalents (gradient 1, loss 0.5, product 2)", "wall-clock seconds (compile excluded)"),
+    ):
         for method, r in best.items():
             x, y = np.array(r["trace"][key]), losses[method]
             keep = np.isfinite(y) & (y > 0)
-            ax.plot(x[keep], y[keep], color=STYLE[method], lw=1.5,
-                    label=f"{method} ({r['knob']} {r['value']:g}): final {r['final_loss']:.4g}")
+            ax.plot(
+                x[keep],
+                y[keep],
+                color=STYLE[method],
+                lw=1.5,
+                label=f"{method} ({r['knob']} {r['value']:g}): final {r['final_loss']:.4g}",
+            )
         if level is not None:
-            ax.axhline(level, color="gray", ls="--", lw=1,
-                       label=f"AdamW's {best['adamw']['steps']}-step loss {level:.4g}")
+            ax.axhline(
+                level, color="gray", ls="--", lw=1, label=f"AdamW's {best['adamw']['steps']}-step loss {level:.4g}"
+            )
         if all(np.nanmin(y) >= 0 for y in losses.values()):
             ax.set_yscale("log")  # a loss of exactly 0 is not drawn
         ax.set_xlabel(label)
@@ -546,14 +655,22 @@ def plot(result, path, level=None):
 
 def config(quick):
     """Problem sizes, budgets and sweeps; ``--quick`` shrinks them and keeps one setting per method."""
-    pick = (lambda values: values[len(values) // 2:len(values) // 2 + 1]) if quick else (lambda values: values)
-    small = {"first_order_steps": 60 if quick else 500, "second_order_steps": 20 if quick else 150,
-             "sweeps": {"adamw": pick([1e-2, 3e-2, 1e-1]), "lbfgs": [LBFGS_MEMORY],
-                        "newton_cg": pick([0.0, 0.1, 1.0]), "hessian_free": pick([0.1, 1.0, 10.0]),
-                        "natural_gradient": pick([1e-3, 1e-2, 1e-1])}}
+    pick = (lambda values: values[len(values) // 2 : len(values) // 2 + 1]) if quick else (lambda values: values)
+    small = {
+        "first_order_steps": 60 if quick else 500,
+        "second_order_steps": 20 if quick else 150,
+        "sweeps": {
+            "adamw": pick([1e-2, 3e-2, 1e-1]),
+            "lbfgs": [LBFGS_MEMORY],
+            "newton_cg": pick([0.0, 0.1, 1.0]),
+            "hessian_free": pick([0.1, 1.0, 10.0]),
+            "natural_gradient": pick([1e-3, 1e-2, 1e-1]),
+        },
+    }
     first_order_steps = 40 if quick else 500
     transformer = {
-        "first_order_steps": first_order_steps, "second_order_steps": 10 if quick else 150,
+        "first_order_steps": first_order_steps,
+        "second_order_steps": 10 if quick else 150,
         "budget": 5.0 * first_order_steps,
     }
     # Two values per second-order method on the transformer (time), around the best of a
@@ -562,19 +679,38 @@ def config(quick):
     transformer_sweeps = {"lbfgs": [LBFGS_MEMORY], "hessian_free": pick([0.1, 1.0])}
     return {
         "maxiter": 20,
-        "shakespeare": {"context_length": 16 if quick else 32,
-                        "model": ({"d_model": 16, "num_layers": 1, "num_heads": 2} if quick
-                                  else {"d_model": 32, "num_layers": 2, "num_heads": 4})},
+        "shakespeare": {
+            "context_length": 16 if quick else 32,
+            "model": (
+                {"d_model": 16, "num_layers": 1, "num_heads": 2}
+                if quick
+                else {"d_model": 32, "num_layers": 2, "num_heads": 4}
+            ),
+        },
         "rosenbrock": {**small, "dim": 20 if quick else 100},
         "logistic": small,
         "mlp": small,
-        "transformer_full": {**transformer, "sequences": 32 if quick else 128, "sweeps": {
-            **transformer_sweeps, "adamw": pick([1e-2, 3e-2, 1e-1]), "newton_cg": pick([1e-2, 1e-1]),
-            "natural_gradient": pick([3e-4, 1e-3])}},
-        "transformer_minibatch": {**transformer, "batch_size": 16 if quick else 32,
-                                  "monitor_sequences": 64 if quick else 256, "sweeps": {
-            **transformer_sweeps, "adamw": pick([3e-3, 1e-2, 3e-2]), "newton_cg": pick([1e-1, 1.0]),
-            "natural_gradient": pick([0.1, 0.3])}},
+        "transformer_full": {
+            **transformer,
+            "sequences": 32 if quick else 128,
+            "sweeps": {
+                **transformer_sweeps,
+                "adamw": pick([1e-2, 3e-2, 1e-1]),
+                "newton_cg": pick([1e-2, 1e-1]),
+                "natural_gradient": pick([3e-4, 1e-3]),
+            },
+        },
+        "transformer_minibatch": {
+            **transformer,
+            "batch_size": 16 if quick else 32,
+            "monitor_sequences": 64 if quick else 256,
+            "sweeps": {
+                **transformer_sweeps,
+                "adamw": pick([3e-3, 1e-2, 3e-2]),
+                "newton_cg": pick([1e-1, 1.0]),
+                "natural_gradient": pick([0.1, 0.3]),
+            },
+        },
     }
 
 
@@ -595,29 +731,45 @@ def summary_lines(results, target):
     lines = []
     for name, result in results.items():
         lines.append(f"{name}: 'reached' = first crossing of {result['reach_level']:.6g}, {result['reach_rule']}")
-        lines.append(f"  {'method':17s} {'best setting':22s} {'final loss':>11s} {'steps':>5s} {'grad-eq':>7s} "
-                     f"{'seconds':>7s} | {'reached at: step':>16s} {'grad-eq':>7s} {'seconds':>7s} | val loss")
+        lines.append(
+            f"  {'method':17s} {'best setting':22s} {'final loss':>11s} {'steps':>5s} {'grad-eq':>7s} "
+            f"{'seconds':>7s} | {'reached at: step':>16s} {'grad-eq':>7s} {'seconds':>7s} | val loss"
+        )
         for method, r in result["_best_runs"].items():
             at = r["reached"]
-            reached = (f"{at['step']:16.0f} {at['grad_equivalents']:7.0f} {at['seconds']:7.2f}" if at
-                       else f"{'not reached':>16s} {'':7s} {'':7s}")
+            reached = (
+                f"{at['step']:16.0f} {at['grad_equivalents']:7.0f} {at['seconds']:7.2f}"
+                if at
+                else f"{'not reached':>16s} {'':7s} {'':7s}"
+            )
             val = f"{r['validation_loss']:.4f}" if "validation_loss" in r else ""
-            lines.append(f"  {method:17s} {r['knob'] + ' ' + format(r['value'], 'g'):22s} {r['final_loss']:11.5g} "
-                         f"{r['steps']:5d} {r['grad_equivalents']:7.0f} {r['seconds']:7.2f} | {reached} | {val}")
-    lines.append(f"target on transformer_full: AdamW (learning rate {target['adamw_learning_rate']:g}) reaches "
-                 f"{target['adamw_loss']:.4f} after {target['adamw_steps']} steps, {target['adamw_seconds']:.1f}s "
-                 f"(within 5% of it at step {target['adamw_near_step']}, {target['adamw_near_seconds']:.1f}s)")
+            lines.append(
+                f"  {method:17s} {r['knob'] + ' ' + format(r['value'], 'g'):22s} {r['final_loss']:11.5g} "
+                f"{r['steps']:5d} {r['grad_equivalents']:7.0f} {r['seconds']:7.2f} | {reached} | {val}"
+            )
+    lines.append(
+        f"target on transformer_full: AdamW (learning rate {target['adamw_learning_rate']:g}) reaches "
+        f"{target['adamw_loss']:.4f} after {target['adamw_steps']} steps, {target['adamw_seconds']:.1f}s "
+        f"(within 5% of it at step {target['adamw_near_step']}, {target['adamw_near_seconds']:.1f}s)"
+    )
     for row in target["runs"]:
         head = f"  {row['method']:17s} {row['knob']} {row['value']:<6g}"
-        near = (f"; within 5% at step {row['near_step']} (x{row['near_seconds_ratio']:.2f} wall-clock)"
-                if "near_step" in row else "")
+        near = (
+            f"; within 5% at step {row['near_step']} (x{row['near_seconds_ratio']:.2f} wall-clock)"
+            if "near_step" in row
+            else ""
+        )
         if row["reached"]:
             verdict = "MEETS the target" if row["meets_target"] else "misses the target"
-            lines.append(f"{head} reached at step {row['step']} (x{row['step_ratio']:.2f} steps), "
-                         f"{row['seconds']:.1f}s (x{row['seconds_ratio']:.2f} wall-clock): {verdict}{near}")
+            lines.append(
+                f"{head} reached at step {row['step']} (x{row['step_ratio']:.2f} steps), "
+                f"{row['seconds']:.1f}s (x{row['seconds_ratio']:.2f} wall-clock): {verdict}{near}"
+            )
         else:
-            lines.append(f"{head} missed: lowest {row['lowest_loss']:.4f} in {row['steps_run']} steps "
-                         f"(stopped by {row['stopped_by']}){near}")
+            lines.append(
+                f"{head} missed: lowest {row['lowest_loss']:.4f} in {row['steps_run']} steps "
+                f"(stopped by {row['stopped_by']}){near}"
+            )
     return lines
 
 
@@ -633,8 +785,9 @@ def json_safe(tree):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny problems, one setting per method, XLA optimisation off (< 1.5 min)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny problems, one setting per method, XLA optimisation off (< 1.5 min)"
+    )
     args = parser.parse_args(argv)
     if args.quick:  # a smoke run: compile fast (XLA reads this when JAX first starts its backend, below)
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
@@ -653,15 +806,25 @@ def main(argv=None):
     target = targets(results["transformer_full"])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, result in results.items():
-        plot(result, args.out_dir / f"optimizers_{name}.png",
-             level=target["adamw_loss"] if name == "transformer_full" else None)
+        plot(
+            result,
+            args.out_dir / f"optimizers_{name}.png",
+            level=target["adamw_loss"] if name == "transformer_full" else None,
+        )
     lines = summary_lines(results, target)
     report = {
-        "experiment": "optimizers", "quick": args.quick, "config": cfg,
+        "experiment": "optimizers",
+        "quick": args.quick,
+        "config": cfg,
         "environment": environment(("jax", "jaxlib", "flax", "optax", "numpy", "matplotlib", "hvpopt")),
-        "load_average": load, "dtype": "float32", "cost_model": COST, "measured_cost_ratios": measured,
+        "load_average": load,
+        "dtype": "float32",
+        "cost_model": COST,
+        "measured_cost_ratios": measured,
         "problems": {name: {k: v for k, v in r.items() if not k.startswith("_")} for name, r in results.items()},
-        "targets": target, "summary": lines, "total_wall_seconds": time.perf_counter() - t_start,
+        "targets": target,
+        "summary": lines,
+        "total_wall_seconds": time.perf_counter() - t_start,
     }
     write_results(str(args.out_dir / "optimizers.json"), json_safe(report))
     for line in lines:

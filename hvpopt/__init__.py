@@ -18,23 +18,81 @@ import warnings
 __version__ = "0.2.0"
 
 from hvpopt import curvature, influence, jacobians, linalg, losses, optim, sharding, spectrum, tree, types
-from hvpopt.curvature import (HVP_MODES, average_over_batches, average_over_chunks, empirical_fisher_operator,
-                              empirical_fisher_vp, fisher_operator, fisher_vp, ggn_operator, ggn_vp, hessian_operator,
-                              hvp, mc_fisher_operator, mc_fisher_vp, output_hessian, sandwich_operator)
+from hvpopt.curvature import (
+    HVP_MODES,
+    average_over_batches,
+    average_over_chunks,
+    empirical_fisher_operator,
+    empirical_fisher_vp,
+    fisher_operator,
+    fisher_vp,
+    ggn_operator,
+    ggn_vp,
+    hessian_operator,
+    hvp,
+    mc_fisher_operator,
+    mc_fisher_vp,
+    output_hessian,
+    sandwich_operator,
+)
 from hvpopt.jacobians import SpectralNorm, jacobian, jacobian_spectral_norm
-from hvpopt.linalg import (CGResult, CGStatus, EigshResult, LanczosDecomposition, LissaResult, LissaStatus,
-                           SpectralDensity, TraceEstimate, cg, dense_matrix, eigsh, exact_diagonal, flat_operator,
-                           hutchinson_diagonal, jacobi_preconditioner, lanczos_tridiagonal, lissa, spectral_density,
-                           trace, tridiagonal)
-from hvpopt.optim import (HessianFreeState, Minimum, NaturalGradientState, NewtonCGState, hessian_free,
-                          minimize_newton_cg, natural_gradient, newton_cg)
+from hvpopt.linalg import (
+    CGResult,
+    CGStatus,
+    EigshResult,
+    LanczosDecomposition,
+    LissaResult,
+    LissaStatus,
+    SpectralDensity,
+    TraceEstimate,
+    cg,
+    dense_matrix,
+    eigsh,
+    exact_diagonal,
+    flat_operator,
+    hutchinson_diagonal,
+    jacobi_preconditioner,
+    lanczos_tridiagonal,
+    lissa,
+    spectral_density,
+    trace,
+    tridiagonal,
+)
+from hvpopt.optim import (
+    HessianFreeState,
+    Minimum,
+    NaturalGradientState,
+    NewtonCGState,
+    hessian_free,
+    minimize_newton_cg,
+    natural_gradient,
+    newton_cg,
+)
 from hvpopt.sharding import data_mesh, replicate, shard_batch, shard_params
 
 __all__ = [
-    "curvature", "influence", "jacobians", "linalg", "losses", "optim", "sharding", "spectrum", "tree", "types",
-    "testbed", "cli",
-    *curvature.__all__, *linalg.__all__, *optim.__all__,
-    "SpectralNorm", "jacobian", "jacobian_spectral_norm", "data_mesh", "replicate", "shard_batch", "shard_params",
+    "curvature",
+    "influence",
+    "jacobians",
+    "linalg",
+    "losses",
+    "optim",
+    "sharding",
+    "spectrum",
+    "tree",
+    "types",
+    "testbed",
+    "cli",
+    *curvature.__all__,
+    *linalg.__all__,
+    *optim.__all__,
+    "SpectralNorm",
+    "jacobian",
+    "jacobian_spectral_norm",
+    "data_mesh",
+    "replicate",
+    "shard_batch",
+    "shard_params",
 ]
 
 _LAZY = ("testbed", "cli")  # they import the library, so the library imports them only when asked
@@ -45,7 +103,10 @@ def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f"hvpopt.{name}")
     if name in _MOVED_TO_TESTBED:
-        warnings.warn(f"hvpopt.{name} is now hvpopt.testbed.{name}; the old name goes in the next release.",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"hvpopt.{name} is now hvpopt.testbed.{name}; the old name goes in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return importlib.import_module(f"hvpopt.testbed.{name}")
     raise AttributeError(f"module 'hvpopt' has no attribute {name!r}")

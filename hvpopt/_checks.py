@@ -37,16 +37,14 @@ def check_like(name: str, tree: Any, like_name: str, like: Any, *, dtypes: bool 
     like_def = jax.tree_util.tree_structure(like)
     if tree_def != like_def:
         raise ValueError(
-            f"{name} must have the same pytree structure as {like_name}; got "
-            f"{tree_def} but {like_name} is {like_def}."
+            f"{name} must have the same pytree structure as {like_name}; got {tree_def} but {like_name} is {like_def}."
         )
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     for (path, leaf), like_leaf in zip(leaves, jax.tree_util.tree_leaves(like)):
         where = jax.tree_util.keystr(path)
         if jnp.shape(leaf) != jnp.shape(like_leaf):
             raise ValueError(
-                f"{name}{where} must have shape {jnp.shape(like_leaf)} like "
-                f"{like_name}{where}; got {jnp.shape(leaf)}."
+                f"{name}{where} must have shape {jnp.shape(like_leaf)} like {like_name}{where}; got {jnp.shape(leaf)}."
             )
         if dtypes and jnp.result_type(leaf) != jnp.result_type(like_leaf):
             raise ValueError(
@@ -99,8 +97,7 @@ def scalar_fn(name: str, fn: Callable, *args) -> Callable:
         if shape != ():
             got = type(out).__name__ if shape is None else f"shape {shape}"
             raise ValueError(
-                f"{name} must return a scalar (the loss); got {got}. Reduce it, "
-                "for example with .mean() or .sum()."
+                f"{name} must return a scalar (the loss); got {got}. Reduce it, for example with .mean() or .sum()."
             )
         return out
 
@@ -125,8 +122,9 @@ def as_int(value: Any) -> int | None:
         return None
 
 
-def check_number(name: str, value: Any, expected: str = "a finite number",
-                 within: Callable[[float], bool] = lambda x: True) -> float:
+def check_number(
+    name: str, value: Any, expected: str = "a finite number", within: Callable[[float], bool] = lambda x: True
+) -> float:
     """``value`` as a float; ValueError unless it is a finite real scalar (not a bool or a string) that
     ``within`` accepts. ``expected`` says what is accepted, e.g. ``"a finite number >= 0"``."""
     number = math.nan
@@ -153,10 +151,7 @@ def leading_size(name: str, tree: Any) -> int:
         raise ValueError(f"{name} must be arrays with a leading example axis.")
     sizes = {jnp.shape(leaf)[0] for leaf in leaves}
     if len(sizes) != 1:
-        raise ValueError(
-            f"every array in {name} must have the same leading (example) axis; "
-            f"got sizes {sorted(sizes)}."
-        )
+        raise ValueError(f"every array in {name} must have the same leading (example) axis; got sizes {sorted(sizes)}.")
     return sizes.pop()
 
 
@@ -198,6 +193,7 @@ def strict_json(text: str, where: str) -> Any:
       Traceback (most recent call last):
       ValueError: config.json: 1e999 is not a finite number; JSON has no NaN or Infinity.
     """
+
     def refuse(token):
         raise _NotFinite(token)
 
@@ -237,7 +233,8 @@ def check_parameters(where: str, params: Any) -> None:
         dtype = getattr(leaf, "dtype", None)
         if dtype not in (np.float32, np.float64):
             got = dtype if dtype is not None else type(leaf).__name__
-            raise ValueError(f"{where}: {name} must be a float32 or float64 array; got {got}. Cast it "
-                             "with .astype(jnp.float32).")
+            raise ValueError(
+                f"{where}: {name} must be a float32 or float64 array; got {got}. Cast it with .astype(jnp.float32)."
+            )
         if not np.all(np.isfinite(np.asarray(leaf))):
             raise ValueError(f"{where}: {name} holds NaN or infinite values (did training diverge?).")

@@ -29,7 +29,6 @@ from jax.flatten_util import ravel_pytree
 from hvpopt import _checks
 from hvpopt.types import PyTree
 
-
 JACOBIAN_MODES = ("auto", "fwd", "rev")
 
 
@@ -93,9 +92,7 @@ class SpectralNorm(NamedTuple):
     relative_change: jax.Array
 
 
-def jacobian_spectral_norm(
-    f: Callable, x: PyTree, *args, key: jax.Array, num_iters: int = 20
-) -> SpectralNorm:
+def jacobian_spectral_norm(f: Callable, x: PyTree, *args, key: jax.Array, num_iters: int = 20) -> SpectralNorm:
     """Largest singular value of the Jacobian of ``f(x, *args)`` in ``x``, by power iteration.
 
     .. math:: v_{k+1} = \\frac{J^\\top J v_k}{\\|J^\\top J v_k\\|},\\qquad

@@ -94,19 +94,14 @@ def _softmax_hessian(weights: Array, logits: Array) -> MatVec:
 def _ce_per_position(logits: Array, labels: Array) -> Array:
     if isinstance(labels, tuple):
         raise TypeError(
-            "softmax_cross_entropy takes integer labels; for (labels, mask) targets "
-            "use masked_softmax_cross_entropy."
+            "softmax_cross_entropy takes integer labels; for (labels, mask) targets use masked_softmax_cross_entropy."
         )
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(
-            f"softmax cross-entropy labels must be integer class ids; got dtype "
-            f"{labels.dtype}."
-        )
+        raise TypeError(f"softmax cross-entropy labels must be integer class ids; got dtype {labels.dtype}.")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
-            f"labels must have shape {logits.shape[:-1]} (the logits without their "
-            f"class axis); got {labels.shape}."
+            f"labels must have shape {logits.shape[:-1]} (the logits without their class axis); got {labels.shape}."
         )
     return _cross_entropy_terms(logits, labels)
 
@@ -118,16 +113,10 @@ def _masked_ce_per_position(logits: Array, targets: tuple[Array, Array]) -> Arra
 
 def _unpack_masked(targets: Any) -> tuple[Array, Array]:
     if not isinstance(targets, tuple) or len(targets) != 2:
-        raise TypeError(
-            "masked_softmax_cross_entropy takes targets=(labels, mask); got "
-            f"{type(targets).__name__}."
-        )
+        raise TypeError(f"masked_softmax_cross_entropy takes targets=(labels, mask); got {type(targets).__name__}.")
     labels, mask = targets
     if jnp.shape(mask) != jnp.shape(labels):
-        raise ValueError(
-            f"mask must have the shape of labels {jnp.shape(labels)}; got "
-            f"{jnp.shape(mask)}."
-        )
+        raise ValueError(f"mask must have the shape of labels {jnp.shape(labels)}; got {jnp.shape(mask)}.")
     return labels, mask
 
 
@@ -179,8 +168,7 @@ masked_softmax_cross_entropy = Loss(
 def _se_per_position(outputs: Array, targets: Array) -> Array:
     if jnp.shape(targets) != outputs.shape:
         raise ValueError(
-            f"squared_error targets must have the shape of the outputs {outputs.shape}; "
-            f"got {jnp.shape(targets)}."
+            f"squared_error targets must have the shape of the outputs {outputs.shape}; got {jnp.shape(targets)}."
         )
     return 0.5 * jnp.sum((outputs - targets) ** 2, axis=-1)
 
@@ -207,4 +195,3 @@ squared_error = Loss(
     output_hessian=_se_hessian,
     sample_targets=_sample_gaussian,
 )
-

@@ -38,7 +38,6 @@ References:
   training trillion parameter models", SC 2020.
 """
 
-
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -64,11 +63,15 @@ def data_mesh(num_devices: int | None = None, *, axis_name: str = DATA_AXIS) -> 
         num_devices = len(devices)
     _checks.check_positive_int("num_devices", num_devices)
     if num_devices > len(devices):
-        raise ValueError(f"num_devices is {num_devices} but only {len(devices)} "
-                         f"{jax.default_backend()} device(s) exist; pass at most {len(devices)}.")
+        raise ValueError(
+            f"num_devices is {num_devices} but only {len(devices)} "
+            f"{jax.default_backend()} device(s) exist; pass at most {len(devices)}."
+        )
     if jax.process_count() > 1 and num_devices != len(devices):
-        raise ValueError("num_devices must be every device when several processes run "
-                         f"(jax.process_count() = {jax.process_count()}); leave it None.")
+        raise ValueError(
+            "num_devices must be every device when several processes run "
+            f"(jax.process_count() = {jax.process_count()}); leave it None."
+        )
     return jax.make_mesh((num_devices,), (axis_name,), (AxisType.Auto,), devices=devices[:num_devices])
 
 
@@ -103,8 +106,10 @@ def shard_batch(batch: PyTree, mesh: Mesh, *, axis: str = DATA_AXIS) -> PyTree:
     local_devices = devices // jax.process_count()
     size = _checks.leading_size("batch", batch)
     if size % local_devices:
-        raise ValueError(f"batch has {size} examples, which the {local_devices} devices of mesh axis {axis!r} "
-                         f"cannot share evenly; use a multiple of {local_devices} examples or fewer devices.")
+        raise ValueError(
+            f"batch has {size} examples, which the {local_devices} devices of mesh axis {axis!r} "
+            f"cannot share evenly; use a multiple of {local_devices} examples or fewer devices."
+        )
     sharding = NamedSharding(mesh, PartitionSpec(axis))
     if jax.process_count() > 1:
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

@@ -23,7 +23,6 @@ from hvpopt.linalg.lanczos import EigshResult, eigsh
 from hvpopt.linalg.trace_estimation import TraceEstimate, trace
 from hvpopt.types import PyTree
 
-
 DENSITY_ITERS = 40  # curvature_spectrum's default Lanczos steps per density probe
 
 
@@ -86,8 +85,9 @@ def curvature_spectrum(
     """
     _checks.check_positive_int("k", k)
     density_iters = DENSITY_ITERS if density_iters is None else density_iters
-    density_iters = min(_checks.check_positive_int("density_iters", density_iters),
-                        ravel_pytree(like)[0].size)  # exact at P, as eigsh clamps too
+    density_iters = min(
+        _checks.check_positive_int("density_iters", density_iters), ravel_pytree(like)[0].size
+    )  # exact at P, as eigsh clamps too
     top_key, bottom_key, trace_key, density_key = jax.random.split(key, 4)
     options = {"tol": tol, "max_matvecs": max_matvecs, "num_iters": num_iters}
     top = eigsh(matvec, like, k, key=top_key, which="LA", **options)
@@ -96,11 +96,8 @@ def curvature_spectrum(
         top=top,
         smallest=smallest,
         trace=trace(matvec, like, key=trace_key, num_samples=trace_samples, method="hutch++"),
-        density=spectral_density(
-            matvec, like, key=density_key, num_iters=density_iters, num_probes=density_probes
-        ),
-        num_matvecs=top.num_matvecs + smallest.num_matvecs + trace_samples
-        + density_iters * density_probes,
+        density=spectral_density(matvec, like, key=density_key, num_iters=density_iters, num_probes=density_probes),
+        num_matvecs=top.num_matvecs + smallest.num_matvecs + trace_samples + density_iters * density_probes,
     )
 
 
@@ -128,4 +125,3 @@ def summarize(report: SpectrumReport) -> dict[str, Any]:
         "density_sigma": float(density.sigma),
         "num_matvecs": int(report.num_matvecs),
     }
-

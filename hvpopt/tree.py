@@ -1,8 +1,8 @@
 """Pytree arithmetic that keeps every leaf in its own dtype (mixed precision)."""
 
-
 import jax
 import jax.numpy as jnp
+
 from hvpopt.types import PyTree
 
 

@@ -41,9 +41,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from benchmark_env import cpu_load, environment, write_results
 
 import hvpopt
-from benchmark_env import cpu_load, environment, write_results
 from hvpopt.testbed.models import TransformerConfig, transformer_lm
 
 ce = hvpopt.losses.softmax_cross_entropy
@@ -93,9 +93,7 @@ def num_params(params: Any) -> int:
 
 
 def transformer_case(d_model: int, batch: int = 16, seq: int = 32, vocab: int = 64) -> dict:
-    config = TransformerConfig(
-        vocab_size=vocab, d_model=d_model, num_layers=2, num_heads=4, context_length=seq
-    )
+    config = TransformerConfig(vocab_size=vocab, d_model=d_model, num_layers=2, num_heads=4, context_length=seq)
     model_fn, params = transformer_lm(config, seed=0)
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32))
@@ -294,15 +292,13 @@ def normalized_hlo(compiled) -> str | None:
     except Exception:  # noqa: BLE001
         return None
     lines = text.splitlines()
-    start = next((k for k, l in enumerate(lines) if l.startswith(("%", "ENTRY"))), 0)
+    start = next((k for k, line in enumerate(lines) if line.startswith(("%", "ENTRY"))), 0)
     text = "\n".join(lines[start:])
     text = re.sub(r",?\s*metadata=\{[^}]*\}", "", text)
     return re.sub(r",?\s*stack_frame_id=\d+", "", text)
 
 
-def bench_jax_case(
-    case: dict, args, include: tuple[str, ...] | None = None
-) -> tuple[dict, dict[str, Callable]]:
+def bench_jax_case(case: dict, args, include: tuple[str, ...] | None = None) -> tuple[dict, dict[str, Callable]]:
     """Compiles, checks and times the functions of one case.
 
     Returns the results and the compiled ``grad`` and ``hvp`` calls (reused to
@@ -346,13 +342,9 @@ def bench_jax_case(
     ref_hlo = normalized_hlo(compiled["raw_jvp_grad"][0])
     for name in ("hvp", "hvp[fwd_rev]", "hvp[rev_rev]", "hvp[rev_fwd]"):
         if name in compiled:
-            results[name]["max_rel_err_vs_raw_jvp_grad"] = max_rel_err(
-                compiled[name][0](params, v, batch), ref
-            )
+            results[name]["max_rel_err_vs_raw_jvp_grad"] = max_rel_err(compiled[name][0](params, v, batch), ref)
             hlo = normalized_hlo(compiled[name][0])
-            results[name]["hlo_identical_to_raw_jvp_grad"] = (
-                None if hlo is None or ref_hlo is None else hlo == ref_hlo
-            )
+            results[name]["hlo_identical_to_raw_jvp_grad"] = None if hlo is None or ref_hlo is None else hlo == ref_hlo
     del ref
     vk = vs[f"vs{K_VECTORS}"]
     for op, loop, key in (
@@ -361,13 +353,9 @@ def bench_jax_case(
     ):
         op, loop = f"{op}_x{K_VECTORS}", f"{loop}_x{K_VECTORS}"
         if op in compiled and loop in compiled:
-            results[op][key] = max_rel_err(
-                compiled[op][0](params, vk, batch), compiled[loop][0](params, vk, batch)
-            )
+            results[op][key] = max_rel_err(compiled[op][0](params, vk, batch), compiled[loop][0](params, vk, batch))
 
-    calls = {
-        name: (lambda c=comp, x=vec: c(params, x, batch)) for name, (comp, vec) in compiled.items()
-    }
+    calls = {name: (lambda c=comp, x=vec: c(params, x, batch)) for name, (comp, vec) in compiled.items()}
     load_before = cpu_load()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     times, rounds = round_robin(
@@ -392,7 +380,7 @@ def bench_jax_case(
     # Derived ratios.
     grad_t = results["grad"]["time"]["median_s"]
     grad_mem = results["grad"]["memory"].get("temp_size_in_bytes")
-    for name, res in results.items():
+    for res in results.values():
         res["time_ratio_to_grad"] = res["time"]["median_s"] / grad_t
         temp = res["memory"].get("temp_size_in_bytes")
         res["temp_ratio_to_grad"] = (temp / grad_mem) if (temp is not None and grad_mem) else None
@@ -430,12 +418,8 @@ def bench_jax_case(
         "hvp_default_vs_raw_jvp_grad_time": results["hvp"]["time"]["median_s"]
         / results["raw_jvp_grad"]["time"]["median_s"],
         "hvp_default_vs_raw_jvp_grad_time_paired_median": float(np.median(paired)),
-        "hvp_default_vs_raw_jvp_grad_flops": _ratio(
-            results["hvp"]["cost"], results["raw_jvp_grad"]["cost"], "flops"
-        ),
-        "hvp_default_hlo_identical_to_raw_jvp_grad": results["hvp"].get(
-            "hlo_identical_to_raw_jvp_grad"
-        ),
+        "hvp_default_vs_raw_jvp_grad_flops": _ratio(results["hvp"]["cost"], results["raw_jvp_grad"]["cost"], "flops"),
+        "hvp_default_hlo_identical_to_raw_jvp_grad": results["hvp"].get("hlo_identical_to_raw_jvp_grad"),
         "hvp_default_vs_grad_time": results["hvp"]["time_ratio_to_grad"],
         "hvp_default_vs_grad_flops": _ratio(results["hvp"]["cost"], results["grad"]["cost"], "flops"),
         "hvp_default_vs_grad_temp_memory": results["hvp"]["temp_ratio_to_grad"],
@@ -595,9 +579,7 @@ def bench_torch(
         "process_cpu_per_wall": cpu / wall,
     }
     out["rounds"] = rounds
-    out["functions"] = {
-        name: {"time": summarize(t)} for name, t in times.items() if not name.startswith("jax:")
-    }
+    out["functions"] = {name: {"time": summarize(t)} for name, t in times.items() if not name.startswith("jax:")}
     grad_t = out["functions"]["grad"]["time"]["median_s"]
     for res in out["functions"].values():
         res["time_ratio_to_grad"] = res["time"]["median_s"] / grad_t
@@ -664,7 +646,9 @@ def print_case(name: str, res: dict) -> None:
         f"{c['loadavg_after'].get('1min', float('nan')):.2f}; process CPU/wall "
         f"{c['process_cpu_per_wall']:.2f}"
     )
-    errs = {k: v["max_rel_err_vs_raw_jvp_grad"] for k, v in res["functions"].items() if "max_rel_err_vs_raw_jvp_grad" in v}
+    errs = {
+        k: v["max_rel_err_vs_raw_jvp_grad"] for k, v in res["functions"].items() if "max_rel_err_vs_raw_jvp_grad" in v
+    }
     print("max rel err vs raw jvp(grad): " + ", ".join(f"{k}={v:.1e}" for k, v in errs.items()))
     for op, r in s["operator_reuse"].items():
         line = (
@@ -726,28 +710,44 @@ def evaluate_targets(jax_results: dict, torch_results: dict) -> dict:
     targets = []
 
     def add(name, case, measured, threshold, note=""):
-        targets.append({
-            "target": name,
-            "case": case,
-            "measured": measured,
-            "threshold": threshold,
-            "comparison": "<=",
-            "pass": (measured is not None and measured <= threshold),
-            **({"note": note} if note else {}),
-        })
+        targets.append(
+            {
+                "target": name,
+                "case": case,
+                "measured": measured,
+                "threshold": threshold,
+                "comparison": "<=",
+                "pass": (measured is not None and measured <= threshold),
+                **({"note": note} if note else {}),
+            }
+        )
 
     for case, res in jax_results.items():
         s = res["summary"]
-        add("hvp_vs_raw_jvp_grad_time", case, s["hvp_default_vs_raw_jvp_grad_time"],
-            TARGETS["hvp_vs_raw_jvp_grad_time"], "ratio of medians, hvpopt.hvp default mode")
+        add(
+            "hvp_vs_raw_jvp_grad_time",
+            case,
+            s["hvp_default_vs_raw_jvp_grad_time"],
+            TARGETS["hvp_vs_raw_jvp_grad_time"],
+            "ratio of medians, hvpopt.hvp default mode",
+        )
         add("ggn_vp_vs_grad_time", case, s["ggn_vp_vs_grad_time"], TARGETS["ggn_vp_vs_grad_time"])
-        add("hvp_vs_grad_temp_memory", case, s["hvp_default_vs_grad_temp_memory"],
-            TARGETS["hvp_vs_grad_temp_memory"], "compiled temp_size_in_bytes")
+        add(
+            "hvp_vs_grad_temp_memory",
+            case,
+            s["hvp_default_vs_grad_temp_memory"],
+            TARGETS["hvp_vs_grad_temp_memory"],
+            "compiled temp_size_in_bytes",
+        )
     for case, res in torch_results.items():
-        add("hvp_vs_torch_best_hvp_time", case, res.get("hvpopt_hvp_vs_torch_best_hvp"),
+        add(
+            "hvp_vs_torch_best_hvp_time",
+            case,
+            res.get("hvpopt_hvp_vs_torch_best_hvp"),
             TARGETS["hvp_vs_torch_best_hvp_time"],
             f"ratio of medians timed in the same interleaved rounds; torch best: "
-            f"{res['best_hvp']['method']} (eager, float32)")
+            f"{res['best_hvp']['method']} (eager, float32)",
+        )
     return {
         "all_pass": all(t["pass"] for t in targets),
         "num_pass": sum(t["pass"] for t in targets),
@@ -761,7 +761,10 @@ def print_targets(t: dict) -> None:
     for item in t["items"]:
         m = item["measured"]
         ms = "n/a" if m is None else f"{m:.3f}"
-        print(f"  [{'PASS' if item['pass'] else 'FAIL'}] {item['target']:<28} {item['case']:<22} {ms:>8} <= {item['threshold']}")
+        print(
+            f"  [{'PASS' if item['pass'] else 'FAIL'}] {item['target']:<28} {item['case']:<22} "
+            f"{ms:>8} <= {item['threshold']}"
+        )
 
 
 def main(argv=None) -> int:
@@ -777,8 +780,11 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     env = environment(("jax", "jaxlib", "flax", "optax", "numpy", "torch", "hvpopt"))
-    print(f"JAX {jax.__version__} on {env['jax_devices']}; {env['machine']['cpu_count']} CPUs; "
-          f"{'quick' if args.quick else 'full'} run", flush=True)
+    print(
+        f"JAX {jax.__version__} on {env['jax_devices']}; {env['machine']['cpu_count']} CPUs; "
+        f"{'quick' if args.quick else 'full'} run",
+        flush=True,
+    )
     jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.zeros(())))  # absorb one-time init
 
     if args.quick:  # a smoke run: one transformer with the core functions, MLP with more
@@ -814,8 +820,7 @@ def main(argv=None) -> int:
                 jres["functions"]["hvp"]["time"]["median_s"] / res["best_hvp"]["median_s"]
             )
             res["jax_grad_vs_torch_grad_separate"] = (
-                jres["functions"]["grad"]["time"]["median_s"]
-                / res["functions"]["grad"]["time"]["median_s"]
+                jres["functions"]["grad"]["time"]["median_s"] / res["functions"]["grad"]["time"]["median_s"]
             )
             torch_results[name] = res
             print_torch(name, res, jres)

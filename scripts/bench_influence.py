@@ -93,8 +93,11 @@ QUICK_OUT = "/tmp/bench_influence_quick.json"
 TARGET_SECONDS = 60.0
 TARGET_METHODS = ("cg", "arnoldi")
 TOP_K = 10
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 
 
 # --------------------------------------------------------------------------
@@ -107,6 +110,7 @@ class CompileSpans:
 
     def __init__(self):
         import jax
+
         self.spans = []
         jax.monitoring.register_event_time_span_listener(self._record)
 
@@ -152,6 +156,7 @@ def _rss_mb() -> float:
 
 def _device_peak_bytes():
     import jax
+
     try:
         stats = jax.devices()[0].memory_stats()
     except Exception:  # noqa: BLE001 (CPU backends may raise or return None)
@@ -162,6 +167,7 @@ def _device_peak_bytes():
 @functools.lru_cache(maxsize=1)  # --in-process: load once
 def _load(folder: str):
     from hvpopt.testbed import checkpoint
+
     return checkpoint.load_checkpoint(folder)
 
 
@@ -196,6 +202,7 @@ def _solver_summary(info: dict) -> dict:
 def worker(spec: dict) -> None:
     """Runs one setting; writes ``spec['result']`` (JSON) and ``spec['scores']`` (npz)."""
     import jax
+
     from hvpopt import influence
 
     import_seconds = time.perf_counter() - _PROCESS_START
@@ -203,8 +210,12 @@ def worker(spec: dict) -> None:
     t0 = time.perf_counter()
     task, params, train, queries, curvature_data = _problem(spec)
     jax.block_until_ready(params)
-    base = {"import_seconds": import_seconds, "load_seconds": time.perf_counter() - t0,
-            "rss_after_load_mb": _rss_mb(), "cpu_load_at_start": os.getloadavg()[0]}
+    base = {
+        "import_seconds": import_seconds,
+        "load_seconds": time.perf_counter() - t0,
+        "rss_after_load_mb": _rss_mb(),
+        "cpu_load_at_start": os.getloadavg()[0],
+    }
     loss_fn, model, chunk = task.example_loss, (task.model_fn, task.loss), spec["chunk_size"]
     if spec["kind"] == "reference":
         return _reference_worker(spec, base, spans, loss_fn, params, train, queries, curvature_data, model)
@@ -213,13 +224,26 @@ def worker(spec: dict) -> None:
     results, scores = [], {}
     shared = {}
     data = curvature_data(spec["curvature_examples"]) if method != "identity" else None
-    options = {"cg": {"maxiter": spec.get("cg_iterations")}, "lissa": {"depth": spec.get("lissa_depth")},
-               "arnoldi": {"rank": spec.get("rank")}, "identity": {}}[method]
+    options = {
+        "cg": {"maxiter": spec.get("cg_iterations")},
+        "lissa": {"depth": spec.get("lissa_depth")},
+        "arnoldi": {"rank": spec.get("rank")},
+        "identity": {},
+    }[method]
     if method in ("arnoldi", "identity"):  # the fit does not depend on the damping: fit once
         with Phase(spans, "fit", shared):
             fitted = influence.fit_inverse_curvature(
-                loss_fn, params, data if data is not None else train, method=method, damping=spec["dampings"][0],
-                curvature="ggn", model=model, chunk_size=chunk, key=jax.random.key(spec["seed"]), **options)
+                loss_fn,
+                params,
+                data if data is not None else train,
+                method=method,
+                damping=spec["dampings"][0],
+                curvature="ggn",
+                model=model,
+                chunk_size=chunk,
+                key=jax.random.key(spec["seed"]),
+                **options,
+            )
             jax.block_until_ready((fitted.eigenvalues, fitted.eigenvectors))
         shared["fit_diagnostics"] = {k: np.asarray(v).tolist() for k, v in fitted.diagnostics.items()}
         if fitted.eigenvalues is not None:
@@ -232,15 +256,29 @@ def worker(spec: dict) -> None:
             record.update({k: v for k, v in shared.items()})
             if method == "arnoldi":
                 inverse = influence.InverseCurvature(
-                    influence.eigen_inverse(fitted.eigenvalues, fitted.eigenvectors, damping), method, damping,
-                    fitted.eigenvalues, fitted.eigenvectors, fitted.diagnostics)
+                    influence.eigen_inverse(fitted.eigenvalues, fitted.eigenvectors, damping),
+                    method,
+                    damping,
+                    fitted.eigenvalues,
+                    fitted.eigenvectors,
+                    fitted.diagnostics,
+                )
             else:
                 inverse = fitted
         else:
             with Phase(spans, "fit", record):
                 inverse = influence.fit_inverse_curvature(
-                    loss_fn, params, data, method=method, damping=damping, curvature="ggn", model=model,
-                    chunk_size=chunk, key=jax.random.key(spec["seed"]), **options)
+                    loss_fn,
+                    params,
+                    data,
+                    method=method,
+                    damping=damping,
+                    curvature="ggn",
+                    model=model,
+                    chunk_size=chunk,
+                    key=jax.random.key(spec["seed"]),
+                    **options,
+                )
             record["fit_diagnostics"] = {k: np.asarray(v).tolist() for k, v in inverse.diagnostics.items()}
         with Phase(spans, "query", record):
             directions, info = influence.query_directions(loss_fn, params, queries, inverse, chunk_size=chunk)
@@ -256,17 +294,23 @@ def worker(spec: dict) -> None:
             matrix = np.concatenate(blocks, axis=1)
         record["score_chunks"] = len(blocks)
         record["total_seconds"] = record["fit_seconds"] + record["query_seconds"] + record["score_seconds"]
-        record["total_compile_seconds"] = (record["fit_compile_seconds"] + record["query_compile_seconds"]
-                                           + record["score_compile_seconds"])
+        record["total_compile_seconds"] = (
+            record["fit_compile_seconds"] + record["query_compile_seconds"] + record["score_compile_seconds"]
+        )
         record["total_steady_seconds"] = record["total_seconds"] - record["total_compile_seconds"]
         record["scores_finite"] = bool(np.all(np.isfinite(matrix)))
         scores[f"damping_{damping:g}"] = matrix
         results.append(record)
         if method == "identity":
             break  # no damping: one run
-    out = {**base, "runs": results, "peak_rss_mb": _rss_mb(), "device_peak_bytes": _device_peak_bytes(),
-           "cpu_load_at_end": os.getloadavg()[0],
-           "process_seconds": time.perf_counter() - _PROCESS_START}
+    out = {
+        **base,
+        "runs": results,
+        "peak_rss_mb": _rss_mb(),
+        "device_peak_bytes": _device_peak_bytes(),
+        "cpu_load_at_end": os.getloadavg()[0],
+        "process_seconds": time.perf_counter() - _PROCESS_START,
+    }
     np.savez(spec["scores"], **scores)
     with open(spec["result"], "w") as file:
         json.dump(out, file, indent=1)
@@ -276,9 +320,10 @@ def _reference_worker(spec, base, spans, loss_fn, params, train, queries, curvat
     """Converged CG (plain, written here) on the library's GGN operator, for the first ``reference_queries``."""
     import jax
     import jax.numpy as jnp
-    from hvpopt.influence import pearson
     from jax.flatten_util import ravel_pytree
+
     from hvpopt import influence
+    from hvpopt.influence import pearson
 
     data = curvature_data(spec["curvature_examples"])
     count = min(spec["reference_queries"], np.shape(queries[0])[0])
@@ -289,8 +334,9 @@ def _reference_worker(spec, base, spans, loss_fn, params, train, queries, curvat
     @jax.jit
     def solve(params, data, b, damping):
         unravel = ravel_pytree(params)[1]
-        operator = influence.curvature_operator(loss_fn, params, data, curvature="ggn", model=model,
-                                                chunk_size=spec["chunk_size"])
+        operator = influence.curvature_operator(
+            loss_fn, params, data, curvature="ggn", model=model, chunk_size=spec["chunk_size"]
+        )
         single = lambda v: ravel_pytree(operator(unravel(v)))[0]
         apply = lambda rows: jax.vmap(single)(rows) + damping * rows
         b_norm = jnp.linalg.norm(b, axis=1)
@@ -325,22 +371,36 @@ def _reference_worker(spec, base, spans, loss_fn, params, train, queries, curvat
         record = {"damping": damping}
         with Phase(spans, "solve", record):
             x, k, rel, true_rel, older, old, old_k = jax.block_until_ready(
-                solve(params, data, gradients, jnp.float32(damping)))
+                solve(params, data, gradients, jnp.float32(damping))
+            )
         old_k = np.asarray(old_k)
         earlier, earlier_k = (old, int(old_k[1])) if int(old_k[1]) < int(k) else (older, int(old_k[0]))
         with Phase(spans, "score", record):
-            matrix = np.concatenate([np.asarray(b) for _, b in influence.score_blocks(
-                loss_fn, params, train, x, chunk_size=spec["chunk_size"])], axis=1)
-            earlier_matrix = np.concatenate([np.asarray(b) for _, b in influence.score_blocks(
-                loss_fn, params, train, earlier, chunk_size=spec["chunk_size"])], axis=1)
-        record.update({
-            "iterations": int(k), "max_relative_residual": float(np.max(rel)),
-            "relative_residuals": np.asarray(rel).tolist(),
-            "max_true_relative_residual": float(np.max(true_rel)),
-            "earlier_iteration": earlier_k,
-            "pearson_with_earlier_iterate": pearson(matrix, earlier_matrix) if earlier_k > 0 else None,
-            "top10_overlap_with_earlier_iterate": _top_overlap(earlier_matrix, matrix) if earlier_k > 0 else None,
-        })
+            matrix = np.concatenate(
+                [
+                    np.asarray(b)
+                    for _, b in influence.score_blocks(loss_fn, params, train, x, chunk_size=spec["chunk_size"])
+                ],
+                axis=1,
+            )
+            earlier_matrix = np.concatenate(
+                [
+                    np.asarray(b)
+                    for _, b in influence.score_blocks(loss_fn, params, train, earlier, chunk_size=spec["chunk_size"])
+                ],
+                axis=1,
+            )
+        record.update(
+            {
+                "iterations": int(k),
+                "max_relative_residual": float(np.max(rel)),
+                "relative_residuals": np.asarray(rel).tolist(),
+                "max_true_relative_residual": float(np.max(true_rel)),
+                "earlier_iteration": earlier_k,
+                "pearson_with_earlier_iterate": pearson(matrix, earlier_matrix) if earlier_k > 0 else None,
+                "top10_overlap_with_earlier_iterate": _top_overlap(earlier_matrix, matrix) if earlier_k > 0 else None,
+            }
+        )
         scores[f"damping_{damping:g}"] = matrix
         out["runs"].append(record)
     out.update({"peak_rss_mb": _rss_mb(), "process_seconds": time.perf_counter() - _PROCESS_START})
@@ -366,10 +426,13 @@ def quality(matrix: np.ndarray, reference: np.ndarray) -> dict:
     rows = None if reference is None else matrix[: reference.shape[0]]
     if rows is None or not np.all(np.isfinite(rows)):
         return {"pearson": None, "spearman": None, "mean_query_pearson": None, "top10_overlap": None}
-    return {"pearson": pearson(rows, reference), "spearman": spearman(rows, reference),
-            "mean_query_pearson": float(np.mean([pearson(r, q) for r, q in zip(rows, reference)])),
-            "top10_overlap": _top_overlap(rows, reference),
-            "top10_opponent_overlap": _top_overlap(-rows, -reference)}
+    return {
+        "pearson": pearson(rows, reference),
+        "spearman": spearman(rows, reference),
+        "mean_query_pearson": float(np.mean([pearson(r, q) for r, q in zip(rows, reference)])),
+        "top10_overlap": _top_overlap(rows, reference),
+        "top10_opponent_overlap": _top_overlap(-rows, -reference),
+    }
 
 
 # --------------------------------------------------------------------------
@@ -387,12 +450,16 @@ def _int_list(text: str) -> list[int]:
 
 def _checkpoint(args) -> str:
     from hvpopt.testbed import checkpoint
+
     if args.checkpoint:
         if not os.path.exists(os.path.join(args.checkpoint, checkpoint.CONFIG_FILE)):
-            sys.exit(f"--checkpoint {args.checkpoint!r} holds no checkpoint: train one with "
-                     f"'hvpopt train --out {args.checkpoint}' (or leave --checkpoint out for the cached default).")
+            sys.exit(
+                f"--checkpoint {args.checkpoint!r} holds no checkpoint: train one with "
+                f"'hvpopt train --out {args.checkpoint}' (or leave --checkpoint out for the cached default)."
+            )
         return os.path.abspath(args.checkpoint)
     from hvpopt.cli.influence import _default_checkpoint
+
     return os.path.abspath(_default_checkpoint(True, None))  # trains and caches it if absent, as the CLI does
 
 
@@ -402,12 +469,16 @@ def _run_worker(spec: dict, folder: str, name: str, in_process: bool) -> tuple[d
     if in_process:  # --quick: no per-process memory, compiled pieces shared between settings
         worker(spec)
     else:
-        completed = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                                   capture_output=True, text=True)
+        completed = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], capture_output=True, text=True
+        )
         if completed.returncode != 0:
             print(completed.stderr[-4000:], file=sys.stderr)
-            return {"error": completed.stderr[-2000:], "returncode": completed.returncode,
-                    "subprocess_seconds": time.perf_counter() - t}, {}
+            return {
+                "error": completed.stderr[-2000:],
+                "returncode": completed.returncode,
+                "subprocess_seconds": time.perf_counter() - t,
+            }, {}
     wall = time.perf_counter() - t
     with open(spec["result"]) as file:
         result = json.load(file)
@@ -422,18 +493,36 @@ def _run_worker(spec: dict, folder: str, name: str, in_process: bool) -> tuple[d
 
 def _settings(args) -> dict:
     if args.quick:
-        return {"train_examples": 48, "queries": 6, "curvature_examples": [16], "solve_curvature_examples": [16],
-                "dampings": [1e-2], "lissa_dampings": [1e-2], "cg_iterations": [3], "rank": 6, "lissa_depth": 3,
-                "chunk_size": 16,
-                "reference_queries": 3, "reference_rtol": 1e-3, "reference_maxiter": 60}
-    return {"train_examples": args.train_examples, "queries": args.queries,
-            "curvature_examples": _int_list(args.curvature_examples),
-            "solve_curvature_examples": _int_list(args.solve_curvature_examples),
-            "dampings": _float_list(args.dampings), "lissa_dampings": _float_list(args.lissa_dampings),
-            "cg_iterations": _int_list(args.cg_iterations), "rank": args.rank,
-            "lissa_depth": args.lissa_depth, "chunk_size": args.chunk_size,
-            "reference_queries": args.reference_queries, "reference_rtol": args.reference_rtol,
-            "reference_maxiter": args.reference_maxiter}
+        return {
+            "train_examples": 48,
+            "queries": 6,
+            "curvature_examples": [16],
+            "solve_curvature_examples": [16],
+            "dampings": [1e-2],
+            "lissa_dampings": [1e-2],
+            "cg_iterations": [3],
+            "rank": 6,
+            "lissa_depth": 3,
+            "chunk_size": 16,
+            "reference_queries": 3,
+            "reference_rtol": 1e-3,
+            "reference_maxiter": 60,
+        }
+    return {
+        "train_examples": args.train_examples,
+        "queries": args.queries,
+        "curvature_examples": _int_list(args.curvature_examples),
+        "solve_curvature_examples": _int_list(args.solve_curvature_examples),
+        "dampings": _float_list(args.dampings),
+        "lissa_dampings": _float_list(args.lissa_dampings),
+        "cg_iterations": _int_list(args.cg_iterations),
+        "rank": args.rank,
+        "lissa_depth": args.lissa_depth,
+        "chunk_size": args.chunk_size,
+        "reference_queries": args.reference_queries,
+        "reference_rtol": args.reference_rtol,
+        "reference_maxiter": args.reference_maxiter,
+    }
 
 
 def _plan(methods: list[str], settings: dict) -> list[dict]:
@@ -443,21 +532,40 @@ def _plan(methods: list[str], settings: dict) -> list[dict]:
         if method == "identity":
             plan.append({"method": "identity", "curvature_examples": None, "label": "identity"})
         elif method == "arnoldi":
-            plan += [{"method": "arnoldi", "curvature_examples": n, "rank": settings["rank"],
-                      "label": f"arnoldi nc={n} rank={settings['rank']}"} for n in settings["curvature_examples"]]
+            plan += [
+                {
+                    "method": "arnoldi",
+                    "curvature_examples": n,
+                    "rank": settings["rank"],
+                    "label": f"arnoldi nc={n} rank={settings['rank']}",
+                }
+                for n in settings["curvature_examples"]
+            ]
         elif method == "cg":
-            plan += [{"method": "cg", "curvature_examples": n, "cg_iterations": k, "label": f"cg nc={n} maxiter={k}"}
-                     for n in settings["solve_curvature_examples"] for k in settings["cg_iterations"]]
+            plan += [
+                {"method": "cg", "curvature_examples": n, "cg_iterations": k, "label": f"cg nc={n} maxiter={k}"}
+                for n in settings["solve_curvature_examples"]
+                for k in settings["cg_iterations"]
+            ]
         elif method == "lissa":
             missing = sorted(set(settings["lissa_dampings"]) - set(settings["dampings"]))
             if missing:
                 raise SystemExit(f"--lissa-dampings {missing} must be among --dampings (the reference's).")
-            plan += [{"method": "lissa", "curvature_examples": n, "lissa_depth": settings["lissa_depth"],
-                      "dampings": settings["lissa_dampings"], "label": f"lissa nc={n} depth={settings['lissa_depth']}"}
-                     for n in settings["solve_curvature_examples"]]
+            plan += [
+                {
+                    "method": "lissa",
+                    "curvature_examples": n,
+                    "lissa_depth": settings["lissa_depth"],
+                    "dampings": settings["lissa_dampings"],
+                    "label": f"lissa nc={n} depth={settings['lissa_depth']}",
+                }
+                for n in settings["solve_curvature_examples"]
+            ]
         else:
-            raise SystemExit(f"--methods: unknown method {method!r}; 'exact' cannot run on 110,271 parameters "
-                             "(the library refuses more than 5,000).")
+            raise SystemExit(
+                f"--methods: unknown method {method!r}; 'exact' cannot run on 110,271 parameters "
+                "(the library refuses more than 5,000)."
+            )
     return plan
 
 
@@ -473,44 +581,74 @@ def _extrapolations(rows: list[dict], settings: dict) -> dict:
             steps, cli_steps = row["lissa_depth"], 1000
         per_step = row["query_steady_seconds"] / steps
         nc = row["curvature_examples"]
-        entries.append({
-            "from": row["label"], "damping": row["damping"], "cli_default_steps": cli_steps,
-            "steady_seconds_per_step_all_queries": per_step,
-            "cli_default_seconds_by_curvature_examples": {
-                str(n): per_step * cli_steps * n / nc + row["score_steady_seconds"]
-                for n in sorted(set(settings["curvature_examples"]) | {nc, 256})}})
-    return {"note": "not measured: the query phase's steady seconds per iteration (all queries) x the CLI's default "
-                    "iterations (cg 50, lissa depth 1000), scaled linearly in curvature examples, plus the scoring "
-                    "phase's steady seconds; compilation excluded", "entries": entries}
+        entries.append(
+            {
+                "from": row["label"],
+                "damping": row["damping"],
+                "cli_default_steps": cli_steps,
+                "steady_seconds_per_step_all_queries": per_step,
+                "cli_default_seconds_by_curvature_examples": {
+                    str(n): per_step * cli_steps * n / nc + row["score_steady_seconds"]
+                    for n in sorted(set(settings["curvature_examples"]) | {nc, 256})
+                },
+            }
+        )
+    return {
+        "note": "not measured: the query phase's steady seconds per iteration (all queries) x the CLI's default "
+        "iterations (cg 50, lissa depth 1000), scaled linearly in curvature examples, plus the scoring "
+        "phase's steady seconds; compilation excluded",
+        "entries": entries,
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", metavar="DIR", help="a 'hvpopt train' checkpoint (default: the cached "
-                        "default model of 'hvpopt influence', trained and cached if absent)")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a 'hvpopt train' checkpoint (default: the cached "
+        "default model of 'hvpopt influence', trained and cached if absent)",
+    )
     parser.add_argument("--train-examples", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=100, help="the first N validation examples")
-    parser.add_argument("--curvature-examples", default="64,256",
-                        help="comma list: curvature subsets for arnoldi (the CLI's default is 256)")
-    parser.add_argument("--solve-curvature-examples", default="64",
-                        help="comma list: curvature subsets for cg and lissa (per-query solvers)")
+    parser.add_argument(
+        "--curvature-examples",
+        default="64,256",
+        help="comma list: curvature subsets for arnoldi (the CLI's default is 256)",
+    )
+    parser.add_argument(
+        "--solve-curvature-examples",
+        default="64",
+        help="comma list: curvature subsets for cg and lissa (per-query solvers)",
+    )
     parser.add_argument("--dampings", default="1e-3,1e-2", help="comma list")
     parser.add_argument("--lissa-dampings", default="1e-2", help="comma list, among --dampings")
-    parser.add_argument("--methods", default="identity,cg,arnoldi,lissa",
-                        help="comma list of identity, cg, arnoldi, lissa ('exact' is impossible at this size)")
+    parser.add_argument(
+        "--methods",
+        default="identity,cg,arnoldi,lissa",
+        help="comma list of identity, cg, arnoldi, lissa ('exact' is impossible at this size)",
+    )
     parser.add_argument("--cg-iterations", default="10,25", help="comma list: cg's maxiter (rtol 1e-4, the default)")
     parser.add_argument("--rank", type=int, default=50)
     parser.add_argument("--lissa-depth", type=int, default=10)
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--reference-queries", type=int, default=8,
-                        help="queries solved to convergence for the reference (0: no reference)")
+    parser.add_argument(
+        "--reference-queries",
+        type=int,
+        default=8,
+        help="queries solved to convergence for the reference (0: no reference)",
+    )
     parser.add_argument("--reference-rtol", type=float, default=1e-3)
     parser.add_argument("--reference-maxiter", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help=f"JSON output (default {DEFAULT_OUT}; --quick: {QUICK_OUT})")
     parser.add_argument("--quick", action="store_true", help="smoke run with tiny sizes (< 1 minute)")
-    parser.add_argument("--in-process", action="store_true", help="run every setting in this process (implied by "
-                        "--quick): faster, but peak memory and compile times are then not per setting")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every setting in this process (implied by "
+        "--quick): faster, but peak memory and compile times are then not per setting",
+    )
     parser.add_argument("--save-scores", metavar="DIR", help="keep every setting's score matrices (npz) in DIR")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -529,21 +667,28 @@ def main(argv=None) -> int:
     common = {"checkpoint": _checkpoint(args), "seed": args.seed, "save_scores": args.save_scores, **settings}
     reference_nc = settings["solve_curvature_examples"][0]
     in_process = args.quick or args.in_process
-    print(f"load before: {load_before}; {len(plan)} settings + the reference, "
-          f"{'all in this process' if in_process else 'one process each'}", flush=True)
+    print(
+        f"load before: {load_before}; {len(plan)} settings + the reference, "
+        f"{'all in this process' if in_process else 'one process each'}",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench_influence_") as folder:
         if settings["reference_queries"] > 0:
             reference, reference_scores = _run_worker(
-                {**common, "kind": "reference", "curvature_examples": reference_nc}, folder, "reference", in_process)
+                {**common, "kind": "reference", "curvature_examples": reference_nc}, folder, "reference", in_process
+            )
             if "error" in reference:
                 raise SystemExit("the reference failed")
         else:
             reference, reference_scores = {"skipped": "--reference-queries 0", "runs": []}, {}
         for run in reference["runs"]:
-            print(f"reference damping {run['damping']:g}: {run['iterations']} CG iterations, max relative residual "
-                  f"{run['max_true_relative_residual']:.2e} (true), Pearson with iteration {run['earlier_iteration']} "
-                  f"{run['pearson_with_earlier_iterate']}, {run['solve_seconds']:.1f} s", flush=True)
+            print(
+                f"reference damping {run['damping']:g}: {run['iterations']} CG iterations, max relative residual "
+                f"{run['max_true_relative_residual']:.2e} (true), Pearson with iteration {run['earlier_iteration']} "
+                f"{run['pearson_with_earlier_iterate']}, {run['solve_seconds']:.1f} s",
+                flush=True,
+            )
         rows = []
         for item in plan:
             spec = {**common, "kind": "method", **item}
@@ -554,13 +699,18 @@ def main(argv=None) -> int:
             process = {k: v for k, v in result.items() if k != "runs"}
             for run in result["runs"]:
                 matrix = scores[f"damping_{run['damping']:g}"]
-                compared = ([run["damping"]] if item["method"] != "identity" else settings["dampings"])
+                compared = [run["damping"]] if item["method"] != "identity" else settings["dampings"]
                 for damping in compared:
-                    row = {**item, **run, "damping": damping if item["method"] != "identity" else None,
-                           "reference_damping": damping, "process": process,
-                           "quality": quality(matrix, reference_scores.get(f"damping_{damping:g}")),
-                           "reference_curvature_examples": reference_nc,
-                           "curvature_differs_from_reference": item["curvature_examples"] not in (None, reference_nc)}
+                    row = {
+                        **item,
+                        **run,
+                        "damping": damping if item["method"] != "identity" else None,
+                        "reference_damping": damping,
+                        "process": process,
+                        "quality": quality(matrix, reference_scores.get(f"damping_{damping:g}")),
+                        "reference_curvature_examples": reference_nc,
+                        "curvature_differs_from_reference": item["curvature_examples"] not in (None, reference_nc),
+                    }
                     row["meets_target"] = row["total_seconds"] < TARGET_SECONDS
                     rows.append(row)
                     print(_line(row), flush=True)
@@ -572,26 +722,41 @@ def main(argv=None) -> int:
         "cpu_load_after": cpu_load(),
         "quick": args.quick,
         "in_process": in_process,
-        "target": {"seconds": TARGET_SECONDS, "methods": list(TARGET_METHODS),
-                   "what": "fit + query solves + scoring (compilation included) of 1,000 training examples x 100 "
-                           "queries, the checkpoint already loaded"},
+        "target": {
+            "seconds": TARGET_SECONDS,
+            "methods": list(TARGET_METHODS),
+            "what": "fit + query solves + scoring (compilation included) of 1,000 training examples x 100 "
+            "queries, the checkpoint already loaded",
+        },
         "settings": {**{k: v for k, v in common.items()}, "curvature": "ggn", "methods": methods},
-        "timing_method": ("wall clock (perf_counter) per phase, each phase ended by block_until_ready or by copying "
-                          "the score blocks to the host; compile = union of JAX's trace/lower/compile event spans "
-                          "(jax.monitoring /jax/core/compile/*) inside the phase; steady = phase - compile"),
-        "reference": {"what": f"plain CG (this script) on the GGN of the {reference_nc}-example curvature subset, "
-                              f"per damping, for the first {reference.get('reference_queries')} queries",
-                      **reference},
+        "timing_method": (
+            "wall clock (perf_counter) per phase, each phase ended by block_until_ready or by copying "
+            "the score blocks to the host; compile = union of JAX's trace/lower/compile event spans "
+            "(jax.monitoring /jax/core/compile/*) inside the phase; steady = phase - compile"
+        ),
+        "reference": {
+            "what": f"plain CG (this script) on the GGN of the {reference_nc}-example curvature subset, "
+            f"per damping, for the first {reference.get('reference_queries')} queries",
+            **reference,
+        },
         "runs": rows,
-        "extrapolated": _extrapolations([r for r in rows if "error" not in r and r.get("damping") is not None
-                                         and r["reference_damping"] == r["damping"]], settings),
+        "extrapolated": _extrapolations(
+            [
+                r
+                for r in rows
+                if "error" not in r and r.get("damping") is not None and r["reference_damping"] == r["damping"]
+            ],
+            settings,
+        ),
         "wall_seconds_total": time.perf_counter() - start,
     }
     write_results(out_path, report)
     print()
     print(_table(rows))
-    print(f"\nwrote {out_path} ({report['wall_seconds_total']:.0f} s; load before {load_before}, "
-          f"after {report['cpu_load_after']})")
+    print(
+        f"\nwrote {out_path} ({report['wall_seconds_total']:.0f} s; load before {load_before}, "
+        f"after {report['cpu_load_after']})"
+    )
     return 0
 
 
@@ -599,20 +764,26 @@ def _line(row: dict) -> str:
     q = row["quality"]
     fmt = lambda v: "  n/a" if v is None else f"{v:5.3f}"
     damping = "-" if row["damping"] is None else f"{row['damping']:g}"
-    return (f"{row['label']:<26} {damping:>6} {row['reference_damping']:>8g} {row['total_seconds']:7.1f} "
-            f"{row['total_compile_seconds']:7.1f} {row['process']['peak_rss_mb']:7.0f} {fmt(q['pearson'])} "
-            f"{fmt(q['spearman'])} {fmt(q['top10_overlap'])}  {'yes' if row['meets_target'] else 'no'}"
-            f"{'  *' if row['curvature_differs_from_reference'] else ''}")
+    return (
+        f"{row['label']:<26} {damping:>6} {row['reference_damping']:>8g} {row['total_seconds']:7.1f} "
+        f"{row['total_compile_seconds']:7.1f} {row['process']['peak_rss_mb']:7.0f} {fmt(q['pearson'])} "
+        f"{fmt(q['spearman'])} {fmt(q['top10_overlap'])}  {'yes' if row['meets_target'] else 'no'}"
+        f"{'  *' if row['curvature_differs_from_reference'] else ''}"
+    )
 
 
 def _table(rows: list[dict]) -> str:
-    header = (f"{'setting':<26} {'damp':>6} {'ref damp':>8} {'total s':>7} {'compile':>7} {'RSS MB':>7} "
-              f"{'pears':>5} {'spear':>5} {'top10':>5}  <60s")
+    header = (
+        f"{'setting':<26} {'damp':>6} {'ref damp':>8} {'total s':>7} {'compile':>7} {'RSS MB':>7} "
+        f"{'pears':>5} {'spear':>5} {'top10':>5}  <60s"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(f"{row['label']:<26} FAILED" if "error" in row else _line(row))
-    lines.append("total s = fit + query solves + scoring, compilation included; pears/spear/top10 against the "
-                 "converged-CG reference at 'ref damp' (* = other curvature subset than the reference's)")
+    lines.append(
+        "total s = fit + query solves + scoring, compilation included; pears/spear/top10 against the "
+        "converged-CG reference at 'ref damp' (* = other curvature subset than the reference's)"
+    )
     return "\n".join(lines)
 
 

@@ -79,8 +79,9 @@ import sys
 
 SIMULATED_DEVICES = 8
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts
-    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                               f"--xla_force_host_platform_device_count={SIMULATED_DEVICES}").strip()
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={SIMULATED_DEVICES}"
+    ).strip()
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
@@ -103,14 +104,34 @@ QUICK_OUT = "/tmp/bench_scaling_quick.json"
 WORKLOADS = ("ggn_product", "cg_solve", "influence")
 MODES = ("strong", "weak")
 AGREEMENT_TOLERANCE = 1e-3
-FULL = {"devices": [1, 2, 4, 8], "context_length": 32, "model_options": {},
-        "per_device_batch": 16, "total_batch": 64, "train_per_device": 16, "train_total": 64,
-        "queries": 4, "damping": 1e-2, "cg_iterations": 10, "influence_maxiter": 5,
-        "repeats": {"ggn_product": 10, "cg_solve": 5, "influence": 3}}
-QUICK = {**FULL, "devices": [1, 2], "context_length": 16, "model_options": {"d_model": 32, "num_layers": 1},
-         "per_device_batch": 4, "total_batch": 8, "train_per_device": 4, "train_total": 8,
-         "queries": 2, "cg_iterations": 3, "influence_maxiter": 2,
-         "repeats": {"ggn_product": 3, "cg_solve": 2, "influence": 1}}
+FULL = {
+    "devices": [1, 2, 4, 8],
+    "context_length": 32,
+    "model_options": {},
+    "per_device_batch": 16,
+    "total_batch": 64,
+    "train_per_device": 16,
+    "train_total": 64,
+    "queries": 4,
+    "damping": 1e-2,
+    "cg_iterations": 10,
+    "influence_maxiter": 5,
+    "repeats": {"ggn_product": 10, "cg_solve": 5, "influence": 3},
+}
+QUICK = {
+    **FULL,
+    "devices": [1, 2],
+    "context_length": 16,
+    "model_options": {"d_model": 32, "num_layers": 1},
+    "per_device_batch": 4,
+    "total_batch": 8,
+    "train_per_device": 4,
+    "train_total": 8,
+    "queries": 2,
+    "cg_iterations": 3,
+    "influence_maxiter": 2,
+    "repeats": {"ggn_product": 3, "cg_solve": 2, "influence": 1},
+}
 
 
 # --------------------------------------------------------------------------
@@ -143,17 +164,29 @@ def influence_call(task, settings: dict, mesh, total: int) -> Callable[[], Any]:
     head = task.validation.take(range(settings["queries"]))
     queries = (head.inputs, head.targets)
     return lambda: hvpopt.influence.pairwise_scores(
-        task.example_loss, task.params, train, queries, method="cg", damping=settings["damping"],
-        curvature="ggn", model=(task.model_fn, task.loss), chunk_size=total, mesh=mesh,
-        maxiter=settings["influence_maxiter"], rtol=0.0)
+        task.example_loss,
+        task.params,
+        train,
+        queries,
+        method="cg",
+        damping=settings["damping"],
+        curvature="ggn",
+        model=(task.model_fn, task.loss),
+        chunk_size=total,
+        mesh=mesh,
+        maxiter=settings["influence_maxiter"],
+        rtol=0.0,
+    )
 
 
 def make_call(workload: str, task, settings: dict, devices: int, total: int) -> Callable[[], Any]:
     mesh = hvpopt.data_mesh(devices)
     if workload == "influence":
         return influence_call(task, settings, mesh, total)
-    function = {"ggn_product": functools.partial(ggn_product, task),
-                "cg_solve": functools.partial(cg_solve, task, settings)}[workload]
+    function = {
+        "ggn_product": functools.partial(ggn_product, task),
+        "cg_solve": functools.partial(cg_solve, task, settings),
+    }[workload]
     return jitted_call(function, task, mesh, total)
 
 
@@ -176,8 +209,9 @@ def timed_call(call: Callable[[], Any], spans: CompileSpans) -> tuple[float, flo
     return seconds, spans.within(wall0, time.time()), output
 
 
-def round_robin(calls: dict[int, Callable[[], Any]], repeats: int,
-                spans: CompileSpans) -> dict[int, list[tuple[float, float]]]:
+def round_robin(
+    calls: dict[int, Callable[[], Any]], repeats: int, spans: CompileSpans
+) -> dict[int, list[tuple[float, float]]]:
     """``repeats`` rounds calling every device count, order reversed every other round."""
     samples = {devices: [] for devices in calls}
     order = list(calls)
@@ -197,8 +231,11 @@ def max_relative_difference(result: Any, reference: Any) -> float:
 
 
 def statistics(seconds: list[float], prefix: str = "") -> dict:
-    return {f"{prefix}median_s": float(np.median(seconds)), f"{prefix}min_s": float(np.min(seconds)),
-            f"{prefix}max_s": float(np.max(seconds))}
+    return {
+        f"{prefix}median_s": float(np.median(seconds)),
+        f"{prefix}min_s": float(np.min(seconds)),
+        f"{prefix}max_s": float(np.max(seconds)),
+    }
 
 
 # --------------------------------------------------------------------------
@@ -206,29 +243,42 @@ def statistics(seconds: list[float], prefix: str = "") -> dict:
 # --------------------------------------------------------------------------
 
 
-def run_mode(workload: str, mode: str, task, settings: dict, device_counts: list[int], spans: CompileSpans,
-             references: dict) -> list[dict]:
+def run_mode(
+    workload: str, mode: str, task, settings: dict, device_counts: list[int], spans: CompileSpans, references: dict
+) -> list[dict]:
     """Measures every device count; ``references`` caches one-device results by (workload, total examples)."""
     totals = {d: total_examples(workload, mode, d, settings) for d in device_counts}
     calls = {d: make_call(workload, task, settings, d, totals[d]) for d in device_counts}
     records, outputs = {}, {}
     for devices, call in calls.items():
         first_call_s, compile_s, outputs[devices] = timed_call(call, spans)
-        records[devices] = {"workload": workload, "mode": mode, "devices": devices,
-                            "examples_per_device": totals[devices] // devices, "total_examples": totals[devices],
-                            "first_call_s": first_call_s, "compile_s": compile_s}
-        print(f"  {workload} {mode} D={devices}: first call {first_call_s:.2f} s "
-              f"(compile {compile_s:.2f} s)", flush=True)
+        records[devices] = {
+            "workload": workload,
+            "mode": mode,
+            "devices": devices,
+            "examples_per_device": totals[devices] // devices,
+            "total_examples": totals[devices],
+            "first_call_s": first_call_s,
+            "compile_s": compile_s,
+        }
+        print(
+            f"  {workload} {mode} D={devices}: first call {first_call_s:.2f} s (compile {compile_s:.2f} s)", flush=True
+        )
     references.setdefault((workload, totals[1]), outputs[1])
     for devices, samples in round_robin(calls, settings["repeats"][workload], spans).items():
         seconds, compile_s = (list(column) for column in zip(*samples))
         steady = [s - c for s, c in zip(seconds, compile_s)]
         reference, separate = reference_result(workload, task, settings, totals[devices], references)
-        records[devices].update({
-            "seconds": seconds, "compile_in_call_s": compile_s, **statistics(seconds),
-            **statistics(steady, "steady_"),
-            "max_relative_difference": max_relative_difference(outputs[devices], reference),
-            "reference": "separate one-device run" if separate else "a measured one-device run"})
+        records[devices].update(
+            {
+                "seconds": seconds,
+                "compile_in_call_s": compile_s,
+                **statistics(seconds),
+                **statistics(steady, "steady_"),
+                "max_relative_difference": max_relative_difference(outputs[devices], reference),
+                "reference": "separate one-device run" if separate else "a measured one-device run",
+            }
+        )
         records[devices]["agrees"] = records[devices]["max_relative_difference"] <= AGREEMENT_TOLERANCE
     add_speedups(list(records.values()), mode)
     return list(records.values())
@@ -249,8 +299,15 @@ def add_speedups(records: list[dict], mode: str) -> None:
         ideal = record["devices"] if mode == "strong" else 1.0
         speedup = one["median_s"] / record["median_s"]
         steady_speedup = one["steady_median_s"] / record["steady_median_s"]
-        record.update({"t1_over_tD": speedup, "steady_t1_over_tD": steady_speedup, "ideal_t1_over_tD": ideal,
-                       "efficiency": speedup / ideal, "steady_efficiency": steady_speedup / ideal})
+        record.update(
+            {
+                "t1_over_tD": speedup,
+                "steady_t1_over_tD": steady_speedup,
+                "ideal_t1_over_tD": ideal,
+                "efficiency": speedup / ideal,
+                "steady_efficiency": steady_speedup / ideal,
+            }
+        )
 
 
 # --------------------------------------------------------------------------
@@ -270,8 +327,10 @@ def settings_from(args) -> dict:
     for name in ("total_batch", "train_total"):
         uneven = [d for d in settings["devices"] if settings[name] % d]
         if uneven:
-            raise SystemExit(f"--{name.replace('_', '-')} {settings[name]} cannot be split evenly over "
-                             f"{uneven} devices; use a multiple of every device count.")
+            raise SystemExit(
+                f"--{name.replace('_', '-')} {settings[name]} cannot be split evenly over "
+                f"{uneven} devices; use a multiple of every device count."
+            )
     return settings
 
 
@@ -283,9 +342,11 @@ def available_device_counts(requested: list[int]) -> tuple[list[int], dict]:
 
 
 def format_table(records: list[dict]) -> str:
-    header = (f"{'workload':<12} {'mode':<6} {'D':>2} {'per dev':>7} {'total':>5} {'compile':>7} "
-              f"{'median s':>8} {'min':>7} {'max':>7} {'in-call':>7} {'t1/tD':>6} {'steady':>6} "
-              f"{'ideal':>5} {'max rel diff':>12}")
+    header = (
+        f"{'workload':<12} {'mode':<6} {'D':>2} {'per dev':>7} {'total':>5} {'compile':>7} "
+        f"{'median s':>8} {'min':>7} {'max':>7} {'in-call':>7} {'t1/tD':>6} {'steady':>6} "
+        f"{'ideal':>5} {'max rel diff':>12}"
+    )
     lines = [header, "-" * len(header)]
     for r in records:
         lines.append(
@@ -293,10 +354,13 @@ def format_table(records: list[dict]) -> str:
             f"{r['total_examples']:>5} {r['compile_s']:7.2f} {r['median_s']:8.3f} {r['min_s']:7.3f} "
             f"{r['max_s']:7.3f} {np.median(r['compile_in_call_s']):7.2f} {r['t1_over_tD']:6.2f} "
             f"{r['steady_t1_over_tD']:6.2f} {r['ideal_t1_over_tD']:5.0f} {r['max_relative_difference']:12.1e}"
-            f"{'' if r['agrees'] else '  DISAGREES'}")
-    lines.append("compile = compilation in the first call; in-call = median compilation inside the timed calls; "
-                 "t1/tD = median on 1 device / median on D; steady = the same without in-call compilation; "
-                 "ideal = D (strong) or 1 (weak)")
+            f"{'' if r['agrees'] else '  DISAGREES'}"
+        )
+    lines.append(
+        "compile = compilation in the first call; in-call = median compilation inside the timed calls; "
+        "t1/tD = median on 1 device / median on D; steady = the same without in-call compilation; "
+        "ideal = D (strong) or 1 (weak)"
+    )
     return "\n".join(lines)
 
 
@@ -307,8 +371,9 @@ def main(argv=None) -> int:
     parser.add_argument("--total-batch", type=int, help="strong scaling of the products: sequences in all")
     parser.add_argument("--train-per-device", type=int, help="weak scaling of influence: training examples per device")
     parser.add_argument("--train-total", type=int, help="strong scaling of influence: training examples in all")
-    parser.add_argument("--out", help="JSON output (default benchmarks/results/bench_scaling_<backend>.json; "
-                                      f"--quick: {QUICK_OUT})")
+    parser.add_argument(
+        "--out", help=f"JSON output (default benchmarks/results/bench_scaling_<backend>.json; --quick: {QUICK_OUT})"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: smaller model and sizes, fewer repeats")
     args = parser.parse_args(argv)
 
@@ -319,10 +384,16 @@ def main(argv=None) -> int:
     out_path = args.out or (QUICK_OUT if args.quick else f"benchmarks/results/bench_scaling_{backend}.json")
     load_before = cpu_load()
     spans = CompileSpans()
-    task = tasks.make_task("shakespeare", data_options={"context_length": settings["context_length"]},
-                           model_options=settings["model_options"])
-    print(f"{task.describe()}\n{jax.device_count()} {backend} devices; measuring {device_counts}"
-          f"{f', skipping {sorted(skipped)}' if skipped else ''}; load before {load_before}", flush=True)
+    task = tasks.make_task(
+        "shakespeare",
+        data_options={"context_length": settings["context_length"]},
+        model_options=settings["model_options"],
+    )
+    print(
+        f"{task.describe()}\n{jax.device_count()} {backend} devices; measuring {device_counts}"
+        f"{f', skipping {sorted(skipped)}' if skipped else ''}; load before {load_before}",
+        flush=True,
+    )
 
     references, records = {}, []
     for workload in WORKLOADS:
@@ -336,27 +407,38 @@ def main(argv=None) -> int:
         "cpu_load_after": cpu_load(),
         "quick": args.quick,
         "simulated_cpu_devices": backend == "cpu",
-        "caveat": ("simulated CPU devices share the same cores: only the overhead of sharding is measured"
-                   if backend == "cpu" else None),
+        "caveat": (
+            "simulated CPU devices share the same cores: only the overhead of sharding is measured"
+            if backend == "cpu"
+            else None
+        ),
         "device_counts": device_counts,
         "skipped_device_counts": skipped,
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "task": task.config,
         "parameters": int(sum(x.size for x in jax.tree.leaves(task.params))),
-        "settings": {**settings, "agreement_tolerance": AGREEMENT_TOLERANCE, "dtype": "float32",
-                     "influence_chunk_size": "the number of training examples (one chunk)"},
-        "timing_method": ("first call timed alone, its compilation = union of JAX's trace/lower/compile event spans "
-                          "(jax.monitoring /jax/core/compile/*) inside it; then round-robin rounds over the device "
-                          "counts of a (workload, mode), order reversed every other round, each call ended by "
-                          "jax.block_until_ready; steady = call - compilation inside it"),
+        "settings": {
+            **settings,
+            "agreement_tolerance": AGREEMENT_TOLERANCE,
+            "dtype": "float32",
+            "influence_chunk_size": "the number of training examples (one chunk)",
+        },
+        "timing_method": (
+            "first call timed alone, its compilation = union of JAX's trace/lower/compile event spans "
+            "(jax.monitoring /jax/core/compile/*) inside it; then round-robin rounds over the device "
+            "counts of a (workload, mode), order reversed every other round, each call ended by "
+            "jax.block_until_ready; steady = call - compilation inside it"
+        ),
         "runs": records,
         "wall_seconds_total": time.perf_counter() - start,
     }
     write_results(out_path, report)
     print()
     print(format_table(records))
-    print(f"\nwrote {out_path} ({report['wall_seconds_total']:.0f} s; load before {load_before}, "
-          f"after {report['cpu_load_after']})")
+    print(
+        f"\nwrote {out_path} ({report['wall_seconds_total']:.0f} s; load before {load_before}, "
+        f"after {report['cpu_load_after']})"
+    )
     return 0
 
 

@@ -108,10 +108,10 @@ import lineax as lx
 import numpy as np
 import optax.tree_utils as otu
 import scipy.linalg
+from benchmark_env import cpu_load, environment, write_results
 from jax.flatten_util import ravel_pytree
 
 import hvpopt
-from benchmark_env import cpu_load, environment, write_results
 from hvpopt.testbed.models import TransformerConfig, transformer_lm
 
 ce = hvpopt.losses.softmax_cross_entropy
@@ -147,8 +147,9 @@ def summarize(times: list[float]) -> dict:
     }
 
 
-def round_robin(calls: dict[str, Callable[[], Any]], *, min_rounds: int, max_rounds: int,
-                budget_s: float) -> tuple[dict[str, list[float]], int, dict]:
+def round_robin(
+    calls: dict[str, Callable[[], Any]], *, min_rounds: int, max_rounds: int, budget_s: float
+) -> tuple[dict[str, list[float]], int, dict]:
     """Times every call in interleaved rounds (the calls are already warm)."""
     names = list(calls)
     times = {name: [] for name in names}
@@ -261,10 +262,17 @@ def mlp_problem(sizes: tuple[int, ...], batch: int, dtype) -> dict:
         "inputs": inputs,
         "targets": targets,
         "loss": loss,
-        "config": {"model": "hvpopt.testbed.models.mlp", "sizes": list(sizes), "activation": "tanh",
-                   "batch_size": batch, "inputs": "standard normal (numpy seed 1)",
-                   "loss": "hvpopt.losses.softmax_cross_entropy", "dtype": jnp.dtype(dtype).name,
-                   "num_params": num_params(params), "num_leaves": len(jax.tree.leaves(params))},
+        "config": {
+            "model": "hvpopt.testbed.models.mlp",
+            "sizes": list(sizes),
+            "activation": "tanh",
+            "batch_size": batch,
+            "inputs": "standard normal (numpy seed 1)",
+            "loss": "hvpopt.losses.softmax_cross_entropy",
+            "dtype": jnp.dtype(dtype).name,
+            "num_params": num_params(params),
+            "num_leaves": len(jax.tree.leaves(params)),
+        },
     }
 
 
@@ -278,9 +286,7 @@ def transformer_problem(config: TransformerConfig, batch: int, dtype) -> dict:
     model_fn, params = transformer_lm(config, seed=0)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     rng = np.random.default_rng(1)
-    tokens = jnp.asarray(
-        rng.integers(0, config.vocab_size, (batch, config.context_length + 1), dtype=np.int32)
-    )
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, config.context_length + 1), dtype=np.int32))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     loss = lambda p: ce(model_fn(p, inputs), targets)
     return {
@@ -292,8 +298,10 @@ def transformer_problem(config: TransformerConfig, batch: int, dtype) -> dict:
         "loss": loss,
         "config": {
             "model": "hvpopt.testbed.models.transformer_lm",
-            **{f: getattr(config, f) for f in ("vocab_size", "d_model", "num_layers", "num_heads",
-                                               "context_length", "mlp_ratio")},
+            **{
+                f: getattr(config, f)
+                for f in ("vocab_size", "d_model", "num_layers", "num_heads", "context_length", "mlp_ratio")
+            },
             "batch_size": batch,
             "tokens": "uniform random (numpy seed 1), next-token targets",
             "loss": "hvpopt.losses.softmax_cross_entropy",
@@ -402,9 +410,20 @@ def solver_outputs(name: str, out: Any) -> dict:
     }
 
 
-def bench_cg_case(name: str, mv: Callable, consts: Any, b: Any, *, damping, maxiter: int,
-                  args, loop_k: int, config: dict, instrument_all: bool,
-                  extra_dampings: tuple = ()) -> tuple[dict, dict]:
+def bench_cg_case(
+    name: str,
+    mv: Callable,
+    consts: Any,
+    b: Any,
+    *,
+    damping,
+    maxiter: int,
+    args,
+    loop_k: int,
+    config: dict,
+    instrument_all: bool,
+    extra_dampings: tuple = (),
+) -> tuple[dict, dict]:
     """Compiles, runs, counts and times the four solvers on ``A + damping I``."""
     has_damping = damping is not None
     d = jnp.asarray(damping if has_damping else 0.0, jax.tree.leaves(b)[0].dtype)
@@ -499,7 +518,9 @@ def bench_cg_case(name: str, mv: Callable, consts: Any, b: Any, *, damping, maxi
                 )
             else:
                 info["matvec_count_confirmed"] = calls == info["num_matvecs"]
-                info["instrumented_x_identical"] = tree_equal(x_counted[0] if sname != "hvpopt" else x_counted.x, info["x"])
+                info["instrumented_x_identical"] = tree_equal(
+                    x_counted[0] if sname != "hvpopt" else x_counted.x, info["x"]
+                )
         if sname == "hvpopt":
             info.setdefault("iterations_method", "CGResult.iterations / num_matvecs")
         elif sname.startswith("lineax"):
@@ -531,8 +552,10 @@ def bench_cg_case(name: str, mv: Callable, consts: Any, b: Any, *, damping, maxi
             jax.block_until_ready(calls[call]())
     dense = name.startswith("dense")
     times, rounds, contention = round_robin(
-        calls, min_rounds=args.min_rounds if dense else args.min_rounds_long,
-        max_rounds=args.max_rounds, budget_s=args.budget if dense else args.budget_long,
+        calls,
+        min_rounds=args.min_rounds if dense else args.min_rounds_long,
+        max_rounds=args.max_rounds,
+        budget_s=args.budget if dense else args.budget_long,
     )
     t = {k: summarize(v) for k, v in times.items()}
     marginal = (t[f"matvec_loop_{loop_k}"]["median_s"] - t["matvec_loop_1"]["median_s"]) / (loop_k - 1)
@@ -553,8 +576,7 @@ def bench_cg_case(name: str, mv: Callable, consts: Any, b: Any, *, damping, maxi
     res["contention"] = contention
     mv_call_s = t["matvec_call"]["median_s"]
     round_marginals = [
-        (tk - t1) / (loop_k - 1)
-        for tk, t1 in zip(times[f"matvec_loop_{loop_k}"], times["matvec_loop_1"])
+        (tk - t1) / (loop_k - 1) for tk, t1 in zip(times[f"matvec_loop_{loop_k}"], times["matvec_loop_1"])
     ]
     for sname in SOLVERS:
         r = res["solvers"][sname]
@@ -567,13 +589,12 @@ def bench_cg_case(name: str, mv: Callable, consts: Any, b: Any, *, damping, maxi
         r["overhead_per_iteration"] = (med / its - marginal) / marginal
         # The same per round, against that round's in-loop matvec (timed next to the solves),
         # then the median over rounds: less sensitive to machine load drifting between rounds.
-        per_round = [
-            (ts / its - m_r) / m_r
-            for ts, m_r in zip(times[sname], round_marginals)
-        ]
+        per_round = [(ts / its - m_r) / m_r for ts, m_r in zip(times[sname], round_marginals)]
         r["overhead_per_iteration_paired_median"] = float(np.median(per_round))
-        r["overhead_per_iteration_paired_p25_p75"] = [float(np.percentile(per_round, 25)),
-                                                      float(np.percentile(per_round, 75))]
+        r["overhead_per_iteration_paired_p25_p75"] = [
+            float(np.percentile(per_round, 25)),
+            float(np.percentile(per_round, 75)),
+        ]
         r["overhead_per_iteration_vs_matvec_call"] = (med / its - mv_call_s) / mv_call_s
         # The fixed cost of one call (dispatch, arguments, outputs), estimated as what one
         # jitted matvec call costs beyond an in-loop matvec, taken out of the solve time.
@@ -620,8 +641,12 @@ def bench_cg_case(name: str, mv: Callable, consts: Any, b: Any, *, damping, maxi
                 info["recurrence_relative_residual_reported"] /= b_norm
             if sname == "jax_scipy":
                 calls_n = counter.take()
-                info.update(iterations=calls_n - 1, num_matvecs=calls_n, status="(none reported)",
-                            iterations_method="jax.debug.callback counter (instrumented run)")
+                info.update(
+                    iterations=calls_n - 1,
+                    num_matvecs=calls_n,
+                    status="(none reported)",
+                    iterations_method="jax.debug.callback counter (instrumented run)",
+                )
             rel, q = check_c(consts, info["x"], b, dd)
             info["finite"] = tree_finite(info["x"])
             info["x_norm"] = float(otu.tree_norm(info["x"])) if info["finite"] else None
@@ -655,8 +680,18 @@ def cg_part(args) -> dict:
                 "condition_number": cond,
                 "rhs": "standard normal (numpy seed 3)",
             }
-            res, _ = bench_cg_case(name, mv, [a], b, damping=None, maxiter=args.dense_maxiter,
-                                   args=args, loop_k=100, config=config, instrument_all=True)
+            res, _ = bench_cg_case(
+                name,
+                mv,
+                [a],
+                b,
+                damping=None,
+                maxiter=args.dense_maxiter,
+                args=args,
+                loop_k=100,
+                config=config,
+                instrument_all=True,
+            )
         out["cases"][name] = res
         print_cg_case(name, res)
 
@@ -673,16 +708,33 @@ def cg_part(args) -> dict:
     hess = hvpopt.hessian_operator(prob["loss"], params)
     hess_mv, hess_c = lift_constants(hess, params)
     t_hess = time.perf_counter() - t0
-    base = {**prob["config"], "rhs": "the gradient of the loss",
-            "operator_constants": "built once eagerly, lifted to arguments (see module doc)"}
+    base = {
+        **prob["config"],
+        "rhs": "the gradient of the loss",
+        "operator_constants": "built once eagerly, lifted to arguments (see module doc)",
+    }
 
     name = f"{model}_ggn_damping{args.ggn_damping:g}"
-    res, _ = (None, None) if not args.ggn_case else bench_cg_case(
-        name, ggn_mv, ggn_c, grad, damping=args.ggn_damping, maxiter=args.transformer_maxiter,
-        args=args, loop_k=30, instrument_all=False,
-        config={**base, "operator": "hvpopt.ggn_operator + damping I",
+    res, _ = (
+        (None, None)
+        if not args.ggn_case
+        else bench_cg_case(
+            name,
+            ggn_mv,
+            ggn_c,
+            grad,
+            damping=args.ggn_damping,
+            maxiter=args.transformer_maxiter,
+            args=args,
+            loop_k=30,
+            instrument_all=False,
+            config={
+                **base,
+                "operator": "hvpopt.ggn_operator + damping I",
                 "eager_build_and_lift_s": t_ggn,
-                "damping_choice": args.ggn_damping_note},
+                "damping_choice": args.ggn_damping_note,
+            },
+        )
     )
     if res is not None:
         out["cases"][name] = res
@@ -696,13 +748,25 @@ def cg_part(args) -> dict:
         damping = float(10.0 ** math.ceil(math.log10(1.25 * -lam["lambda_min"])))
     name = f"{model}_hessian_damping{damping:g}"
     res, _ = bench_cg_case(
-        name, hess_mv, hess_c, grad, damping=damping, maxiter=args.hessian_maxiter,
-        args=args, loop_k=30, instrument_all=False, extra_dampings=(1.0, 0.0),
-        config={**base, "operator": "hvpopt.hessian_operator (fwd_rev) + damping I",
-                "eager_build_and_lift_s": t_hess, "hessian_extreme_eigenvalues": lam,
-                "damping_choice": "the smallest power of ten above 1.25 |lambda_min(H)| (eigsh), so "
-                "that H + damping I is SPD (fallback without eigsh: 100); damping = 1 is indefinite "
-                "here, see other_dampings"},
+        name,
+        hess_mv,
+        hess_c,
+        grad,
+        damping=damping,
+        maxiter=args.hessian_maxiter,
+        args=args,
+        loop_k=30,
+        instrument_all=False,
+        extra_dampings=(1.0, 0.0),
+        config={
+            **base,
+            "operator": "hvpopt.hessian_operator (fwd_rev) + damping I",
+            "eager_build_and_lift_s": t_hess,
+            "hessian_extreme_eigenvalues": lam,
+            "damping_choice": "the smallest power of ten above 1.25 |lambda_min(H)| (eigsh), so "
+            "that H + damping I is SPD (fallback without eigsh: 100); damping = 1 is indefinite "
+            "here, see other_dampings",
+        },
     )
     out["cases"][name] = res
     print_cg_case(name, res)
@@ -716,8 +780,9 @@ def hessian_min_eigenvalue(mv, consts, like, args) -> dict:
     eigsh, source = find_eigsh()
     if eigsh is None:
         return {"available": False, "reason": source}
-    fn = lambda c, like: eigsh(lambda v: mv(c, v), like, 1, key=jax.random.key(0), which="SA",
-                               num_iters=args.hessian_eig_iters)
+    fn = lambda c, like: eigsh(
+        lambda v: mv(c, v), like, 1, key=jax.random.key(0), which="SA", num_iters=args.hessian_eig_iters
+    )
     comp, _ = compile_timed(fn, consts, like)
     r = comp(consts, like)
     out = {
@@ -736,10 +801,21 @@ def indefinite_facts(hess_res: dict) -> dict:
         if f is None:
             continue
         facts[label] = {
-            s: {k: f[s].get(k) for k in ("status", "iterations", "num_matvecs", "finite", "x_norm",
-                                          "true_relative_residual", "quadratic_model_value",
-                                          "negative_curvature", "converged")
-                if k in f[s]}
+            s: {
+                k: f[s].get(k)
+                for k in (
+                    "status",
+                    "iterations",
+                    "num_matvecs",
+                    "finite",
+                    "x_norm",
+                    "true_relative_residual",
+                    "quadratic_model_value",
+                    "negative_curvature",
+                    "converged",
+                )
+                if k in f[s]
+            }
             for s in SOLVERS
         }
     facts["note"] = (
@@ -788,8 +864,7 @@ def power_iteration_runner(flat_mv: Callable, size: int, dtype, cap: int) -> Cal
             return k + 1, w / jnp.linalg.norm(w), rq, done, hist.at[k].set(rq)
 
         v0 = v0 / jnp.linalg.norm(v0)
-        init = (jnp.asarray(0, jnp.int32), v0, jnp.zeros((), dtype), jnp.asarray(False),
-                jnp.zeros(cap, dtype))
+        init = (jnp.asarray(0, jnp.int32), v0, jnp.zeros((), dtype), jnp.asarray(False), jnp.zeros(cap, dtype))
         k, v, rq, _, hist = jax.lax.while_loop(cond, body, init)
         return k, v, rq, hist
 
@@ -861,10 +936,16 @@ def lanczos_search(eigsh, mv, consts, like, truth, *, key_seed, m_max, size) -> 
         wall = time.perf_counter() - t1
         vals = np.asarray(r.eigenvalues, np.float64)[::-1]
         err = float(np.max(np.abs(vals - truth) / np.abs(truth)))
-        calls[m] = {"num_iters": m, "num_matvecs": int(r.num_matvecs), "max_rel_error": err,
-                    "ok": err <= EIG_RTOL, "compile_s": t_c, "wall_s": wall,
-                    "residual_norms_reported": np.asarray(r.residual_norms, np.float64)[::-1].tolist(),
-                    "_result": r}
+        calls[m] = {
+            "num_iters": m,
+            "num_matvecs": int(r.num_matvecs),
+            "max_rel_error": err,
+            "ok": err <= EIG_RTOL,
+            "compile_s": t_c,
+            "wall_s": wall,
+            "residual_norms_reported": np.asarray(r.residual_norms, np.float64)[::-1].tolist(),
+            "_result": r,
+        }
         return calls[m]
 
     # Confirm the prediction with eigsh itself; walk if it disagrees.
@@ -885,9 +966,12 @@ def lanczos_search(eigsh, mv, consts, like, truth, *, key_seed, m_max, size) -> 
     best = eig_at(m)
     return {
         "key_seed": key_seed,
-        "prefix": {"m_max": m_max, "predicted_num_iters": m_pred, "wall_s_including_compile": t_prefix,
-                   "max_rel_error_by_num_iters": {str(k): v for k, v in prefix_err.items()
-                                                  if k % 5 == 0 or k == m_pred}},
+        "prefix": {
+            "m_max": m_max,
+            "predicted_num_iters": m_pred,
+            "wall_s_including_compile": t_prefix,
+            "max_rel_error_by_num_iters": {str(k): v for k, v in prefix_err.items() if k % 5 == 0 or k == m_pred},
+        },
         "eigsh_calls": [{k: v for k, v in c.items() if k != "_result"} for c in calls.values()],
         "num_iters": m if best["ok"] else None,
         "num_matvecs": best["num_matvecs"] if best["ok"] else None,
@@ -899,19 +983,28 @@ def lanczos_search(eigsh, mv, consts, like, truth, *, key_seed, m_max, size) -> 
 
 def true_residuals(mv, consts, vectors, values) -> list[float]:
     """||A x_i - lambda_i x_i|| for the eigsh eigenvectors (one matvec each)."""
-    fn = jax.jit(lambda c, vs, ls: jax.vmap(
-        lambda v, l: otu.tree_norm(otu.tree_sub(mv(c, v), otu.tree_scale(l, v))))(vs, ls))
+    fn = jax.jit(
+        lambda c, vs, ls: jax.vmap(lambda v, lam: otu.tree_norm(otu.tree_sub(mv(c, v), otu.tree_scale(lam, v))))(vs, ls)
+    )
     return np.asarray(fn(consts, vectors, values), np.float64)[::-1].tolist()
 
 
-def eigen_case(name, eigsh, source, mv, consts, like, truth, truth_info, *, m_max, cap, tols,
-               power_seed=100) -> dict:
+def eigen_case(name, eigsh, source, mv, consts, like, truth, truth_info, *, m_max, cap, tols, power_seed=100) -> dict:
     flat_like, unravel = ravel_pytree(like)
     size, dtype = flat_like.size, flat_like.dtype
-    res = {"size": size, "dtype": jnp.dtype(dtype).name, "k": EIG_K, "target_rel_error": EIG_RTOL,
-           "reference": truth_info, "reference_eigenvalues": truth.tolist()}
-    print(f"\n[eig {name}] n = {size}, {res['dtype']}; top-{EIG_K} reference "
-          f"{np.array2string(truth, precision=4, max_line_width=200)}", flush=True)
+    res = {
+        "size": size,
+        "dtype": jnp.dtype(dtype).name,
+        "k": EIG_K,
+        "target_rel_error": EIG_RTOL,
+        "reference": truth_info,
+        "reference_eigenvalues": truth.tolist(),
+    }
+    print(
+        f"\n[eig {name}] n = {size}, {res['dtype']}; top-{EIG_K} reference "
+        f"{np.array2string(truth, precision=4, max_line_width=200)}",
+        flush=True,
+    )
 
     flat_mv = lambda c, x: ravel_pytree(mv(c, unravel(x)))[0]
     runner = power_iteration_runner(flat_mv, size, dtype, cap)
@@ -919,9 +1012,11 @@ def eigen_case(name, eigsh, source, mv, consts, like, truth, truth_info, *, m_ma
     for tol in tols:
         run = power_iteration(runner, consts, size, dtype, truth, tol, power_seed)
         runs.append(run)
-        print(f"  power iteration tol {tol:.0e}: {run['matvecs']} matvecs, max rel err "
-              f"{run['max_rel_error']:.2e}, oracle {run['oracle_matvecs']}, {run['wall_s']:.1f} s",
-              flush=True)
+        print(
+            f"  power iteration tol {tol:.0e}: {run['matvecs']} matvecs, max rel err "
+            f"{run['max_rel_error']:.2e}, oracle {run['oracle_matvecs']}, {run['wall_s']:.1f} s",
+            flush=True,
+        )
         if run["reached_target"]:
             break
     reached = [r for r in runs if r["reached_target"]]
@@ -946,11 +1041,17 @@ def eigen_case(name, eigsh, source, mv, consts, like, truth, truth_info, *, m_ma
     res["lanczos"] = search
     pi = res["power_iteration"]
     lm = search["num_matvecs"]
-    res["ratio_power_iteration_to_lanczos_matvecs"] = (pi["matvecs_to_target"] / lm) if (lm and pi["matvecs_to_target"]) else None
-    res["ratio_power_iteration_oracle_to_lanczos_matvecs"] = (pi["oracle_matvecs"] / lm) if (lm and pi["oracle_matvecs"]) else None
-    print(f"  eigsh: smallest num_iters reaching {EIG_RTOL:g}: {search['num_iters']} "
-          f"(predicted {search['prefix']['predicted_num_iters']}, confirmed {search['confirmed']})",
-          flush=True)
+    res["ratio_power_iteration_to_lanczos_matvecs"] = (
+        (pi["matvecs_to_target"] / lm) if (lm and pi["matvecs_to_target"]) else None
+    )
+    res["ratio_power_iteration_oracle_to_lanczos_matvecs"] = (
+        (pi["oracle_matvecs"] / lm) if (lm and pi["oracle_matvecs"]) else None
+    )
+    print(
+        f"  eigsh: smallest num_iters reaching {EIG_RTOL:g}: {search['num_iters']} "
+        f"(predicted {search['prefix']['predicted_num_iters']}, confirmed {search['confirmed']})",
+        flush=True,
+    )
     return res
 
 
@@ -967,8 +1068,14 @@ def eigen_part(args) -> dict:
             if eigsh is None:
                 out["cases"]["transformer_ggn_float64"] = {"skipped": "no eigsh, hence no reference"}
             else:
-                fn = lambda c, like: eigsh(lambda v: mv(c, v), like, EIG_K, key=jax.random.key(1),
-                                           which="LA", num_iters=args.eig_reference_iters)
+                fn = lambda c, like: eigsh(
+                    lambda v: mv(c, v),
+                    like,
+                    EIG_K,
+                    key=jax.random.key(1),
+                    which="LA",
+                    num_iters=args.eig_reference_iters,
+                )
                 comp, t_c = compile_timed(fn, consts, params)
                 t0 = time.perf_counter()
                 ref = jax.block_until_ready(comp(consts, params))
@@ -982,8 +1089,19 @@ def eigen_part(args) -> dict:
                     "compile_s": t_c,
                     "wall_s": wall,
                 }
-                res = eigen_case("transformer_ggn_float64", eigsh, source, mv, consts, params, truth,
-                                 info, m_max=args.eig_m_max, cap=args.eig_cap, tols=args.eig_tols)
+                res = eigen_case(
+                    "transformer_ggn_float64",
+                    eigsh,
+                    source,
+                    mv,
+                    consts,
+                    params,
+                    truth,
+                    info,
+                    m_max=args.eig_m_max,
+                    cap=args.eig_cap,
+                    tols=args.eig_tols,
+                )
                 res["config"] = {**prob["config"], "operator": "hvpopt.ggn_operator (no damping)"}
                 out["cases"]["transformer_ggn_float64"] = res
         # (ii) a dense matrix with a known spectrum.
@@ -994,11 +1112,24 @@ def eigen_part(args) -> dict:
         a = jnp.asarray((a + a.T) / 2, jnp.float64)
         mv = lambda c, v: c[0] @ v
         truth = np.sort(spectrum)[::-1][:EIG_K]
-        info = {"kind": "exact: the constructed spectrum",
-                "spectrum": "top 10 = 100, 70, 50, 49, 48, 30, 22, 21.5, 15, 12 (clusters 50/49/48 "
-                "and 22/21.5), bulk 10 exp(-j / (n/6)), j = 0..n-11; Q random orthogonal"}
-        res = eigen_case(f"dense_n{n}_clustered_float64", eigsh, source, mv, [a], jnp.zeros(n, jnp.float64),
-                         truth, info, m_max=args.eig_m_max, cap=args.eig_cap_dense, tols=args.eig_tols)
+        info = {
+            "kind": "exact: the constructed spectrum",
+            "spectrum": "top 10 = 100, 70, 50, 49, 48, 30, 22, 21.5, 15, 12 (clusters 50/49/48 "
+            "and 22/21.5), bulk 10 exp(-j / (n/6)), j = 0..n-11; Q random orthogonal",
+        }
+        res = eigen_case(
+            f"dense_n{n}_clustered_float64",
+            eigsh,
+            source,
+            mv,
+            [a],
+            jnp.zeros(n, jnp.float64),
+            truth,
+            info,
+            m_max=args.eig_m_max,
+            cap=args.eig_cap_dense,
+            tols=args.eig_tols,
+        )
         out["cases"][f"dense_n{n}_clustered_float64"] = res
     return out
 
@@ -1012,13 +1143,24 @@ def evaluate_targets(cg: dict) -> dict:
     items = []
 
     def add(target, case, measured, threshold, note=""):
-        items.append({"target": target, "case": case, "measured": measured, "threshold": threshold,
-                      "comparison": "<=", "pass": measured is not None and measured <= threshold,
-                      **({"note": note} if note else {})})
+        items.append(
+            {
+                "target": target,
+                "case": case,
+                "measured": measured,
+                "threshold": threshold,
+                "comparison": "<=",
+                "pass": measured is not None and measured <= threshold,
+                **({"note": note} if note else {}),
+            }
+        )
 
     for case, res in cg["cases"].items():
         h = res["solvers"]["hvpopt"]
-        add("hvpopt_overhead_per_iteration", case, h["overhead_per_iteration_paired_median"],
+        add(
+            "hvpopt_overhead_per_iteration",
+            case,
+            h["overhead_per_iteration_paired_median"],
             TARGETS["hvpopt_overhead_per_iteration"],
             f"per-round (solve time / iterations - that round's in-loop matvec) / matvec, median over "
             f"{res['rounds']} rounds [p25 {h['overhead_per_iteration_paired_p25_p75'][0]:.3f}, p75 "
@@ -1027,50 +1169,83 @@ def evaluate_targets(cg: dict) -> dict:
             f"(estimate): {h['overhead_per_iteration_excluding_call_cost_estimate']:.3f}; vs one "
             f"jitted matvec call: {h['overhead_per_iteration_vs_matvec_call']:.3f}; solve time IQR/median "
             f"{h['relative_iqr']:.3f}"
-            + ("; timing suspect (load changed)" if res["timing_consistency"]["suspect"] else ""))
+            + ("; timing suspect (load changed)" if res["timing_consistency"]["suspect"] else ""),
+        )
         for ref in REFERENCES:
             v = res["vs_references"][ref]
             r = res["solvers"][ref]
-            add(f"hvpopt_iterations_vs_{ref}", case, v["iterations_ratio"],
+            add(
+                f"hvpopt_iterations_vs_{ref}",
+                case,
+                v["iterations_ratio"],
                 TARGETS["hvpopt_iterations_vs_reference"],
-                f"{h['iterations']} vs {r['iterations']} ({ref} status {r.get('status')})")
-            add(f"hvpopt_time_vs_{ref}", case, v["time_ratio"], TARGETS["hvpopt_time_vs_reference"],
+                f"{h['iterations']} vs {r['iterations']} ({ref} status {r.get('status')})",
+            )
+            add(
+                f"hvpopt_time_vs_{ref}",
+                case,
+                v["time_ratio"],
+                TARGETS["hvpopt_time_vs_reference"],
                 f"ratio of medians; paired per-round median {v['time_ratio_paired_median']:.3f} "
                 f"[p25 {v['time_ratio_paired_p25_p75'][0]:.3f}, p75 {v['time_ratio_paired_p25_p75'][1]:.3f}]; "
                 f"IQR/median hvpopt {h['relative_iqr']:.3f}, {ref} {r['relative_iqr']:.3f}"
-                + ("; timing suspect (load changed)" if res["timing_consistency"]["suspect"] else ""))
-    return {"all_pass": all(i["pass"] for i in items), "num_pass": sum(i["pass"] for i in items),
-            "num_targets": len(items), "items": items}
+                + ("; timing suspect (load changed)" if res["timing_consistency"]["suspect"] else ""),
+            )
+    return {
+        "all_pass": all(i["pass"] for i in items),
+        "num_pass": sum(i["pass"] for i in items),
+        "num_targets": len(items),
+        "items": items,
+    }
 
 
 def print_cg_case(name: str, res: dict) -> None:
     m = res["matvec"]
-    print(f"=== CG {name} ({res['rounds']} rounds; matvec: call {m['call']['median_s'] * 1e3:.3f} ms, "
-          f"in-loop {m['in_loop_marginal_s'] * 1e3:.3f} ms) ===")
-    header = (f"{'solver':<19}{'iters':>6}{'matvecs':>8}{'status':>16}{'true relres':>12}"
-              f"{'median ms':>11}{'p25':>9}{'p75':>9}{'ms/iter':>9}{'iter/mv':>8}{'ovh/iter':>9}"
-              f"{'compile s':>10}")
+    print(
+        f"=== CG {name} ({res['rounds']} rounds; matvec: call {m['call']['median_s'] * 1e3:.3f} ms, "
+        f"in-loop {m['in_loop_marginal_s'] * 1e3:.3f} ms) ==="
+    )
+    header = (
+        f"{'solver':<19}{'iters':>6}{'matvecs':>8}{'status':>16}{'true relres':>12}"
+        f"{'median ms':>11}{'p25':>9}{'p75':>9}{'ms/iter':>9}{'iter/mv':>8}{'ovh/iter':>9}"
+        f"{'compile s':>10}"
+    )
     print(header)
     print("-" * len(header))
     for s, r in res["solvers"].items():
         t = r["time"]
-        print(f"{s:<19}{r['iterations']:>6}{r['num_matvecs']:>8}{str(r.get('status')):>16}"
-              f"{r['true_relative_residual']:>12.2e}{t['median_s'] * 1e3:>11.2f}{t['p25_s'] * 1e3:>9.2f}"
-              f"{t['p75_s'] * 1e3:>9.2f}{r['time_per_iteration_s'] * 1e3:>9.3f}"
-              f"{r['time_per_iteration_in_matvecs']:>8.3f}{r['overhead_per_iteration_paired_median']:>9.3f}"
-              f"{r['compile_s']:>10.2f}")
+        print(
+            f"{s:<19}{r['iterations']:>6}{r['num_matvecs']:>8}{str(r.get('status')):>16}"
+            f"{r['true_relative_residual']:>12.2e}{t['median_s'] * 1e3:>11.2f}{t['p25_s'] * 1e3:>9.2f}"
+            f"{t['p75_s'] * 1e3:>9.2f}{r['time_per_iteration_s'] * 1e3:>9.3f}"
+            f"{r['time_per_iteration_in_matvecs']:>8.3f}{r['overhead_per_iteration_paired_median']:>9.3f}"
+            f"{r['compile_s']:>10.2f}"
+        )
     for ref, v in res["vs_references"].items():
-        print(f"  hvpopt / {ref}: time {v['time_ratio']:.3f} (paired {v['time_ratio_paired_median']:.3f}), "
-              f"iterations {v['iterations_ratio']:.3f}, matvecs {v['matvecs_ratio']:.3f}")
+        print(
+            f"  hvpopt / {ref}: time {v['time_ratio']:.3f} (paired {v['time_ratio_paired_median']:.3f}), "
+            f"iterations {v['iterations_ratio']:.3f}, matvecs {v['matvecs_ratio']:.3f}"
+        )
     js = res["solvers"]["jax_scipy"]
-    print(f"  jax_scipy iterations confirmed bitwise: {js.get('iterations_confirmed_bitwise')}; "
-          + ", ".join(f"{s} counts confirmed: {r['matvec_count_confirmed']}"
-                      for s, r in res["solvers"].items() if "matvec_count_confirmed" in r))
+    print(
+        f"  jax_scipy iterations confirmed bitwise: {js.get('iterations_confirmed_bitwise')}; "
+        + ", ".join(
+            f"{s} counts confirmed: {r['matvec_count_confirmed']}"
+            for s, r in res["solvers"].items()
+            if "matvec_count_confirmed" in r
+        )
+    )
     c = res["contention"]
-    print(f"  load {c['loadavg_before'].get('1min', float('nan')):.2f}/"
-          f"{c['loadavg_after'].get('1min', float('nan')):.2f}, CPU/wall {c['process_cpu_per_wall']:.2f}"
-          + ("; TIMING SUSPECT (load changed: a solver iterated faster than its matvec)"
-             if res["timing_consistency"]["suspect"] else ""), flush=True)
+    print(
+        f"  load {c['loadavg_before'].get('1min', float('nan')):.2f}/"
+        f"{c['loadavg_after'].get('1min', float('nan')):.2f}, CPU/wall {c['process_cpu_per_wall']:.2f}"
+        + (
+            "; TIMING SUSPECT (load changed: a solver iterated faster than its matvec)"
+            if res["timing_consistency"]["suspect"]
+            else ""
+        ),
+        flush=True,
+    )
 
 
 def print_indefinite(facts: dict) -> None:
@@ -1079,9 +1254,11 @@ def print_indefinite(facts: dict) -> None:
             continue
         print(f"--- {label} ---")
         for s, r in f.items():
-            print(f"  {s:<19} status {str(r.get('status')):<18} iters {r.get('iterations')!s:>5} "
-                  f"finite {r.get('finite')!s:<5} true relres {r.get('true_relative_residual'):.3g}  "
-                  f"q(x) {r.get('quadratic_model_value'):.4g}")
+            print(
+                f"  {s:<19} status {str(r.get('status')):<18} iters {r.get('iterations')!s:>5} "
+                f"finite {r.get('finite')!s:<5} true relres {r.get('true_relative_residual'):.3g}  "
+                f"q(x) {r.get('quadratic_model_value'):.4g}"
+            )
 
 
 def print_eigen(eig: dict) -> None:
@@ -1098,11 +1275,15 @@ def print_eigen(eig: dict) -> None:
         pt = f"{pi['matvecs_to_target']} ({tol:.0e})" if tol else "not reached"
         ratio = r.get("ratio_power_iteration_to_lanczos_matvecs")
         oratio = r.get("ratio_power_iteration_oracle_to_lanczos_matvecs")
-        print(f"{name:<34}{lz.get('num_matvecs')!s:>9}{pt:>18}{pi['oracle_matvecs']!s:>13}"
-              f"{(f'{ratio:.1f}' if ratio else '-'):>8}{(f'{oratio:.1f}' if oratio else '-'):>13}")
+        print(
+            f"{name:<34}{lz.get('num_matvecs')!s:>9}{pt:>18}{pi['oracle_matvecs']!s:>13}"
+            f"{(f'{ratio:.1f}' if ratio else '-'):>8}{(f'{oratio:.1f}' if oratio else '-'):>13}"
+        )
         first = pi["runs"][0]
-        print(f"  power iteration at tol 1e-6 (the stated rule): {first['matvecs']} matvecs, "
-              f"max rel err {first['max_rel_error']:.2e}")
+        print(
+            f"  power iteration at tol 1e-6 (the stated rule): {first['matvecs']} matvecs, "
+            f"max rel err {first['max_rel_error']:.2e}"
+        )
 
 
 def print_targets(t: dict) -> None:
@@ -1110,15 +1291,21 @@ def print_targets(t: dict) -> None:
     for i in t["items"]:
         m = i["measured"]
         ms = "n/a" if m is None else f"{m:.3f}"
-        print(f"  [{'PASS' if i['pass'] else 'FAIL'}] {i['target']:<40} {i['case']:<36} {ms:>8} "
-              f"<= {i['threshold']}   {i.get('note', '')}")
+        print(
+            f"  [{'PASS' if i['pass'] else 'FAIL'}] {i['target']:<40} {i['case']:<36} {ms:>8} "
+            f"<= {i['threshold']}   {i.get('note', '')}"
+        )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (< 1 minute), smaller problems")
-    parser.add_argument("--out", default=None, help=f"JSON output path (default {DEFAULT_OUT}; "
-                        f"with --quick {QUICK_OUT}, so a smoke run never replaces the results)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"JSON output path (default {DEFAULT_OUT}; "
+        f"with --quick {QUICK_OUT}, so a smoke run never replaces the results)",
+    )
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
@@ -1149,13 +1336,17 @@ def main(argv=None) -> int:
         "batch*seq*(vocab-1) < P and largest eigenvalue ~142) that hvpopt.cg in float32 does "
         "not reach rtol 1e-6 in 1000 iterations (true relative residual 4.0e-4 after 1000, "
         "measured separately); at 1e-2 hvpopt and jax.scipy converge in ~515 iterations"
-        if not args.quick else "quick run: a small MLP stands in for the transformer"
+        if not args.quick
+        else "quick run: a small MLP stands in for the transformer"
     )
 
     start = time.perf_counter()
     env = environment(("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "lineax", "equinox", "hvpopt"))
-    print(f"JAX {jax.__version__} on {env['jax_devices']}; {env['machine']['cpu_count']} CPUs; "
-          f"{'quick' if args.quick else 'full'} run", flush=True)
+    print(
+        f"JAX {jax.__version__} on {env['jax_devices']}; {env['machine']['cpu_count']} CPUs; "
+        f"{'quick' if args.quick else 'full'} run",
+        flush=True,
+    )
     jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.zeros(())))
 
     cg = cg_part(args)
@@ -1185,8 +1376,7 @@ def main(argv=None) -> int:
             "compile": "jax.jit(fn).lower(consts, b, damping).compile(), timed once per function",
             "operator": "built once outside jit; its jaxpr constants (linearisation residuals / "
             "the dense matrix) passed as arguments to every compiled function",
-            "precision": "float32 cases run with jax_enable_x64 off; float64 cases inside "
-            "jax.enable_x64(True)",
+            "precision": "float32 cases run with jax_enable_x64 off; float64 cases inside jax.enable_x64(True)",
             "stopping_rules": {
                 "hvpopt": "||r_k|| <= max(rtol ||b||, atol), r_k by recurrence; also stops on "
                 "p^T A p <= 0 (negative_curvature) or non-finite curvature",

@@ -54,8 +54,15 @@ def main() -> None:
         "history": result.history,
     }
     write_results(args.out, report)
-    print(json.dumps({k: report[k] for k in ("parameters", "compile_seconds", "steps_per_second",
-                                              "wall_seconds_total", "final")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in ("parameters", "compile_seconds", "steps_per_second", "wall_seconds_total", "final")
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ def git_state() -> dict:
 
     def git(*cmd):
         try:
-            return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True,
-                                  timeout=10).stdout
+            return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -53,6 +52,7 @@ def git_state() -> dict:
 
 def environment(packages: tuple[str, ...]) -> dict:
     """Machine, devices, library versions and the measured hvpopt source, for a results JSON."""
+
     def version(pkg):
         try:
             return importlib.metadata.version(pkg)
@@ -73,7 +73,7 @@ def environment(packages: tuple[str, ...]) -> dict:
     except AttributeError:
         affinity = None
     return {
-        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "timestamp_utc": datetime.datetime.now(datetime.UTC).isoformat(),
         "hvpopt_source": git_state(),
         "machine": {
             "platform": platform.platform(),

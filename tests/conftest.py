@@ -1,6 +1,7 @@
 """Shared small problems. Every test in this suite runs in float64."""
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +77,7 @@ def make_mlp() -> Problem:
 
 
 def make_transformer() -> Problem:
-    config = TransformerConfig(
-        vocab_size=5, d_model=4, num_layers=1, num_heads=2, context_length=4, mlp_ratio=2
-    )
+    config = TransformerConfig(vocab_size=5, d_model=4, num_layers=1, num_heads=2, context_length=4, mlp_ratio=2)
     model_fn, params = hvpopt.testbed.models.transformer_lm(config, seed=2)
     tokens = jax.random.randint(jax.random.key(3), (3, 5), 0, 5)
     return Problem(

@@ -14,9 +14,7 @@ from hvpopt.cli import flags
 
 
 def run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "hvpopt.cli", *args], capture_output=True, text=True, timeout=600
-    )
+    return subprocess.run([sys.executable, "-m", "hvpopt.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_version_and_help():
@@ -52,8 +50,23 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
     assert message in result.stderr and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
-TINY_TRAIN = ["--task", "modular", "--data", "modulus=7", "--model", "d_model=8", "--model", "num_heads=2",
-              "--steps", "6", "--eval-every", "3", "--batch-size", "8", "--no-progress"]
+TINY_TRAIN = [
+    "--task",
+    "modular",
+    "--data",
+    "modulus=7",
+    "--model",
+    "d_model=8",
+    "--model",
+    "num_heads=2",
+    "--steps",
+    "6",
+    "--eval-every",
+    "3",
+    "--batch-size",
+    "8",
+    "--no-progress",
+]
 
 
 def test_train_writes_a_checkpoint_that_eval_reads(tmp_path, capsys):
@@ -79,8 +92,26 @@ def test_train_writes_a_checkpoint_that_eval_reads(tmp_path, capsys):
 
 def test_train_with_a_second_order_optimizer_records_its_diagnostics(tmp_path, capsys):
     out = str(tmp_path / "newton")
-    args = ["train", "--out", out, "--task", "blobs", "--optimizer", "newton_cg", "--batch-size", "full",
-            "--damping", "0.01", "--cg-iterations", "10", "--steps", "4", "--eval-every", "2", "--no-progress"]
+    args = [
+        "train",
+        "--out",
+        out,
+        "--task",
+        "blobs",
+        "--optimizer",
+        "newton_cg",
+        "--batch-size",
+        "full",
+        "--damping",
+        "0.01",
+        "--cg-iterations",
+        "10",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--no-progress",
+    ]
     assert cli.main(args) == 0
     config = json.load(open(os.path.join(out, "config.json")))["train"]
     assert (config["learning_rate"], config["damping"], config["cg_iterations"]) == (1.0, 0.01, 10)
@@ -89,15 +120,18 @@ def test_train_with_a_second_order_optimizer_records_its_diagnostics(tmp_path, c
     assert 0 < records[0]["optimizer_num_hvps"] < records[1]["optimizer_num_hvps"] <= 4 * 10
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--data", "modulos=7"], "no data option 'modulos'"),
-    (["--model", "d_model"], "--model takes KEY=VALUE"),
-    (["--batch-size", "500"], "--batch-size (500) exceeds the 25 training examples"),
-    (["--flip-fraction", "1.5"], "argument --flip-fraction: must be a number in [0, 1)"),
-    (["--learning-rate", "-1"], "argument --learning-rate: must be a finite number > 0"),
-    (["--damping", "0.1"], "--damping is for the second-order optimizers"),
-    (["--cg-iterations", "3"], "--cg-iterations is for the second-order optimizers"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "modulos=7"], "no data option 'modulos'"),
+        (["--model", "d_model"], "--model takes KEY=VALUE"),
+        (["--batch-size", "500"], "--batch-size (500) exceeds the 25 training examples"),
+        (["--flip-fraction", "1.5"], "argument --flip-fraction: must be a number in [0, 1)"),
+        (["--learning-rate", "-1"], "argument --learning-rate: must be a finite number > 0"),
+        (["--damping", "0.1"], "--damping is for the second-order optimizers"),
+        (["--cg-iterations", "3"], "--cg-iterations is for the second-order optimizers"),
+    ],
+)
 def test_train_refuses_bad_options_before_writing_anything(tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     assert cli.main(["train", "--out", str(out), *TINY_TRAIN, *extra]) == 2

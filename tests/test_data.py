@@ -17,8 +17,9 @@ def test_tokenizer_round_trips_the_corpus():
     assert padded[5:].tolist() == [tokenizer.pad_id] * 3 and tokenizer.decode(padded) == "To be"
 
 
-@pytest.mark.parametrize("text, length, message", [("caf\u00e9", None, "outside the vocabulary"),
-                                                   ("abcdef", 3, "more than the 3 allowed")])
+@pytest.mark.parametrize(
+    "text, length, message", [("caf\u00e9", None, "outside the vocabulary"), ("abcdef", 3, "more than the 3 allowed")]
+)
 def test_tokenizer_refuses_what_it_cannot_encode(text, length, message):
     with pytest.raises(ValueError, match=message):
         data.CharTokenizer("abcdef").encode(text, length)
@@ -29,7 +30,7 @@ def test_char_lm_windows_are_next_character_pairs_and_splits_do_not_overlap():
     text = data.corpus_text()
     for dataset in (split.train, split.validation):
         offset = int(dataset.ids[3].split("@")[1])
-        window = text[offset:offset + 17]
+        window = text[offset : offset + 17]
         assert dataset.texts[3] == window
         assert split.tokenizer.decode(dataset.inputs[3]) == window[:-1]
         assert split.tokenizer.decode(dataset.targets[0][3]) == window[1:]
@@ -72,11 +73,14 @@ def test_reverse_targets_are_the_reversed_source_under_the_mask():
     assert predicted == completion and mask.sum(axis=1).tolist() == [4] * split.train.num_examples
 
 
-@pytest.mark.parametrize("generator, num_classes", [
-    (lambda **kw: data.modular_addition(modulus=11, **kw), 11),
-    (lambda **kw: data.bracket_matching(num_examples=400, **kw), 2),
-    (lambda **kw: data.gaussian_blobs(num_examples=300, **kw), 3),
-])
+@pytest.mark.parametrize(
+    "generator, num_classes",
+    [
+        (lambda **kw: data.modular_addition(modulus=11, **kw), 11),
+        (lambda **kw: data.bracket_matching(num_examples=400, **kw), 2),
+        (lambda **kw: data.gaussian_blobs(num_examples=300, **kw), 3),
+    ],
+)
 def test_label_flipping_flips_exactly_the_fraction_asked_and_records_it(generator, num_classes):
     clean, noisy = generator(seed=3), generator(seed=3, flip_fraction=0.1)
     assert np.array_equal(clean.train.ids, noisy.train.ids)
@@ -106,12 +110,15 @@ def test_generators_are_deterministic_in_the_seed():
     assert list(first.train.texts) != list(other.train.texts)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: data.modular_addition(flip_fraction=1.0), "flip_fraction must lie in"),
-    (lambda: data.char_lm(flip_fraction=0.1), "not to shakespeare"),
-    (lambda: data.gaussian_blobs(num_classes=1), "num_classes must be an integer of at least 2"),
-    (lambda: data.reverse_strings(alphabet="a"), "alphabet"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: data.modular_addition(flip_fraction=1.0), "flip_fraction must lie in"),
+        (lambda: data.char_lm(flip_fraction=0.1), "not to shakespeare"),
+        (lambda: data.gaussian_blobs(num_classes=1), "num_classes must be an integer of at least 2"),
+        (lambda: data.reverse_strings(alphabet="a"), "alphabet"),
+    ],
+)
 def test_bad_options_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()

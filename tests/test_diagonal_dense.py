@@ -51,9 +51,9 @@ def test_hutchinson_within_its_standard_error(mlp, curvature):
         args = (mlp.model_fn, mlp.loss, mlp.params, mlp.inputs, mlp.targets)
         matvec, dense = hvpopt.ggn_operator(*args), dense_ggn(mlp)
     num_samples = 2000
-    estimate = jax.jit(
-        lambda key: hvpopt.hutchinson_diagonal(matvec, mlp.params, key=key, num_samples=num_samples)
-    )(jax.random.key(1))
+    estimate = jax.jit(lambda key: hvpopt.hutchinson_diagonal(matvec, mlp.params, key=key, num_samples=num_samples))(
+        jax.random.key(1)
+    )
     # Var[z_i (A z)_i] = sum_{j != i} A_ij^2 for Rademacher z.
     std_error = np.sqrt(((dense**2).sum(1) - np.diag(dense) ** 2) / num_samples)
     assert np.all(np.abs(flat(estimate) - np.diag(dense)) <= 5 * std_error + 1e-12)

@@ -68,15 +68,13 @@ def test_masked_cross_entropy_ggn_and_value():
     problem = masked_transformer_problem()
     labels, mask = problem.targets
     logits = problem.model_fn(problem.params, problem.inputs)
-    ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-        logits, jnp.clip(labels, 0, 4)[..., None], -1
-    )[..., 0]
+    ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.clip(labels, 0, 4)[..., None], -1)[..., 0]
     expected_value = jnp.sum(ce * mask) / jnp.sum(mask)
     np.testing.assert_allclose(problem.loss(logits, problem.targets), expected_value, rtol=1e-12)
     v = random_like(jax.random.key(3), problem.params)
-    gv = jax.jit(
-        lambda p, v: hvpopt.ggn_vp(problem.model_fn, problem.loss, p, v, problem.inputs, problem.targets)
-    )(problem.params, v)
+    gv = jax.jit(lambda p, v: hvpopt.ggn_vp(problem.model_fn, problem.loss, p, v, problem.inputs, problem.targets))(
+        problem.params, v
+    )
     assert rel_error(flat(gv), dense_ggn(problem) @ flat(v)) < 1e-10
 
 
@@ -139,8 +137,13 @@ def test_monte_carlo_fisher_converges_to_true_fisher(make):
 def test_monte_carlo_fisher_is_positive_semidefinite():
     problem = make_mlp()
     matvec = hvpopt.mc_fisher_operator(
-        problem.model_fn, problem.loss, problem.params, problem.inputs, problem.targets,
-        key=jax.random.key(1), num_samples=3,
+        problem.model_fn,
+        problem.loss,
+        problem.params,
+        problem.inputs,
+        problem.targets,
+        key=jax.random.key(1),
+        num_samples=3,
     )
     dense = np.asarray(hvpopt.dense_matrix(matvec, problem.params))
     np.testing.assert_allclose(dense, dense.T, atol=1e-14)

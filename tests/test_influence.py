@@ -53,7 +53,7 @@ def retrain(params, train, weights):
 
     def objective(v):
         losses = jax.vmap(example_loss, in_axes=(None, 0))(unravel(v), train)
-        return jnp.sum(weights * losses) / weights.size + 0.5 * L2 * jnp.sum(v ** 2)
+        return jnp.sum(weights * losses) / weights.size + 0.5 * L2 * jnp.sum(v**2)
 
     newton = lambda _, v: v - jnp.linalg.solve(jax.hessian(objective)(v), jax.grad(objective)(v))
     return unravel(jax.lax.fori_loop(0, 25, newton, flat))
@@ -70,15 +70,19 @@ def leave_one_out(wine):
     queries = jax.tree.map(lambda a: a[:8], test)
     removed = np.arange(0, 130, 3)
     base = query_losses(params, queries)
-    actual = np.stack([query_losses(retrain(params, train, jnp.ones(130).at[j].set(0.0)), queries) - base
-                       for j in removed], axis=1)
+    actual = np.stack(
+        [query_losses(retrain(params, train, jnp.ones(130).at[j].set(0.0)), queries) - base for j in removed], axis=1
+    )
     return queries, removed, actual
 
 
 def scores_of(method, wine, queries, **options):
     params, train, _ = wine
-    return np.asarray(influence.pairwise_scores(example_loss, params, train, queries, method=method,
-                                                damping=L2, chunk_size=32, **options))
+    return np.asarray(
+        influence.pairwise_scores(
+            example_loss, params, train, queries, method=method, damping=L2, chunk_size=32, **options
+        )
+    )
 
 
 def pearson(a, b):
@@ -121,8 +125,9 @@ def test_exact_scores_equal_the_dense_formula_and_ggn_equals_hessian_for_a_linea
 
 def test_self_scores_are_the_diagonal_and_chunking_changes_nothing(wine):
     params, train, _ = wine
-    pairwise = np.asarray(influence.pairwise_scores(example_loss, params, train, train, method="exact",
-                                                    damping=L2, chunk_size=130))
+    pairwise = np.asarray(
+        influence.pairwise_scores(example_loss, params, train, train, method="exact", damping=L2, chunk_size=130)
+    )
     own = influence.self_scores(example_loss, params, train, method="exact", damping=L2, chunk_size=17)
     np.testing.assert_allclose(own, np.diag(pairwise), rtol=1e-10)
     assert np.all(np.asarray(own) > 0)
@@ -139,8 +144,9 @@ def test_the_proximal_bregman_response_of_an_l2_linear_model_is_leave_one_out_re
     params, train, _ = wine
     for j in (0, 77):
         example = jax.tree.map(lambda a: a[j], train)
-        response = influence.proximal_bregman_response(example_loss, (model_fn, cross_entropy), params, train,
-                                                       example, num_train=130, damping=L2, steps=6)
+        response = influence.proximal_bregman_response(
+            example_loss, (model_fn, cross_entropy), params, train, example, num_train=130, damping=L2, steps=6
+        )
         retrained = retrain(params, train, jnp.ones(130).at[j].set(0.0))
         for a, b in zip(jax.tree.leaves(response), jax.tree.leaves(retrained)):
             np.testing.assert_allclose(a, b, atol=1e-9)
@@ -148,10 +154,10 @@ def test_the_proximal_bregman_response_of_an_l2_linear_model_is_leave_one_out_re
 
 def test_cg_reports_per_query_diagnostics(wine):
     params, train, test = wine
-    inverse = influence.fit_inverse_curvature(example_loss, params, train, method="cg", damping=L2,
-                                              rtol=1e-10)
-    _, diagnostics = influence.query_directions(example_loss, params, jax.tree.map(lambda a: a[:5], test),
-                                                inverse, chunk_size=2)
+    inverse = influence.fit_inverse_curvature(example_loss, params, train, method="cg", damping=L2, rtol=1e-10)
+    _, diagnostics = influence.query_directions(
+        example_loss, params, jax.tree.map(lambda a: a[:5], test), inverse, chunk_size=2
+    )
     assert diagnostics["iterations"].shape == (5,) and np.all(diagnostics["converged"])
     assert np.all(diagnostics["residual_norm"] < 1e-8)
 
@@ -161,8 +167,20 @@ def test_a_second_fit_at_another_damping_compiles_nothing(wine, method):
     params, train, test = wine
     compiles = []
     record = lambda event, seconds, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None
-    score = lambda damping: np.asarray(influence.pairwise_scores(
-        example_loss, params, train, test, method=method, damping=damping, rank=5, depth=20, maxiter=20, chunk_size=50))
+    score = lambda damping: np.asarray(
+        influence.pairwise_scores(
+            example_loss,
+            params,
+            train,
+            test,
+            method=method,
+            damping=damping,
+            rank=5,
+            depth=20,
+            maxiter=20,
+            chunk_size=50,
+        )
+    )
     first = score(L2)
     jax.monitoring.register_event_duration_secs_listener(record)
     try:
@@ -176,8 +194,11 @@ def test_a_second_fit_at_another_damping_compiles_nothing(wine, method):
 def test_model_as_a_list_and_a_jax_damping_are_taken(wine):
     params, train, test = wine
     queries = jax.tree.map(lambda a: a[:3], test)
-    score = lambda model: np.asarray(influence.pairwise_scores(example_loss, params, train, queries, method="cg",
-                                                               damping=L2, curvature="ggn", model=model))
+    score = lambda model: np.asarray(
+        influence.pairwise_scores(
+            example_loss, params, train, queries, method="cg", damping=L2, curvature="ggn", model=model
+        )
+    )
     np.testing.assert_array_equal(score([model_fn, cross_entropy]), score((model_fn, cross_entropy)))
     inverse = influence.fit_inverse_curvature(example_loss, params, train, method="exact", damping=L2)
     rows = jnp.ones((2, inverse.eigenvectors.shape[1]))
@@ -191,21 +212,25 @@ def test_self_influence_finds_flipped_labels(method):
         task = tasks.make_task("blobs", flip_fraction=0.1)  # logistic regression, L2 1e-2
         options = training.TrainOptions(steps=30, batch_size=None, optimizer="newton_cg", eval_every=30)
         params = training.train(task, options).params
-        scores = influence.self_scores(task.example_loss, params, (task.train.inputs, task.train.targets),
-                                       method=method, damping=task.l2, rank=20)
+        scores = influence.self_scores(
+            task.example_loss, params, (task.train.inputs, task.train.targets), method=method, damping=task.l2, rank=20
+        )
     flipped = np.asarray(task.train.flipped)
     top = np.argsort(-np.asarray(scores))[: round(0.1 * flipped.size)]
     assert flipped[top].sum() >= 0.8 * flipped.sum()
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"method": "newton"}, "method must be one of"),
-    ({"damping": -1.0}, "damping must be a finite number >= 0"),
-    ({"curvature": "fisher"}, "curvature must be one of"),
-    ({"curvature": "ggn"}, "curvature='ggn' needs model="),
-    ({"method": "arnoldi", "rank": 43}, "rank must be at most the number of parameters, 42"),
-    ({"method": "exact", "damping": 0.0, "curvature_data": "tiny"}, "not positive definite"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"method": "newton"}, "method must be one of"),
+        ({"damping": -1.0}, "damping must be a finite number >= 0"),
+        ({"curvature": "fisher"}, "curvature must be one of"),
+        ({"curvature": "ggn"}, "curvature='ggn' needs model="),
+        ({"method": "arnoldi", "rank": 43}, "rank must be at most the number of parameters, 42"),
+        ({"method": "exact", "damping": 0.0, "curvature_data": "tiny"}, "not positive definite"),
+    ],
+)
 def test_mistakes_are_named(wine, options, message):
     params, train, test = wine
     if options.get("curvature_data") == "tiny":  # 2 examples: a rank-deficient Hessian

@@ -11,10 +11,18 @@ import pytest
 from hvpopt import cli, influence
 from hvpopt.testbed import checkpoint, tasks, training
 
-TINY_LM = {"data_options": {"context_length": 8},
-           "model_options": {"d_model": 8, "num_layers": 1, "num_heads": 2}}
-FAST = ["--train-examples", "40", "--curvature-examples", "16", "--cg-iterations", "5", "--chunk-size", "16",
-        "--no-progress"]
+TINY_LM = {"data_options": {"context_length": 8}, "model_options": {"d_model": 8, "num_layers": 1, "num_heads": 2}}
+FAST = [
+    "--train-examples",
+    "40",
+    "--curvature-examples",
+    "16",
+    "--cg-iterations",
+    "5",
+    "--chunk-size",
+    "16",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +67,25 @@ def test_scores_files_and_numbers_match_the_library(lm, tmp_path, capsys):
     chosen = np.sort(np.random.default_rng(0).choice(40, 16, replace=False))
     curvature = task.train.take(chosen)
     expected = influence.pairwise_scores(
-        task.example_loss, loaded.params, (train.inputs, train.targets), (query_set.inputs, query_set.targets),
-        method="cg", damping=1e-3, curvature="ggn", model=(task.model_fn, task.loss), maxiter=5,
-        chunk_size=16, curvature_data=(curvature.inputs, curvature.targets))
+        task.example_loss,
+        loaded.params,
+        (train.inputs, train.targets),
+        (query_set.inputs, query_set.targets),
+        method="cg",
+        damping=1e-3,
+        curvature="ggn",
+        model=(task.model_fn, task.loss),
+        maxiter=5,
+        chunk_size=16,
+        curvature_data=(curvature.inputs, curvature.targets),
+    )
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-7)
 
     metadata = json.load(open(os.path.join(out, "metadata.json")))
-    assert metadata["query_ids"] == ["queries-1", "romeo"] and "positive: training example j helped" in metadata["sign_convention"]
+    assert (
+        metadata["query_ids"] == ["queries-1", "romeo"]
+        and "positive: training example j helped" in metadata["sign_convention"]
+    )
     assert metadata["diagnostics"]["max_iterations"] <= 5 and metadata["method"] == "cg"
     rows = [json.loads(line) for line in open(os.path.join(out, "top_k.jsonl"))]
     best = [r for r in rows if r["query_id"] == "romeo" and r["kind"] == "proponent" and r["rank"] == 1][0]
@@ -117,9 +137,30 @@ def test_validate_agrees_with_leave_one_out_retraining_and_self_finds_flipped_la
 
 
 def test_validate_on_a_transformer_compares_with_the_proximal_bregman_response(lm, tmp_path, capsys):
-    args = ["influence", "validate", "--checkpoint", lm, "--train-examples", "2000", "--damping", "0.1",
-            "--curvature-examples", "16", "--validate-examples", "4", "--num-queries", "3", "--cg-iterations", "10",
-            "--chunk-size", "250", "--no-progress", "--json", "--out", str(tmp_path / "v")]
+    args = [
+        "influence",
+        "validate",
+        "--checkpoint",
+        lm,
+        "--train-examples",
+        "2000",
+        "--damping",
+        "0.1",
+        "--curvature-examples",
+        "16",
+        "--validate-examples",
+        "4",
+        "--num-queries",
+        "3",
+        "--cg-iterations",
+        "10",
+        "--chunk-size",
+        "250",
+        "--no-progress",
+        "--json",
+        "--out",
+        str(tmp_path / "v"),
+    ]
     assert cli.main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["reference"] == "proximal Bregman response" and report["examples_removed"] == 4
@@ -132,11 +173,28 @@ def test_a_user_task_module(tmp_path, monkeypatch, capsys):
         "def problem():\n"
         "    x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0]]); y = jnp.array([1.0, 2.0, 3.0, 4.0])\n"
         "    loss = lambda w, ex: 0.5 * (ex[0] @ w - ex[1]) ** 2\n"
-        "    return {'loss_fn': loss, 'params': jnp.linalg.lstsq(x, y)[0], 'train': (x, y), 'queries': (x[:1], y[:1])}\n")
+        "    return {'loss_fn': loss, 'params': jnp.linalg.lstsq(x, y)[0], 'train': (x, y),\n"
+        "            'queries': (x[:1], y[:1])}\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "out"
-    assert cli.main(["influence", "--task", "my_task:problem", "--method", "exact", "--damping", "0",
-                     "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "influence",
+                "--task",
+                "my_task:problem",
+                "--method",
+                "exact",
+                "--damping",
+                "0",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert np.load(out / "scores.npy").shape == (1, 4)
     assert json.load(open(out / "metadata.json"))["curvature"] == "hessian"
@@ -148,18 +206,28 @@ def bad_file(tmp_path, text):
     return str(path)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (lambda lm, tmp: ["--checkpoint", str(tmp / "nowhere")], "does not exist"),
-    (lambda lm, tmp: ["--checkpoint", lm, "--queries", bad_file(tmp, '{"text": "ab"}\n{"text": \n')],
-     "q.jsonl line 2: not valid JSON"),
-    (lambda lm, tmp: ["--checkpoint", lm, "--queries", bad_file(tmp, '{"txt": "ab"}\n')], "line 1: expected an object"),
-    (lambda lm, tmp: ["--checkpoint", lm, "--query", "far too long for the context"], "--query 1 ('far too"),
-    (lambda lm, tmp: ["--checkpoint", lm, "--damping", "-1"], "argument --damping: must be a finite number >= 0"),
-    (lambda lm, tmp: ["--task", "no_such_module:f"], "cannot be loaded"),
-    (lambda lm, tmp: ["--task", "collections:OrderedDict"], "returned no loss_fn, params, train"),
-    (lambda lm, tmp: ["validate", "--checkpoint", lm, "--curvature", "hessian"], "Bregman response, which Gauss-Newton "
-     "influence estimates: use --curvature ggn."),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (lambda lm, tmp: ["--checkpoint", str(tmp / "nowhere")], "does not exist"),
+        (
+            lambda lm, tmp: ["--checkpoint", lm, "--queries", bad_file(tmp, '{"text": "ab"}\n{"text": \n')],
+            "q.jsonl line 2: not valid JSON",
+        ),
+        (
+            lambda lm, tmp: ["--checkpoint", lm, "--queries", bad_file(tmp, '{"txt": "ab"}\n')],
+            "line 1: expected an object",
+        ),
+        (lambda lm, tmp: ["--checkpoint", lm, "--query", "far too long for the context"], "--query 1 ('far too"),
+        (lambda lm, tmp: ["--checkpoint", lm, "--damping", "-1"], "argument --damping: must be a finite number >= 0"),
+        (lambda lm, tmp: ["--task", "no_such_module:f"], "cannot be loaded"),
+        (lambda lm, tmp: ["--task", "collections:OrderedDict"], "returned no loss_fn, params, train"),
+        (
+            lambda lm, tmp: ["validate", "--checkpoint", lm, "--curvature", "hessian"],
+            "Bregman response, which Gauss-Newton influence estimates: use --curvature ggn.",
+        ),
+    ],
+)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(lm, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
     assert cli.main(["influence", *extra(lm, tmp_path), "--out", str(out), "--no-progress"]) == 2
@@ -178,9 +246,15 @@ def test_a_corrupted_checkpoint_is_named(lm, tmp_path, capsys):
 
 
 def test_usage_errors_print_no_traceback(tmp_path):
-    for args, message in ((["--method", "newton"], "invalid choice: 'newton'"),
-                          (["--checkpoint", "a", "--task", "x:y"], "not allowed with argument")):
-        result = subprocess.run([sys.executable, "-m", "hvpopt.cli", "influence", *args, "--out", str(tmp_path / "o")],
-                                capture_output=True, text=True, timeout=300)
+    for args, message in (
+        (["--method", "newton"], "invalid choice: 'newton'"),
+        (["--checkpoint", "a", "--task", "x:y"], "not allowed with argument"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "hvpopt.cli", "influence", *args, "--out", str(tmp_path / "o")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
         assert not (tmp_path / "o").exists()

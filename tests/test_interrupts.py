@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from hvpopt import cli
-from hvpopt.testbed import files, checkpoint, tasks
 from hvpopt.cli import chunk_store
 from hvpopt.cli import influence as influence_command
+from hvpopt.testbed import checkpoint, files, tasks
 
 HVPOPT = [sys.executable, "-m", "hvpopt.cli"]
 BLOBS_TRAIN = ["train", "--task", "blobs", "--batch-size", "8", "--no-progress"]
@@ -80,7 +80,10 @@ def test_a_checkpoint_killed_while_being_overwritten_always_loads(tmp_path):
         for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(versions[loaded.config["step"]])):
             np.testing.assert_array_equal(a, b)
         checkpoint.save_checkpoint(folder, versions[1], {"task": task.config, "step": 1})  # cleans up the kill
-        assert sorted(os.listdir(folder)) == ["config.json", checkpoint.load_checkpoint(folder).config["params"]["file"]]
+        assert sorted(os.listdir(folder)) == [
+            "config.json",
+            checkpoint.load_checkpoint(folder).config["params"]["file"],
+        ]
 
 
 def test_format_1_checkpoints_still_load(tmp_path):
@@ -101,23 +104,34 @@ def held(tmp_path):
     """A folder whose lock another process holds."""
     folder = tmp_path / "busy"
     folder.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import fcntl, os, time
         handle = os.open({str(folder / files.LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)
         fcntl.flock(handle, fcntl.LOCK_EX)
         os.write(handle, str(os.getpid()).encode())
         print("locked", flush=True)
-        time.sleep(120)""")], stdout=subprocess.PIPE, text=True)
+        time.sleep(120)"""),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     yield folder, holder.pid
     holder.kill()
     holder.wait()
 
 
-@pytest.mark.parametrize("command", [
-    [*BLOBS_TRAIN, "--steps", "2", "--overwrite"],
-    ["influence", "--task", "tests.test_interrupts:never_called"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [*BLOBS_TRAIN, "--steps", "2", "--overwrite"],
+        ["influence", "--task", "tests.test_interrupts:never_called"],
+    ],
+)
 def test_a_second_run_on_a_busy_out_fails_at_once_with_one_line(held, capsys, command):
     folder, pid = held
     (folder / "config.json").write_text("{}")  # what the other run is writing is left alone
@@ -190,8 +204,11 @@ def test_ctrl_c_in_influence_exits_130_and_the_rerun_resumes_to_the_same_scores(
             time.sleep(0.001)
         process.send_signal(signal.SIGINT)
         rc, err = finish(process, [])
-        assert rc == 130 and "Traceback" not in err and err.strip().splitlines()[-1].startswith(
-            "hvpopt influence: interrupted; "), err
+        assert (
+            rc == 130
+            and "Traceback" not in err
+            and err.strip().splitlines()[-1].startswith("hvpopt influence: interrupted; ")
+        ), err
     kept = sorted(os.listdir(out / ".partial"))
     assert kept[:2] == ["directions.npz", "fingerprint.json"] and len(kept) > 12  # chunks 0..40 at least
     assert cli.main([*args, "--out", str(out)]) == 0
@@ -211,8 +228,9 @@ def test_a_failed_influence_run_leaves_nothing_it_created(blobs_checkpoint, tmp_
     assert not out.exists()
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    monkeypatch.setattr(influence_command.influence, "query_directions", lambda *a, **k: (_ for _ in ()).throw(
-        KeyboardInterrupt))
+    monkeypatch.setattr(
+        influence_command.influence, "query_directions", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
     assert cli.main(["influence", "--checkpoint", blobs_checkpoint, "--out", str(out), "--no-progress"]) == 130
     assert "nothing had finished, so nothing is kept" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["notes.txt"]  # a folder the user made stays, with what was there
@@ -224,8 +242,18 @@ def test_resume_refuses_other_training_texts_targets_or_params(tmp_path, monkeyp
     folder = str(tmp_path / "ckpt")
     checkpoint.save_checkpoint(folder, task.params, {"task": task.config})
     train = tmp_path / "train.jsonl"
-    args = ["influence", "--checkpoint", folder, "--train", str(train), "--chunk-size", "2", "--num-queries", "1",
-            "--no-progress"]
+    args = [
+        "influence",
+        "--checkpoint",
+        folder,
+        "--train",
+        str(train),
+        "--chunk-size",
+        "2",
+        "--num-queries",
+        "1",
+        "--no-progress",
+    ]
     original, out = influence_command.influence.score_blocks, tmp_path / "out"
 
     def first_chunk_only(*a, **k):

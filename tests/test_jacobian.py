@@ -75,10 +75,14 @@ def test_spectral_norm_of_a_pytree_input_in_few_iterations_is_a_lower_bound():
 
 def test_spectral_norm_gradient_is_the_top_singular_pair_and_finite_at_zero():
     w = jax.random.normal(jax.random.key(4), (3, 4), jnp.float64)
-    grad = jax.grad(lambda w: hvpopt.jacobian_spectral_norm(
-        lambda x: w @ x, jnp.ones(4), key=jax.random.key(5), num_iters=300).value)(w)
+    grad = jax.grad(
+        lambda w: (
+            hvpopt.jacobian_spectral_norm(lambda x: w @ x, jnp.ones(4), key=jax.random.key(5), num_iters=300).value
+        )
+    )(w)
     u, _, vt = np.linalg.svd(np.asarray(w))
     np.testing.assert_allclose(np.abs(grad), np.abs(np.outer(u[:, 0], vt[0])), atol=1e-8)
-    at_zero = jax.grad(lambda w: hvpopt.jacobian_spectral_norm(
-        lambda x: w @ x, jnp.ones(4), key=jax.random.key(5)).value)(jnp.zeros((3, 4)))
+    at_zero = jax.grad(
+        lambda w: hvpopt.jacobian_spectral_norm(lambda x: w @ x, jnp.ones(4), key=jax.random.key(5)).value
+    )(jnp.zeros((3, 4)))
     assert np.all(np.isfinite(at_zero))

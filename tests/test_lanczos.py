@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_mlp, problem_hessian
 from jax.flatten_util import ravel_pytree
 
 import hvpopt
-from conftest import make_mlp, problem_hessian
 from hvpopt.linalg.lanczos import eigsh, lanczos_tridiagonal, tridiagonal
 
 jax.config.update("jax_enable_x64", True)
@@ -39,8 +39,9 @@ def flat_rows(tree) -> np.ndarray:
 
 
 def true_selection(eigenvalues, k, which):
-    order = {"LA": np.argsort(-eigenvalues), "SA": np.argsort(eigenvalues),
-             "LM": np.argsort(-np.abs(eigenvalues))}[which]
+    order = {"LA": np.argsort(-eigenvalues), "SA": np.argsort(eigenvalues), "LM": np.argsort(-np.abs(eigenvalues))}[
+        which
+    ]
     return np.sort(order[:k])  # eigh's ascending order is scipy's order
 
 
@@ -69,10 +70,7 @@ SELECTIONS = {"LA": 3, "SA": 3, "LM": 4}
 
 
 def all_selections(matvec, like, num_iters, key):
-    return {
-        which: eigsh(matvec, like, k, key=key, which=which, num_iters=num_iters)
-        for which, k in SELECTIONS.items()
-    }
+    return {which: eigsh(matvec, like, k, key=key, which=which, num_iters=num_iters) for which, k in SELECTIONS.items()}
 
 
 def test_eigsh_synthetic_matrix_with_known_spectrum():
@@ -220,9 +218,13 @@ DTYPES = (jnp.float64, jnp.float32)
 
 @jax.jit(static_argnames=("wanted", "max_matvecs"))
 def eigsh_at_defaults(a, key, wanted=WANTED, max_matvecs=None):
-    return {(which, dtype.__name__): eigsh(lambda v: a.astype(dtype) @ v, jnp.zeros(N, dtype), k, key=key,
-                                           which=which, max_matvecs=max_matvecs)
-            for which, k in wanted for dtype in DTYPES}
+    return {
+        (which, dtype.__name__): eigsh(
+            lambda v: a.astype(dtype) @ v, jnp.zeros(N, dtype), k, key=key, which=which, max_matvecs=max_matvecs
+        )
+        for which, k in wanted
+        for dtype in DTYPES
+    }
 
 
 def check_flags(result, a, which, k, dtype):
@@ -265,8 +267,9 @@ def test_eigsh_defaults_converge_and_flags_tell_the_truth(spectrum):
 def test_a_budget_that_ends_before_the_verification_block_says_not_converged():
     """The first Krylov space of the degenerate spectrum converges on [2, 4, 4] (one copy of 4 missed)."""
     a = jnp.asarray(random_symmetric(SPECTRA["degenerate"], seed=3))
-    run = jax.jit(lambda a: [eigsh(lambda v: a @ v, jnp.zeros(N), 3, key=jax.random.key(0), max_matvecs=m)
-                             for m in (50, 400)])
+    run = jax.jit(
+        lambda a: [eigsh(lambda v: a @ v, jnp.zeros(N), 3, key=jax.random.key(0), max_matvecs=m) for m in (50, 400)]
+    )
     short, enough = run(a)
     assert int(short.num_matvecs) == 47 and not short.converged.any()  # 47 products: [2, 4, 4], unverified
     np.testing.assert_allclose(short.eigenvalues, [2.0, 4.0, 4.0], rtol=1e-6)
@@ -290,8 +293,7 @@ def test_issue_example_bottom_of_a_cluster_at_the_defaults():
     """200 parameters in a dict, eigenvalues linspace(-2, 3, 195) and five large: SA, k=2."""
     values = np.concatenate([np.linspace(-2.0, 3.0, 195), [10.0, 20.0, 30.0, 40.0, 50.0]])
     a = random_symmetric(values)
-    result = jax.jit(lambda a: eigsh(dense_matvec(a, LIKE), LIKE, 2, key=jax.random.key(0), which="SA"))(
-        jnp.asarray(a))
+    result = jax.jit(lambda a: eigsh(dense_matvec(a, LIKE), LIKE, 2, key=jax.random.key(0), which="SA"))(jnp.asarray(a))
     assert bool(result.all_converged)
     np.testing.assert_allclose(result.eigenvalues, np.sort(values)[:2], rtol=1e-6)
     assert 40.0 < float(result.norm_estimate) <= 50.0  # the largest Ritz value after restarts
@@ -334,8 +336,9 @@ def test_bfloat16_is_computed_in_float32_and_cast_back():
 
 def test_fixed_num_iters_takes_exactly_that_many_steps_and_flags_by_tol():
     a = jnp.asarray(synthetic_matrix())
-    run = jax.jit(lambda a: [eigsh(dense_matvec(a, LIKE), LIKE, 3, key=jax.random.key(0), num_iters=m)
-                             for m in (4, 40)])
+    run = jax.jit(
+        lambda a: [eigsh(dense_matvec(a, LIKE), LIKE, 3, key=jax.random.key(0), num_iters=m) for m in (4, 40)]
+    )
     short, long = run(a)
     assert int(short.num_matvecs) == 4 and int(long.num_matvecs) == 40
     assert not short.all_converged and bool(long.all_converged)

@@ -19,11 +19,17 @@ PACKAGE = pathlib.Path(hvpopt.__file__).parent
 # Each unit may import the units of lower rank; units of one rank do not import each other, except the
 # shared pieces of rank 0.
 RANKS = {
-    "hvpopt.types": 0, "hvpopt.tree": 0, "hvpopt._checks": 0, "hvpopt.losses": 0, "hvpopt.sharding": 0,
+    "hvpopt.types": 0,
+    "hvpopt.tree": 0,
+    "hvpopt._checks": 0,
+    "hvpopt.losses": 0,
+    "hvpopt.sharding": 0,
     "hvpopt.jacobians": 0,
-    "hvpopt.curvature": 1, "hvpopt.linalg": 1,  # products and solvers know nothing of each other
+    "hvpopt.curvature": 1,
+    "hvpopt.linalg": 1,  # products and solvers know nothing of each other
     "hvpopt.optim": 2,  # consumers: the optimizers, which influence's validation retrains with
-    "hvpopt.influence": 3, "hvpopt.spectrum": 3,
+    "hvpopt.influence": 3,
+    "hvpopt.spectrum": 3,
     "hvpopt": 4,  # the package's __init__: the library's names in one place
     "hvpopt.testbed": 5,  # models, data, tasks, training, checkpoints
     "hvpopt.cli": 6,  # the command line
@@ -88,7 +94,9 @@ def test_imports_point_to_lower_layers_only(path):
             continue
         if RANKS[target] >= RANKS[importer]:
             wrong.append(f"line {line}: {importer} (rank {RANKS[importer]}) imports {module} (rank {RANKS[target]})")
-        private = [part for part in module.split(".")[1:] if part.startswith("_")] + [n for n in names if n.startswith("_")]
+        private = [part for part in module.split(".")[1:] if part.startswith("_")] + [
+            n for n in names if n.startswith("_")
+        ]
         if private and module not in SHARED_PRIVATE:
             wrong.append(f"line {line}: {importer} imports the private {module} {names or ''} of {target}")
     assert wrong == [], f"{module_name(path)}: " + "; ".join(wrong)
@@ -118,14 +126,19 @@ def test_every_package_lists_its_exports_and_they_resolve(name):
 
 
 def test_the_top_level_lists_every_public_subpackage():
-    public = {path.stem if path.name != "__init__.py" else path.parent.name for path in PACKAGE.iterdir()
-              if (path.suffix == ".py" or (path / "__init__.py").exists()) and not path.name.startswith("_")}
+    public = {
+        path.stem if path.name != "__init__.py" else path.parent.name
+        for path in PACKAGE.iterdir()
+        if (path.suffix == ".py" or (path / "__init__.py").exists()) and not path.name.startswith("_")
+    }
     assert public - set(hvpopt.__all__) == set()
 
 
 def test_importing_the_library_loads_neither_testbed_nor_command_line():
-    code = ("import sys, hvpopt, hvpopt.influence, hvpopt.spectrum\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('hvpopt.testbed', 'hvpopt.cli', 'flax', 'matplotlib'))))")
+    code = (
+        "import sys, hvpopt, hvpopt.influence, hvpopt.spectrum\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('hvpopt.testbed', 'hvpopt.cli', 'flax', 'matplotlib'))))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -136,4 +149,4 @@ def test_the_moved_names_still_work_for_this_release():
     with pytest.warns(DeprecationWarning, match="hvpopt.linalg.dense_matrix"):
         assert hvpopt.curvature.dense_matrix is hvpopt.linalg.dense_matrix
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
-        hvpopt.nonsense
+        _ = hvpopt.nonsense

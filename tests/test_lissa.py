@@ -24,8 +24,9 @@ def system():
 
 def test_matches_the_exact_inverse_with_automatic_scale(system):
     a, b = system
-    run = jax.jit(lambda b: hvpopt.lissa(lambda v: jnp.asarray(a) @ v, b, damping=0.1, depth=600,
-                                        key=jax.random.key(0)))
+    run = jax.jit(
+        lambda b: hvpopt.lissa(lambda v: jnp.asarray(a) @ v, b, damping=0.1, depth=600, key=jax.random.key(0))
+    )
     result = run(jnp.asarray(b))
     assert not bool(result.diverged)
     assert rel_error(result.x, np.linalg.solve(a + 0.1 * np.eye(30), b)) < 1e-8
@@ -41,21 +42,29 @@ def test_stochastic_products_averaged_over_repeats(system):
     pieces = np.stack([matrix_with_spectrum(rng.uniform(0, 2, 30), seed=s) for s in range(8)])
     mean = pieces.mean(0)
     sample = lambda v, key: jnp.asarray(pieces)[jax.random.randint(key, (), 0, 8)] @ v
-    result = hvpopt.lissa(sample, jnp.asarray(b), damping=0.5, depth=200, num_repeats=64,
-                          key=jax.random.key(3), stochastic=True, scale=4.0)
+    result = hvpopt.lissa(
+        sample,
+        jnp.asarray(b),
+        damping=0.5,
+        depth=200,
+        num_repeats=64,
+        key=jax.random.key(3),
+        stochastic=True,
+        scale=4.0,
+    )
     exact = np.linalg.solve(mean + 0.5 * np.eye(30), b)
     assert not bool(result.diverged)
     assert rel_error(result.x, exact) < 0.1
-    single = hvpopt.lissa(sample, jnp.asarray(b), damping=0.5, depth=200, num_repeats=1,
-                          key=jax.random.key(3), stochastic=True, scale=4.0)
+    single = hvpopt.lissa(
+        sample, jnp.asarray(b), damping=0.5, depth=200, num_repeats=1, key=jax.random.key(3), stochastic=True, scale=4.0
+    )
     assert rel_error(result.x, exact) < rel_error(single.x, exact)  # repeats reduce the noise
 
 
 def test_divergence_is_reported_not_overflowed():
     a = matrix_with_spectrum(np.linspace(-1.0, 2.0, 20), seed=4)  # indefinite
     b = jnp.asarray(np.random.default_rng(5).normal(size=20))
-    result = hvpopt.lissa(lambda v: jnp.asarray(a) @ v, b, damping=0.0, depth=100_000,
-                          key=jax.random.key(6))
+    result = hvpopt.lissa(lambda v: jnp.asarray(a) @ v, b, damping=0.0, depth=100_000, key=jax.random.key(6))
     assert bool(result.diverged)
     assert np.all(np.isfinite(result.x)) and np.isfinite(result.step_norm)
     assert int(result.num_matvecs) < 100_000  # it stopped at the first sign of growth
@@ -63,8 +72,9 @@ def test_divergence_is_reported_not_overflowed():
 
 def test_a_scale_too_small_diverges(system):
     a, b = system
-    result = hvpopt.lissa(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), damping=0.0, depth=500,
-                          key=jax.random.key(7), scale=0.5)  # needs s > 1
+    result = hvpopt.lissa(
+        lambda v: jnp.asarray(a) @ v, jnp.asarray(b), damping=0.0, depth=500, key=jax.random.key(7), scale=0.5
+    )  # needs s > 1
     assert bool(result.diverged) and np.all(np.isfinite(result.x))
 
 
@@ -94,15 +104,19 @@ def test_bad_input_names_the_argument(kwargs, match):
 @pytest.mark.parametrize("scale, depth", [(0.95, 50), (0.99, 200)])
 def test_slow_divergence_is_caught(system, scale, depth):
     a, b = system  # largest eigenvalue 2: a scale just under 1 diverges slowly
-    result = hvpopt.lissa(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), damping=0.0, depth=depth,
-                          key=jax.random.key(9), scale=scale)
+    result = hvpopt.lissa(
+        lambda v: jnp.asarray(a) @ v, jnp.asarray(b), damping=0.0, depth=depth, key=jax.random.key(9), scale=scale
+    )
     assert bool(result.diverged)
 
 
 def test_a_traced_nonpositive_scale_is_divergence_not_infinity(system):
     a, b = system
-    run = jax.jit(lambda s: hvpopt.lissa(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), damping=0.1,
-                                        depth=20, key=jax.random.key(10), scale=s))
+    run = jax.jit(
+        lambda s: hvpopt.lissa(
+            lambda v: jnp.asarray(a) @ v, jnp.asarray(b), damping=0.1, depth=20, key=jax.random.key(10), scale=s
+        )
+    )
     for scale in (0.0, -1.0):
         result = run(scale)
         assert bool(result.diverged)

@@ -100,8 +100,14 @@ def newton_cg_steps_to(stop, loss, params, data=(), max_steps=300, **options):
 # (dimension, condition number, newton_cg options). The 200-parameter quadratic of condition
 # 1e8 needs about 17,000 CG iterations in all (float64); at the default budget of 1000 a step
 # that is 57 steps against scipy's 10 (budget 20 n = 4000), so it runs with scipy's budget.
-QUADRATICS = [(10, 1e2, {}), (10, 1e8, {}), (40, 1e6, {}), (200, 1e4, {}), (200, 1e6, {}),
-              (200, 1e8, {"maxiter": 4000})]
+QUADRATICS = [
+    (10, 1e2, {}),
+    (10, 1e8, {}),
+    (40, 1e6, {}),
+    (200, 1e4, {}),
+    (200, 1e6, {}),
+    (200, 1e8, {"maxiter": 4000}),
+]
 ROSENBROCK_STARTS = [[-1.2, 1.0], [-1.2, 1.0, -1.2, 1.0, 0.5, 0.3]] + [[-1.2, 1.0] * (n // 2) for n in (20, 60, 100)]
 
 
@@ -110,18 +116,21 @@ def test_newton_cg_needs_no_more_steps_than_scipy_newton_cg():
     rows = []  # (problem, dimension, our steps, our HVPs, scipy's iterations, scipy's HVPs)
     for n, condition, options in QUADRATICS:
         a, b = spd_quadratic(n, condition)
-        nit, nhev, scipy_grad = scipy_newton_cg(lambda x: quadratic_loss(x, a, b), lambda x: a @ x - b,
-                                                lambda x, p: a @ p, np.zeros(n))
+        nit, nhev, scipy_grad = scipy_newton_cg(
+            lambda x: quadratic_loss(x, a, b), lambda x: a @ x - b, lambda x, p: a @ p, np.zeros(n)
+        )
         stop = max(scipy_grad, 1e-8)
-        taken, x, state = newton_cg_steps_to(stop, quadratic_loss, jnp.zeros(n), (jnp.asarray(a), jnp.asarray(b)),
-                                             **options)
+        taken, x, state = newton_cg_steps_to(
+            stop, quadratic_loss, jnp.zeros(n), (jnp.asarray(a), jnp.asarray(b)), **options
+        )
         assert np.linalg.norm(a @ np.asarray(x) - b) <= 1.01 * stop
         rows.append((f"quadratic, condition {condition:.0e}", n, taken, int(state.num_hvps), nit, nhev))
         if not options:
             assert taken <= 5  # at the defaults, whatever the conditioning
     for start in map(np.array, ROSENBROCK_STARTS):
-        nit, nhev, _ = scipy_newton_cg(scipy.optimize.rosen, scipy.optimize.rosen_der,
-                                       scipy.optimize.rosen_hess_prod, start)
+        nit, nhev, _ = scipy_newton_cg(
+            scipy.optimize.rosen, scipy.optimize.rosen_der, scipy.optimize.rosen_hess_prod, start
+        )
         taken, x, state = newton_cg_steps_to(1e-8, rosenbrock_loss, jnp.asarray(start))
         if start.size <= 6:
             np.testing.assert_allclose(x, 1.0, atol=1e-8)
@@ -136,12 +145,20 @@ def test_newton_cg_needs_no_more_steps_than_scipy_newton_cg():
     logistic_loss = lambda w, x, y: task.objective(unravel(w), x, y)
     f, grad = jax.jit(logistic_loss), jax.jit(jax.grad(logistic_loss))
     hvp = jax.jit(lambda w, v: hvpopt.hvp(lambda w: logistic_loss(w, *data), w, v))
-    nit, nhev, _ = scipy_newton_cg(lambda w: float(f(w, *data)), lambda w: np.asarray(grad(w, *data)),
-                                   lambda w, v: np.asarray(hvp(w, v)), np.asarray(start))
+    nit, nhev, _ = scipy_newton_cg(
+        lambda w: float(f(w, *data)),
+        lambda w: np.asarray(grad(w, *data)),
+        lambda w, v: np.asarray(hvp(w, v)),
+        np.asarray(start),
+    )
     taken, _, state = newton_cg_steps_to(1e-8, logistic_loss, start, data)
     rows.append(("logistic regression", start.size, taken, int(state.num_hvps), nit, nhev))
-    print("\n".join(f"{name:30s} n={n:4d}  ours {taken:3d} steps {hvps:6d} HVPs  scipy {nit:3d} steps {nhev:6d} HVPs"
-                    for name, n, taken, hvps, nit, nhev in rows))
+    print(
+        "\n".join(
+            f"{name:30s} n={n:4d}  ours {taken:3d} steps {hvps:6d} HVPs  scipy {nit:3d} steps {nhev:6d} HVPs"
+            for name, n, taken, hvps, nit, nhev in rows
+        )
+    )
     for name, n, taken, _, nit, _ in rows:
         assert taken <= nit, (name, n, taken, nit)
 
@@ -191,8 +208,9 @@ def test_natural_gradient_estimates_decrease_the_loss(fisher):
     task = make_task("blobs")
     batch = task.train.take(range(128))
     f = lambda p: task.objective(p, batch.inputs, batch.targets)
-    tx = hvpopt.natural_gradient(task.model_fn, task.loss, fisher=fisher, damping=1e-2,
-                                 learning_rate=0.5, key=jax.random.key(0), num_samples=4)
+    tx = hvpopt.natural_gradient(
+        task.model_fn, task.loss, fisher=fisher, damping=1e-2, learning_rate=0.5, key=jax.random.key(0), num_samples=4
+    )
     params, state, _ = minimise(tx, f, task.params, 10, extra={"curvature_batch": (batch.inputs, batch.targets)})
     assert f(params) < 0.5 * f(task.params) and int(state.count) == 10
 

@@ -13,13 +13,13 @@ import hvpopt
 shapes = st.lists(st.integers(1, 3), min_size=0, max_size=2).map(tuple)
 structures = st.recursive(
     shapes,
-    lambda children: st.lists(children, min_size=1, max_size=3)
-    | st.dictionaries(st.sampled_from("abc"), children, min_size=1, max_size=3),
+    lambda children: (
+        st.lists(children, min_size=1, max_size=3)
+        | st.dictionaries(st.sampled_from("abc"), children, min_size=1, max_size=3)
+    ),
     max_leaves=4,
 )
-SETTINGS = settings(
-    max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def is_shape(node):

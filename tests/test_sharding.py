@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_mlp, random_like
 from jax.sharding import PartitionSpec
 
 import hvpopt
 from hvpopt import cli
-from conftest import make_mlp, random_like
 
 pytestmark = pytest.mark.skipif(jax.device_count() != 1, reason="written for one device")
 

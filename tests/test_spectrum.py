@@ -24,8 +24,14 @@ def test_report_matches_the_dense_spectrum():
     def report(params, key):
         matvec = hvpopt.hessian_operator(problem.objective, params)
         return spectrum.curvature_spectrum(
-            matvec, params, key=key, k=3, num_iters=size, density_iters=size,
-            density_probes=2, trace_samples=3 * size,
+            matvec,
+            params,
+            key=key,
+            k=3,
+            num_iters=size,
+            density_iters=size,
+            density_probes=2,
+            trace_samples=3 * size,
         )
 
     summary = spectrum.summarize(report(problem.params, jax.random.key(0)))
@@ -54,8 +60,12 @@ def test_cli_at_its_defaults_writes_the_report_and_the_plot_and_says_converged(t
 
 @pytest.mark.parametrize("lanczos_iters, fix", [(3, "raise --lanczos-iters"), (None, "raise --max-matvecs")])
 def test_an_unconverged_spectrum_says_so_and_names_the_flag_to_raise(lanczos_iters, fix):
-    summary = {"top_converged": [True, False, False], "smallest_converged": False, "eigenvalues_converged": False,
-               "eigenvalue_matvecs": 6}
+    summary = {
+        "top_converged": [True, False, False],
+        "smallest_converged": False,
+        "eigenvalues_converged": False,
+        "eigenvalue_matvecs": 6,
+    }
     line = spectrum_command._format_convergence(summary, argparse.Namespace(lanczos_iters=lanczos_iters))
     assert line.startswith("eigenvalues NOT converged: 1 of 4 within --tol after 6 products") and fix in line
 
@@ -66,8 +76,25 @@ def test_a_failure_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(spectrum_command, "save_density_plot", broken_plot)
     out = tmp_path / "spectrum"
-    args = ["spectrum", "--task", "blobs", "--batch-size", "2", "--k", "1", "--lanczos-iters", "4",
-            "--density-iters", "4", "--density-probes", "1", "--trace-samples", "4", "--out", str(out)]
+    args = [
+        "spectrum",
+        "--task",
+        "blobs",
+        "--batch-size",
+        "2",
+        "--k",
+        "1",
+        "--lanczos-iters",
+        "4",
+        "--density-iters",
+        "4",
+        "--density-probes",
+        "1",
+        "--trace-samples",
+        "4",
+        "--out",
+        str(out),
+    ]
     assert cli.main(args) == 2
     assert "disk full" in capsys.readouterr().err
     assert not out.exists()  # the folder it created is gone again
@@ -81,9 +108,16 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     assert not_a_folder.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("args", [["spectrum", "--curvature", "fisher"], ["spectrum", "--k", "0"],
-                                  ["spectrum", "--tol", "0"], ["spectrum", "--tol", "nan"],
-                                  ["spectrum", "--max-matvecs", "0"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["spectrum", "--curvature", "fisher"],
+        ["spectrum", "--k", "0"],
+        ["spectrum", "--tol", "0"],
+        ["spectrum", "--tol", "nan"],
+        ["spectrum", "--max-matvecs", "0"],
+    ],
+)
 def test_bad_arguments_exit_2(args):
     assert cli.main(args) == 2
 

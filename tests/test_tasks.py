@@ -25,11 +25,14 @@ def tiny_task(name, **model):
     return make_task(name, data_options=SMALL_DATA[name], model_options=model_options)
 
 
-@pytest.mark.parametrize("name, model", [
-    ("shakespeare", {}),
-    ("reverse", {"positions": "rotary", "tie_embeddings": True}),
-    ("dyck", {"positions": "rotary"}),
-])
+@pytest.mark.parametrize(
+    "name, model",
+    [
+        ("shakespeare", {}),
+        ("reverse", {"positions": "rotary", "tie_embeddings": True}),
+        ("dyck", {"positions": "rotary"}),
+    ],
+)
 def test_forward_over_reverse_hvp_matches_reverse_over_reverse(name, model):
     task = tiny_task(name, **model)
     params = to_float64(task.params)
@@ -101,18 +104,23 @@ def test_config_rebuilds_the_same_task():
 def test_l2_penalty_enters_the_objective():
     task = make_task("blobs", l2=0.5)
     batch = task.train.take(range(5))
-    norm2 = sum(jnp.sum(x ** 2) for x in jax.tree.leaves(task.params))
-    gap = task.objective(task.params, batch.inputs, batch.targets) - task.batch_loss(task.params, batch.inputs, batch.targets)
+    norm2 = sum(jnp.sum(x**2) for x in jax.tree.leaves(task.params))
+    gap = task.objective(task.params, batch.inputs, batch.targets) - task.batch_loss(
+        task.params, batch.inputs, batch.targets
+    )
     assert jnp.allclose(gap, 0.25 * norm2)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"name": "imagenet"}, "task must be one of"),
-    ({"name": "modular", "data_options": {"modulos": 7}}, "no data option 'modulos'"),
-    ({"name": "dyck", "model_options": {"width": 7}}, "no model option 'width'"),
-    ({"name": "dyck", "model_options": {"num_heads": 3}}, "divisible by num_heads"),
-    ({"name": "blobs", "l2": -1.0}, "l2 must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"name": "imagenet"}, "task must be one of"),
+        ({"name": "modular", "data_options": {"modulos": 7}}, "no data option 'modulos'"),
+        ({"name": "dyck", "model_options": {"width": 7}}, "no model option 'width'"),
+        ({"name": "dyck", "model_options": {"num_heads": 3}}, "divisible by num_heads"),
+        ({"name": "blobs", "l2": -1.0}, "l2 must be >= 0"),
+    ],
+)
 def test_bad_task_options_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_task(**kwargs)

@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_mlp, problem_hessian
+from test_lanczos import LIKE, P, dense_matvec, random_symmetric, synthetic_matrix
 
 import hvpopt
-from conftest import make_mlp, problem_hessian
 from hvpopt.linalg.density import spectral_density
 from hvpopt.linalg.trace_estimation import trace
-from test_lanczos import LIKE, P, dense_matvec, random_symmetric, synthetic_matrix
 
 jax.config.update("jax_enable_x64", True)
 
@@ -96,10 +96,9 @@ def slq_cdf_distance(nodes, weights, eigenvalues) -> float:
 def test_slq_density_matches_the_dense_spectrum():
     a = synthetic_matrix()
     num_iters, num_probes, key = 30, 10, jax.random.key(4)
-    sd = jax.jit(lambda a: spectral_density(dense_matvec(a, LIKE), LIKE, key=key,
-                                            num_iters=num_iters, num_probes=num_probes))(
-        jnp.asarray(a)
-    )
+    sd = jax.jit(
+        lambda a: spectral_density(dense_matvec(a, LIKE), LIKE, key=key, num_iters=num_iters, num_probes=num_probes)
+    )(jnp.asarray(a))
     eigenvalues = np.linalg.eigvalsh(a)
     assert sd.nodes.shape == sd.weights.shape == (num_probes, num_iters)
     assert sd.grid.shape == sd.density.shape == (1000,)
@@ -129,8 +128,9 @@ def test_slq_on_a_rank_deficient_matrix_and_the_mlp_hessian():
 
     @jax.jit
     def run(a, params, key):
-        low_rank = spectral_density(dense_matvec(a, LIKE), LIKE, key=key, num_iters=20,
-                                    num_probes=3, sigma=0.05, grid_size=500)
+        low_rank = spectral_density(
+            dense_matvec(a, LIKE), LIKE, key=key, num_iters=20, num_probes=3, sigma=0.05, grid_size=500
+        )
         matvec = hvpopt.hessian_operator(problem.objective, params)
         mlp = spectral_density(matvec, params, key=key, num_iters=30, num_probes=2)
         return low_rank, mlp

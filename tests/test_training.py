@@ -33,8 +33,9 @@ def test_training_is_deterministic_for_a_seed():
     task = tiny_task("blobs")
     options = training.TrainOptions(steps=5, batch_size=8, eval_every=5, seed=3)
     first, again = (training.train(task, options).params for _ in range(2))
-    other = training.train(task, training.TrainOptions(steps=5, batch_size=8, eval_every=5, seed=4),
-                           progress=False).params
+    other = training.train(
+        task, training.TrainOptions(steps=5, batch_size=8, eval_every=5, seed=4), progress=False
+    ).params
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)))
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other)))
 
@@ -44,8 +45,10 @@ def test_evaluate_is_the_exact_mean_over_the_split():
     metrics = training.evaluate(task, task.params, task.validation, batch_size=3)  # a ragged last batch
     dataset = task.validation
     example_loss = jax.jit(task.example_loss)
-    losses = [example_loss(task.params, (dataset.inputs[i], jax.tree.map(lambda t: t[i], dataset.targets)))
-              for i in range(dataset.num_examples)]
+    losses = [
+        example_loss(task.params, (dataset.inputs[i], jax.tree.map(lambda t: t[i], dataset.targets)))
+        for i in range(dataset.num_examples)
+    ]
     logits = jax.jit(task.model_fn)(task.params, dataset.inputs)
     labels, mask = dataset.targets
     accuracy = float(np.sum((np.argmax(logits, -1) == labels) * mask) / np.sum(mask))
@@ -70,14 +73,16 @@ def test_ctrl_c_returns_the_last_completed_step():
     assert result.steps_done == replay.steps_done
 
 
-@pytest.mark.parametrize("optimizer, learning_rate", [
-    ("newton_cg", None), ("hessian_free", None), ("natural_gradient", 0.5)])
+@pytest.mark.parametrize(
+    "optimizer, learning_rate", [("newton_cg", None), ("hessian_free", None), ("natural_gradient", 0.5)]
+)
 def test_second_order_optimizers_train_logistic_regression_to_its_minimum(optimizer, learning_rate):
     task = make_task("blobs", data_options={"num_examples": 60})  # convex: L2 penalty 1e-2
     inputs, targets = task.train.inputs, task.train.targets
     gradient_norm = lambda p: float(optax.tree_utils.tree_norm(jax.grad(task.objective)(p, inputs, targets)))
-    options = training.TrainOptions(steps=15, batch_size=None, optimizer=optimizer,
-                                    learning_rate=learning_rate, eval_every=15)
+    options = training.TrainOptions(
+        steps=15, batch_size=None, optimizer=optimizer, learning_rate=learning_rate, eval_every=15
+    )
     result = training.train(task, options)
     assert gradient_norm(result.params) < 1e-4 * gradient_norm(task.params)
     record = result.history[-1]
@@ -161,14 +166,17 @@ def test_a_dtype_mismatch_is_refused(saved, tmp_path):
         checkpoint.load_checkpoint(str(folder))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda f: os.remove(params_file(f)), r"params-[0-9a-f]{16}\.msgpack is missing"),
-    (lambda f: edit_config(f, lambda c: c["params"].update(file="../elsewhere.msgpack")), "params.file must name"),
-    (lambda f: os.remove(f / checkpoint.CONFIG_FILE), "config.json is missing"),
-    (lambda f: (f / checkpoint.CONFIG_FILE).write_text('{"task": '), "not valid JSON"),
-    (lambda f: edit_config(f, lambda c: c["task"].update(name="mnist")), "task config does not build"),
-    (lambda f: edit_config(f, lambda c: c.update(format_version=99)), "format_version 99"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: os.remove(params_file(f)), r"params-[0-9a-f]{16}\.msgpack is missing"),
+        (lambda f: edit_config(f, lambda c: c["params"].update(file="../elsewhere.msgpack")), "params.file must name"),
+        (lambda f: os.remove(f / checkpoint.CONFIG_FILE), "config.json is missing"),
+        (lambda f: (f / checkpoint.CONFIG_FILE).write_text('{"task": '), "not valid JSON"),
+        (lambda f: edit_config(f, lambda c: c["task"].update(name="mnist")), "task config does not build"),
+        (lambda f: edit_config(f, lambda c: c.update(format_version=99)), "format_version 99"),
+    ],
+)
 def test_broken_checkpoints_are_refused_with_the_file_named(saved, tmp_path, damage, message):
     folder = copy_of(saved, tmp_path)
     damage(folder)

@@ -10,8 +10,13 @@ import sys
 import hvpopt
 from hvpopt.cli import demo, flags, influence, spectrum, train
 
-COMMANDS = {"demo": demo.run, "spectrum": spectrum.run, "train": train.run, "eval": train.run_eval,
-            "influence": influence.run}
+COMMANDS = {
+    "demo": demo.run,
+    "spectrum": spectrum.run,
+    "train": train.run,
+    "eval": train.run_eval,
+    "influence": influence.run,
+}
 
 
 def build_parser() -> flags.OneLineErrorParser:
@@ -56,4 +61,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if argv is None:  # the program ends with the command: a late Ctrl-C must not break JAX's exit handlers
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-

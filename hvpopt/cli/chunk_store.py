@@ -70,8 +70,9 @@ def saved_chunks(blocks, work: str, prefix: str, total: int, chunk_size: int, pr
         bar.update(min(start, total))
     interrupts.check_interrupt()  # the safe points: before the first chunk and after each
     for first, block in blocks(start):
-        files.write_atomically(os.path.join(work, f"{prefix}-{first:09d}.npy"),
-                             lambda file: np.save(file, np.asarray(block)))
+        files.write_atomically(
+            os.path.join(work, f"{prefix}-{first:09d}.npy"), lambda file: np.save(file, np.asarray(block))
+        )
         if bar:
             bar.update(np.shape(block)[-1])
         interrupts.check_interrupt()

@@ -21,8 +21,6 @@ def add_parser(commands) -> None:
 
 def run(args) -> int:
     task, params = flags.load_problem(args)
-    report = demo.curvature_tour(
-        task, params, batch_size=args.batch_size, seed=args.seed, repeats=args.repeats
-    )
+    report = demo.curvature_tour(task, params, batch_size=args.batch_size, seed=args.seed, repeats=args.repeats)
     print(json.dumps(report, indent=2) if args.json else demo.format_report(report))
     return 0

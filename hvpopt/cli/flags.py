@@ -86,8 +86,10 @@ def device_count(text: str) -> int:
     """An ``argparse`` type: how many of this machine's devices to use, or a one-line usage error."""
     value, available = positive_int(text), jax.local_device_count()
     if value > available:
-        raise argparse.ArgumentTypeError(f"{value} devices asked but this machine has {available} "
-                                         f"({jax.default_backend()}); pass at most {available}")
+        raise argparse.ArgumentTypeError(
+            f"{value} devices asked but this machine has {available} "
+            f"({jax.default_backend()}); pass at most {available}"
+        )
     return value
 
 
@@ -98,11 +100,16 @@ def batch_size_or_full(text: str) -> int | None:
 
 def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--task", choices=tasks.TASKS, default=tasks.DEFAULT_TASK,
-                        help="a built-in task at its initial parameters (default: %(default)s)")
+    source.add_argument(
+        "--task",
+        choices=tasks.TASKS,
+        default=tasks.DEFAULT_TASK,
+        help="a built-in task at its initial parameters (default: %(default)s)",
+    )
     source.add_argument("--checkpoint", metavar="DIR", help="a checkpoint written by 'hvpopt train'")
-    parser.add_argument("--batch-size", type=positive_int, default=16,
-                        help="the first N training examples form the batch")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=16, help="the first N training examples form the batch"
+    )
     parser.add_argument("--seed", type=seed, default=0)
 
 
@@ -150,7 +157,7 @@ def named_as_flags(args: argparse.Namespace) -> Iterator[None]:
         if type(error) not in (ValueError, TypeError) or not name or name.group(1) not in vars(args):
             raise
         flag = "--" + name.group(1).replace("_", "-")
-        raise type(error)(flag + str(error)[len(name.group(1)):]) from None
+        raise type(error)(flag + str(error)[len(name.group(1)) :]) from None
 
 
 def check_out_folder(path: str) -> None:

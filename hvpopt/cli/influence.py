@@ -36,8 +36,10 @@ from hvpopt.testbed.data import Dataset, make_dataset
 from hvpopt.testbed.progress import Progress
 
 ACTIONS = ("score", "self", "validate")
-SIGN_CONVENTION = ("scores[q, j] ~ L_q(theta without j) - L_q(theta) = (1/n) grad L_q^T (H + damping I)^-1 "
-                   "grad l_j; positive: training example j helped query q (removing it would raise q's loss)")
+SIGN_CONVENTION = (
+    "scores[q, j] ~ L_q(theta without j) - L_q(theta) = (1/n) grad L_q^T (H + damping I)^-1 "
+    "grad l_j; positive: training example j helped query q (removing it would raise q's loss)"
+)
 METADATA = "metadata.json"
 
 
@@ -69,35 +71,72 @@ def add_parser(commands) -> None:
     parser.add_argument("action", nargs="?", choices=ACTIONS, default="score")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="DIR", help="a checkpoint written by 'hvpopt train'")
-    source.add_argument("--task", metavar="MODULE:FUNCTION",
-                        help="a function returning {'loss_fn', 'params', 'train'[, 'queries', 'model', 'l2']}")
-    parser.add_argument("--train", metavar="FILE.jsonl", help="training examples, one {\"text\": ...} per line "
-                        "(default: the checkpoint's training split)")
-    parser.add_argument("--train-examples", type=flags.positive_int, metavar="N", help="use the first N training examples")
+    source.add_argument(
+        "--task",
+        metavar="MODULE:FUNCTION",
+        help="a function returning {'loss_fn', 'params', 'train'[, 'queries', 'model', 'l2']}",
+    )
+    parser.add_argument(
+        "--train",
+        metavar="FILE.jsonl",
+        help='training examples, one {"text": ...} per line (default: the checkpoint\'s training split)',
+    )
+    parser.add_argument(
+        "--train-examples", type=flags.positive_int, metavar="N", help="use the first N training examples"
+    )
     parser.add_argument("--query", action="append", default=[], metavar="TEXT", help="a query (repeatable)")
-    parser.add_argument("--queries", metavar="FILE.jsonl", help="queries, one {\"text\": ...} per line")
-    parser.add_argument("--num-queries", type=flags.positive_int, default=5,
-                        help="with no --query or --queries: the first N validation examples (default 5)")
+    parser.add_argument("--queries", metavar="FILE.jsonl", help='queries, one {"text": ...} per line')
+    parser.add_argument(
+        "--num-queries",
+        type=flags.positive_int,
+        default=5,
+        help="with no --query or --queries: the first N validation examples (default 5)",
+    )
     parser.add_argument("--out", default="influence-out", metavar="DIR", help="output folder (created)")
     parser.add_argument("--method", choices=influence.METHODS, default="cg")
-    parser.add_argument("--damping", type=flags.nonnegative_float, default=None,
-                        help="lambda >= 0 (default: the task's L2 penalty, or 1e-3 without one)")
-    parser.add_argument("--curvature", choices=influence.CURVATURES, default=None,
-                        help="default: ggn where the model is known, else hessian")
-    parser.add_argument("--curvature-examples", type=flags.positive_int, default=256, metavar="N",
-                        help="random training examples whose mean loss gives the curvature (default 256)")
+    parser.add_argument(
+        "--damping",
+        type=flags.nonnegative_float,
+        default=None,
+        help="lambda >= 0 (default: the task's L2 penalty, or 1e-3 without one)",
+    )
+    parser.add_argument(
+        "--curvature",
+        choices=influence.CURVATURES,
+        default=None,
+        help="default: ggn where the model is known, else hessian",
+    )
+    parser.add_argument(
+        "--curvature-examples",
+        type=flags.positive_int,
+        default=256,
+        metavar="N",
+        help="random training examples whose mean loss gives the curvature (default 256)",
+    )
     parser.add_argument("--cg-iterations", type=flags.positive_int, default=50)
-    parser.add_argument("--rank", type=flags.positive_int, default=None,
-                        help="arnoldi's eigenpairs (default: 50, or every parameter of a smaller model)")
+    parser.add_argument(
+        "--rank",
+        type=flags.positive_int,
+        default=None,
+        help="arnoldi's eigenpairs (default: 50, or every parameter of a smaller model)",
+    )
     parser.add_argument("--lissa-depth", type=flags.positive_int, default=1000)
     parser.add_argument("--chunk-size", type=flags.positive_int, default=64, help="examples per gradient chunk")
     parser.add_argument("--top-k", type=flags.positive_int, default=10)
-    parser.add_argument("--validate-examples", type=flags.positive_int, default=20,
-                        help="validate: training examples left out and retrained")
+    parser.add_argument(
+        "--validate-examples",
+        type=flags.positive_int,
+        default=20,
+        help="validate: training examples left out and retrained",
+    )
     parser.add_argument("--seed", type=flags.seed, default=0)
-    parser.add_argument("--devices", type=flags.device_count, default=None, metavar="N",
-                        help="devices the training and curvature examples are split over (default: all of "
-                        "this machine's)")
+    parser.add_argument(
+        "--devices",
+        type=flags.device_count,
+        default=None,
+        metavar="N",
+        help="devices the training and curvature examples are split over (default: all of this machine's)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace finished results in --out")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -112,8 +151,11 @@ def run(args) -> int:
         with interrupts.deferred_interrupts(), files.owned_folder(args.out, "--out"):
             summary = _run(args)
     except KeyboardInterrupt:
-        kept = (f"finished chunks are kept in {work}: run the same command again to resume" if os.path.isdir(work)
-                else "nothing had finished, so nothing is kept")
+        kept = (
+            f"finished chunks are kept in {work}: run the same command again to resume"
+            if os.path.isdir(work)
+            else "nothing had finished, so nothing is kept"
+        )
         print(f"hvpopt influence: interrupted; {kept}.", file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=2) if args.json else _format(summary))
@@ -126,14 +168,18 @@ def run(args) -> int:
 def _convergence_warning(summary: dict) -> str | None:
     """A line saying that the scores come from a solve that did not converge, and what to change; else None."""
     if summary.get("all_converged") is False:
-        return (f"the CG solves did not converge (largest residual {summary['max_residual_norm']:.3g} after "
-                f"{summary['max_iterations']:.0f} iterations), so the scores are approximate; raise --cg-iterations "
-                "or --damping.")
+        return (
+            f"the CG solves did not converge (largest residual {summary['max_residual_norm']:.3g} after "
+            f"{summary['max_iterations']:.0f} iterations), so the scores are approximate; raise --cg-iterations "
+            "or --damping."
+        )
     if summary.get("any_diverged"):
         return "the LiSSA series diverged for some queries, so the scores are approximate; raise --damping."
     if "rank" in summary and summary.get("num_converged", summary["rank"]) < summary["rank"]:
-        return (f"{summary['num_converged']} of the {summary['rank']} eigenpairs converged to 1e-6; the low-rank "
-                "inverse uses the Ritz approximations of the others.")
+        return (
+            f"{summary['num_converged']} of the {summary['rank']} eigenpairs converged to 1e-6; the low-rank "
+            "inverse uses the Ritz approximations of the others."
+        )
     return None
 
 
@@ -143,11 +189,16 @@ def _run(args) -> dict:
     problem = dataclasses.replace(problem, params=hvpopt.replicate(problem.params, mesh), mesh=mesh)
     settings = _settings(args, problem)
     if os.path.exists(os.path.join(args.out, METADATA)) and not args.overwrite:
-        raise ValueError(f"--out {args.out!r} already holds finished results; pass --overwrite or choose another folder.")
+        raise ValueError(
+            f"--out {args.out!r} already holds finished results; pass --overwrite or choose another folder."
+        )
     if args.action == "validate":
         _check_validate(problem, settings)
-    print(f"influence ({args.action}, {settings['method']}, {settings['curvature']}, damping "
-          f"{settings['damping']:g}) on {problem.description}", file=sys.stderr)
+    print(
+        f"influence ({args.action}, {settings['method']}, {settings['curvature']}, damping "
+        f"{settings['damping']:g}) on {problem.description}",
+        file=sys.stderr,
+    )
     with chunk_store.work_folder(args.out, settings) as work:
         return {"score": _score, "self": _self, "validate": _validate}[args.action](args, problem, settings, work)
 
@@ -167,10 +218,21 @@ def load_problem(args, mesh: Mesh | None = None) -> Problem:
         folder = args.checkpoint or _default_checkpoint(not args.no_progress, mesh)
         loaded = checkpoint.load_checkpoint(folder)
         task = loaded.task
-        problem = Problem(task.describe(), task.example_loss, loaded.params, task.train,
-                          task.validation, (task.model_fn, task.loss), task.l2, task,
-                          {"checkpoint": os.path.abspath(folder), "task": task.config,
-                           "params_sha256": loaded.config["params"]["sha256"]})  # checked by the load
+        problem = Problem(
+            task.describe(),
+            task.example_loss,
+            loaded.params,
+            task.train,
+            task.validation,
+            (task.model_fn, task.loss),
+            task.l2,
+            task,
+            {
+                "checkpoint": os.path.abspath(folder),
+                "task": task.config,
+                "params_sha256": loaded.config["params"]["sha256"],
+            },
+        )  # checked by the load
     train = problem.train
     if args.train:
         train = _texts_dataset(problem, "--train", _read_jsonl("--train", args.train))
@@ -206,16 +268,20 @@ def _train_default_model(folder: str, progress: bool, mesh: Mesh | None) -> str:
     """Trains and saves the default model into ``folder`` (held by this process) unless it is there already."""
     if os.path.exists(os.path.join(folder, checkpoint.CONFIG_FILE)):
         return folder  # another run trained it while this one waited
-    print(f"no --checkpoint: training the default language model once (about a minute on 2 CPU cores); "
-          f"cached in {folder}", file=sys.stderr)
+    print(
+        f"no --checkpoint: training the default language model once (about a minute on 2 CPU cores); "
+        f"cached in {folder}",
+        file=sys.stderr,
+    )
     task, options = tasks.make_task(), training.TrainOptions()
     if mesh is not None and options.batch_size % mesh.size:
         mesh = None  # only a matter of speed: the model is the same
     result = training.train(task, options, progress=progress, mesh=mesh)
     if result.interrupted:
         raise KeyboardInterrupt  # half a default model is not cached
-    checkpoint.save_checkpoint(folder, result.params,
-                               checkpoint.training_config(task, options, result.history, completed=True))
+    checkpoint.save_checkpoint(
+        folder, result.params, checkpoint.training_config(task, options, result.history, completed=True)
+    )
     return folder
 
 
@@ -242,17 +308,28 @@ def _user_task(spec: str) -> Problem:
         raise ValueError(f"{where} returned no {', '.join(missing)}: the dict needs loss_fn, params and train.")
     model = given.get("model")
     if not callable(given["loss_fn"]):
-        raise ValueError(f"{where}: loss_fn must be a function (params, example) -> loss; got "
-                         f"{type(given['loss_fn']).__name__}.")
+        raise ValueError(
+            f"{where}: loss_fn must be a function (params, example) -> loss; got {type(given['loss_fn']).__name__}."
+        )
     if model is not None and not (isinstance(model, (tuple, list)) and len(model) == 2 and all(map(callable, model))):
         raise ValueError(f"{where}: model must be a pair (model_fn, output_loss) of functions; got {model!r}.")
     _checks.check_parameters(where, given["params"])
     l2 = _checks.check_number(f"{where}: l2", given.get("l2", 0.0), "a finite number >= 0", lambda x: x >= 0)
-    as_dataset = lambda name, prefix: (given[name] if isinstance(given[name], Dataset)
-                                       else _arrays_dataset(given[name], prefix, f"{where}: {name}"))
+    as_dataset = lambda name, prefix: (
+        given[name] if isinstance(given[name], Dataset) else _arrays_dataset(given[name], prefix, f"{where}: {name}")
+    )
     queries = None if given.get("queries") is None else as_dataset("queries", "query")
-    return Problem(spec, given["loss_fn"], given["params"], as_dataset("train", "train"), queries,
-                   None if model is None else tuple(model), l2, None, {"task": spec})
+    return Problem(
+        spec,
+        given["loss_fn"],
+        given["params"],
+        as_dataset("train", "train"),
+        queries,
+        None if model is None else tuple(model),
+        l2,
+        None,
+        {"task": spec},
+    )
 
 
 def _user_error(error: Exception) -> str:
@@ -260,8 +337,9 @@ def _user_error(error: Exception) -> str:
     if isinstance(error, SyntaxError):
         return f"{type(error).__name__}: {error.msg} ({error.filename} line {error.lineno})"
     library = (os.path.dirname(os.__file__), os.path.dirname(hvpopt.__file__), sys.prefix, sys.base_prefix)
-    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
-              if not frame.filename.startswith(("<", *library))]
+    frames = [
+        frame for frame in traceback.extract_tb(error.__traceback__) if not frame.filename.startswith(("<", *library))
+    ]
     place = f" ({frames[-1].filename} line {frames[-1].lineno})" if frames else ""
     return f"{type(error).__name__}: {error}{place}"
 
@@ -290,7 +368,7 @@ def _read_jsonl(flag: str, path: str) -> list[dict]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{where}: expected an object with a \"text\" string.")
+                raise ValueError(f'{where}: expected an object with a "text" string.')
             records.append({**record, "file": path, "line": number})
     if not records:
         raise ValueError(f"{flag} {path} holds no examples.")
@@ -299,12 +377,14 @@ def _read_jsonl(flag: str, path: str) -> list[dict]:
 
 def _texts_dataset(problem: Problem, flag: str, records: list[dict]) -> Dataset:
     if problem.task is None:
-        raise ValueError(f"{flag} needs a checkpoint or the built-in default: a --task MODULE:FUNCTION "
-                         "gives its examples as arrays.")
+        raise ValueError(
+            f"{flag} needs a checkpoint or the built-in default: a --task MODULE:FUNCTION gives its examples as arrays."
+        )
     prefix = flag.lstrip("-").split("/")[0]
     ids = [str(r.get("id", f"{prefix}-{i + 1}")) for i, r in enumerate(records)]
-    names = [f"{flag} {r['file']} line {r['line']}" if "line" in r else f"--query {i + 1}"
-             for i, r in enumerate(records)]
+    names = [
+        f"{flag} {r['file']} line {r['line']}" if "line" in r else f"--query {i + 1}" for i, r in enumerate(records)
+    ]
     first = {}
     for name, example_id in zip(names, ids):
         if first.setdefault(example_id, name) != name:
@@ -327,15 +407,26 @@ def _settings(args, problem: Problem) -> dict:
     if args.method == "arnoldi" and rank > size:  # checked before any work, and named as the user typed it
         raise ValueError(f"--rank must be at most the model's {size} parameters; got {rank}.")
     if args.method == "exact" and size > MAX_EXACT_PARAMETERS:
-        raise ValueError(f"--method exact builds the {size} x {size} curvature matrix; at most {MAX_EXACT_PARAMETERS} "
-                         "parameters fit: use --method cg or --method arnoldi.")
+        raise ValueError(
+            f"--method exact builds the {size} x {size} curvature matrix; at most {MAX_EXACT_PARAMETERS} "
+            "parameters fit: use --method cg or --method arnoldi."
+        )
     return {
-        "action": args.action, "method": args.method, "curvature": curvature, "damping": float(damping),
+        "action": args.action,
+        "method": args.method,
+        "curvature": curvature,
+        "damping": float(damping),
         "curvature_examples": min(args.curvature_examples, problem.train.num_examples),
-        "cg_iterations": args.cg_iterations, "rank": rank, "lissa_depth": args.lissa_depth,
-        "chunk_size": args.chunk_size, "seed": args.seed, "source": problem.source,
-        "params_sha256": chunk_store.content_sha256(problem.params), "num_train": problem.train.num_examples,
-        "train_sha256": chunk_store.content_sha256(problem.train), "queries_sha256": chunk_store.content_sha256(problem.queries),
+        "cg_iterations": args.cg_iterations,
+        "rank": rank,
+        "lissa_depth": args.lissa_depth,
+        "chunk_size": args.chunk_size,
+        "seed": args.seed,
+        "source": problem.source,
+        "params_sha256": chunk_store.content_sha256(problem.params),
+        "num_train": problem.train.num_examples,
+        "train_sha256": chunk_store.content_sha256(problem.train),
+        "queries_sha256": chunk_store.content_sha256(problem.queries),
         "validate_examples": args.validate_examples if args.action == "validate" else None,
     }
 
@@ -352,23 +443,43 @@ def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.Inverse
         with open(cached_diagnostics) as file:
             diagnostics = json.load(file)
         apply = influence.eigen_inverse(values, vectors, settings["damping"])
-        return influence.InverseCurvature(apply, settings["method"], settings["damping"], values, vectors, {}), diagnostics
+        return influence.InverseCurvature(
+            apply, settings["method"], settings["damping"], values, vectors, {}
+        ), diagnostics
     subset = _curvature_subset(problem, settings)
     start = time.perf_counter()
-    print(f"fitting {settings['method']} on the {settings['curvature']} of {subset.num_examples} training examples",
-          file=sys.stderr)
+    print(
+        f"fitting {settings['method']} on the {settings['curvature']} of {subset.num_examples} training examples",
+        file=sys.stderr,
+    )
     inverse = influence.fit_inverse_curvature(
-        problem.loss_fn, problem.params, (subset.inputs, subset.targets), method=settings["method"],
-        damping=settings["damping"], curvature=settings["curvature"], model=problem.model,
-        chunk_size=settings["chunk_size"], maxiter=settings["cg_iterations"], rank=settings["rank"],
-        depth=settings["lissa_depth"], key=jax.random.key(settings["seed"]), mesh=problem.mesh)
-    diagnostics = {"fit_seconds": time.perf_counter() - start,
-                   **{name: _jsonable(value) for name, value in inverse.diagnostics.items()}}
+        problem.loss_fn,
+        problem.params,
+        (subset.inputs, subset.targets),
+        method=settings["method"],
+        damping=settings["damping"],
+        curvature=settings["curvature"],
+        model=problem.model,
+        chunk_size=settings["chunk_size"],
+        maxiter=settings["cg_iterations"],
+        rank=settings["rank"],
+        depth=settings["lissa_depth"],
+        key=jax.random.key(settings["seed"]),
+        mesh=problem.mesh,
+    )
+    diagnostics = {
+        "fit_seconds": time.perf_counter() - start,
+        **{name: _jsonable(value) for name, value in inverse.diagnostics.items()},
+    }
     if inverse.eigenvalues is not None:  # diagnostics first: the eigenpairs mark the fit as done
         diagnostics["top_eigenvalues"] = _jsonable(inverse.eigenvalues[::-1][:10])
         chunk_store.write_json(cached_diagnostics, diagnostics)
-        files.write_atomically(cached, lambda file: np.savez(file, eigenvalues=np.asarray(inverse.eigenvalues),
-                                                           eigenvectors=np.asarray(inverse.eigenvectors)))
+        files.write_atomically(
+            cached,
+            lambda file: np.savez(
+                file, eigenvalues=np.asarray(inverse.eigenvalues), eigenvectors=np.asarray(inverse.eigenvectors)
+            ),
+        )
     interrupts.check_interrupt()  # a safe point: the fit is saved
     return inverse, diagnostics
 
@@ -376,8 +487,9 @@ def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.Inverse
 def _curvature_subset(problem: Problem, settings: dict) -> Dataset:
     """The training examples whose mean loss gives the curvature: a seeded random subset."""
     rng = np.random.default_rng(settings["seed"])
-    return problem.train.take(np.sort(rng.choice(problem.train.num_examples, settings["curvature_examples"],
-                                                 replace=False)))
+    return problem.train.take(
+        np.sort(rng.choice(problem.train.num_examples, settings["curvature_examples"], replace=False))
+    )
 
 
 def _score(args, problem: Problem, settings: dict, work: str) -> dict:
@@ -389,36 +501,72 @@ def _score(args, problem: Problem, settings: dict, work: str) -> dict:
     else:
         print(f"solving for {problem.queries.num_examples} queries", file=sys.stderr)
         start = time.perf_counter()
-        directions, solver = influence.query_directions(problem.loss_fn, problem.params, _examples(problem.queries),
-                                                        inverse, chunk_size=settings["chunk_size"])
+        directions, solver = influence.query_directions(
+            problem.loss_fn, problem.params, _examples(problem.queries), inverse, chunk_size=settings["chunk_size"]
+        )
         fit["query_solve_seconds"] = time.perf_counter() - start
         files.write_atomically(saved, lambda file: np.savez(file, directions=np.asarray(directions), **solver))
     train = _examples(problem.train)
-    scores = chunk_store.saved_chunks(lambda start: influence.score_blocks(problem.loss_fn, problem.params, train, directions,
-                                                          chunk_size=settings["chunk_size"], start=start,
-                                                          mesh=problem.mesh),
-                     work, "scores", problem.train.num_examples, settings["chunk_size"], not args.no_progress)
+    scores = chunk_store.saved_chunks(
+        lambda start: influence.score_blocks(
+            problem.loss_fn,
+            problem.params,
+            train,
+            directions,
+            chunk_size=settings["chunk_size"],
+            start=start,
+            mesh=problem.mesh,
+        ),
+        work,
+        "scores",
+        problem.train.num_examples,
+        settings["chunk_size"],
+        not args.no_progress,
+    )
     if not np.all(np.isfinite(scores)):
         raise ValueError("the scores are not finite (the curvature solve failed); raise --damping.")
     rows = _top_rows(scores, problem, args.top_k)
     outputs = {"scores.npy": lambda f: np.save(f, scores)}
     summary = _finish(args, problem, settings, {**fit, **_solver_summary(solver)}, rows, outputs)
-    summary["top"] = [{"query": r["query_text"], "kind": r["kind"], "train_text": r["train_text"],
-                       "score": r["score"]} for r in rows if r["rank"] == 1]
+    summary["top"] = [
+        {"query": r["query_text"], "kind": r["kind"], "train_text": r["train_text"], "score": r["score"]}
+        for r in rows
+        if r["rank"] == 1
+    ]
     return summary
 
 
 def _self(args, problem: Problem, settings: dict, work: str) -> dict:
     inverse, fit = _fit(problem, settings, work)
     train = _examples(problem.train)
-    scores = chunk_store.saved_chunks(lambda start: influence.self_score_blocks(problem.loss_fn, problem.params, train, inverse,
-                                                               chunk_size=settings["chunk_size"], start=start,
-                                                               mesh=problem.mesh),
-                     work, "self", problem.train.num_examples, settings["chunk_size"], not args.no_progress)
+    scores = chunk_store.saved_chunks(
+        lambda start: influence.self_score_blocks(
+            problem.loss_fn,
+            problem.params,
+            train,
+            inverse,
+            chunk_size=settings["chunk_size"],
+            start=start,
+            mesh=problem.mesh,
+        ),
+        work,
+        "self",
+        problem.train.num_examples,
+        settings["chunk_size"],
+        not args.no_progress,
+    )
     order = np.argsort(-scores)[: args.top_k]
-    rows = [{"rank": rank + 1, "train_index": int(j), "train_id": str(problem.train.ids[j]),
-             "train_text": str(problem.train.texts[j]), "flipped": bool(problem.train.flipped[j]),
-             "score": float(scores[j])} for rank, j in enumerate(order)]
+    rows = [
+        {
+            "rank": rank + 1,
+            "train_index": int(j),
+            "train_id": str(problem.train.ids[j]),
+            "train_text": str(problem.train.texts[j]),
+            "flipped": bool(problem.train.flipped[j]),
+            "score": float(scores[j]),
+        }
+        for rank, j in enumerate(order)
+    ]
     flipped = problem.train.flipped
     extra = {}
     if flipped.any():  # how many flipped labels the top 10% by self-influence holds
@@ -443,9 +591,17 @@ def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
     params = problem.params
     queries = problem.queries.take(range(min(args.num_queries, problem.queries.num_examples)))
     inverse, fit = _fit(problem, settings, work)
-    scores = lambda **method: np.asarray(influence.pairwise_scores(
-        problem.loss_fn, params, train, _examples(queries), chunk_size=settings["chunk_size"], mesh=problem.mesh,
-        **method))
+    scores = lambda **method: np.asarray(
+        influence.pairwise_scores(
+            problem.loss_fn,
+            params,
+            train,
+            _examples(queries),
+            chunk_size=settings["chunk_size"],
+            mesh=problem.mesh,
+            **method,
+        )
+    )
     predicted, identity = scores(inverse=inverse), scores(method="identity")
     removed = np.sort(np.random.default_rng(settings["seed"]).choice(n, min(args.validate_examples, n), replace=False))
     query_loss = jax.jit(lambda p: jax.vmap(task.example_loss, in_axes=(None, 0))(p, _examples(queries)))
@@ -454,9 +610,18 @@ def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
         changed = lambda j: _minimise(task, params, train, jnp.ones(n).at[j].set(0.0))
     else:
         subset = _curvature_subset(problem, settings)
-        response = jax.jit(lambda example: influence.proximal_bregman_response(
-            problem.loss_fn, problem.model, params, _examples(subset), example, num_train=n,
-            damping=settings["damping"], maxiter=settings["cg_iterations"]))
+        response = jax.jit(
+            lambda example: influence.proximal_bregman_response(
+                problem.loss_fn,
+                problem.model,
+                params,
+                _examples(subset),
+                example,
+                num_train=n,
+                damping=settings["damping"],
+                maxiter=settings["cg_iterations"],
+            )
+        )
         changed = lambda j: response(jax.tree.map(lambda a: a[j], train))
     bar = Progress(len(removed), "retrain" if convex else "response", unit="examples") if not args.no_progress else None
     actual = []
@@ -468,21 +633,34 @@ def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
     if bar:
         bar.close()
     actual = np.stack(actual, axis=1)
-    report = {"reference": "leave-one-out retraining" if convex else "proximal Bregman response",
-              "examples_removed": len(removed), "queries": queries.num_examples,
-              "pearson": influence.pearson(predicted[:, removed], actual), "spearman": influence.spearman(predicted[:, removed], actual),
-              "identity_pearson": influence.pearson(identity[:, removed], actual),
-              "identity_spearman": influence.spearman(identity[:, removed], actual)}
-    pairs = [{"query_id": str(queries.ids[q]), "train_id": str(problem.train.ids[j]),
-              "predicted": float(predicted[q, j]), "actual": float(actual[q, k])}
-             for q in range(queries.num_examples) for k, j in enumerate(removed)]
+    report = {
+        "reference": "leave-one-out retraining" if convex else "proximal Bregman response",
+        "examples_removed": len(removed),
+        "queries": queries.num_examples,
+        "pearson": influence.pearson(predicted[:, removed], actual),
+        "spearman": influence.spearman(predicted[:, removed], actual),
+        "identity_pearson": influence.pearson(identity[:, removed], actual),
+        "identity_spearman": influence.spearman(identity[:, removed], actual),
+    }
+    pairs = [
+        {
+            "query_id": str(queries.ids[q]),
+            "train_id": str(problem.train.ids[j]),
+            "predicted": float(predicted[q, j]),
+            "actual": float(actual[q, k]),
+        }
+        for q in range(queries.num_examples)
+        for k, j in enumerate(removed)
+    ]
     outputs = {"validation.json": lambda f: f.write(json.dumps({**report, "pairs": pairs}, indent=2).encode())}
     return _finish(args, problem, settings, {**fit, **report}, None, outputs)
 
 
 def _is_convex(task: tasks.Task | None) -> bool:
     """Logistic regression with an L2 penalty: leave-one-out retraining is exact there."""
-    return task is not None and task.name == "blobs" and not task.config["model_options"]["hidden_sizes"] and task.l2 > 0
+    return (
+        task is not None and task.name == "blobs" and not task.config["model_options"]["hidden_sizes"] and task.l2 > 0
+    )
 
 
 def _check_validate(problem: Problem, settings: dict) -> None:
@@ -490,14 +668,24 @@ def _check_validate(problem: Problem, settings: dict) -> None:
         raise ValueError("validate needs a checkpoint or the built-in default (it retrains or re-solves the task).")
     if _is_convex(problem.task):
         if abs(settings["damping"] - problem.task.l2) > 1e-12:  # (Gauss-Newton = Hessian here)
-            raise ValueError(f"validate compares with retraining the L2-penalised objective: use --damping "
-                             f"{problem.task.l2:g}, the task's L2 penalty.")
+            raise ValueError(
+                f"validate compares with retraining the L2-penalised objective: use --damping "
+                f"{problem.task.l2:g}, the task's L2 penalty."
+            )
     else:
-        needed = [fix for fix, wrong in (("--curvature ggn", settings["curvature"] != "ggn"),
-                                          ("--damping > 0", not settings["damping"] > 0)) if wrong]
+        needed = [
+            fix
+            for fix, wrong in (
+                ("--curvature ggn", settings["curvature"] != "ggn"),
+                ("--damping > 0", not settings["damping"] > 0),
+            )
+            if wrong
+        ]
         if needed:
-            raise ValueError("validate on a non-convex task compares with the proximal Bregman response, which "
-                             f"Gauss-Newton influence estimates: use {' and '.join(needed)}.")
+            raise ValueError(
+                "validate on a non-convex task compares with the proximal Bregman response, which "
+                f"Gauss-Newton influence estimates: use {' and '.join(needed)}."
+            )
 
 
 def _minimise(task: tasks.Task, params, train, weights, steps: int = 40):
@@ -520,10 +708,19 @@ def _top_rows(scores: np.ndarray, problem: Problem, k: int) -> list[dict]:
         order = np.argsort(-scores[q])
         for kind, picked in (("proponent", order[:k]), ("opponent", order[::-1][:k])):
             for rank, j in enumerate(picked, start=1):
-                rows.append({"query_index": q, "query_id": str(problem.queries.ids[q]),
-                             "query_text": str(problem.queries.texts[q]), "kind": kind, "rank": rank,
-                             "train_index": int(j), "train_id": str(problem.train.ids[j]),
-                             "train_text": str(problem.train.texts[j]), "score": float(scores[q, j])})
+                rows.append(
+                    {
+                        "query_index": q,
+                        "query_id": str(problem.queries.ids[q]),
+                        "query_text": str(problem.queries.texts[q]),
+                        "kind": kind,
+                        "rank": rank,
+                        "train_index": int(j),
+                        "train_id": str(problem.train.ids[j]),
+                        "train_text": str(problem.train.texts[j]),
+                        "score": float(scores[q, j]),
+                    }
+                )
     return rows
 
 
@@ -534,23 +731,35 @@ def _finish(args, problem: Problem, settings: dict, diagnostics: dict, rows, out
         writer = csv.DictWriter(table, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-        outputs = {**outputs, "top_k.csv": lambda f: f.write(table.getvalue().encode()),
-                   "top_k.jsonl": lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode())}
+        outputs = {
+            **outputs,
+            "top_k.csv": lambda f: f.write(table.getvalue().encode()),
+            "top_k.jsonl": lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()),
+        }
     for name, write in outputs.items():
         files.write_atomically(os.path.join(args.out, name), write)
     metadata = {
-        **{k: v for k, v in settings.items() if not k.endswith("sha256")}, "sign_convention": SIGN_CONVENTION,
-        "problem": problem.description, "num_queries": None if problem.queries is None else problem.queries.num_examples,
+        **{k: v for k, v in settings.items() if not k.endswith("sha256")},
+        "sign_convention": SIGN_CONVENTION,
+        "problem": problem.description,
+        "num_queries": None if problem.queries is None else problem.queries.num_examples,
         "query_ids": None if problem.queries is None else problem.queries.ids.tolist(),
-        "diagnostics": diagnostics, "files": sorted(outputs), "devices": problem.mesh.size,
+        "diagnostics": diagnostics,
+        "files": sorted(outputs),
+        "devices": problem.mesh.size,
         "versions": {"hvpopt": hvpopt.__version__, "jax": jax.__version__},
     }
     chunk_store.write_json(os.path.join(args.out, METADATA), metadata)
-    return {"out": args.out, "action": args.action, "method": settings["method"],
-            "curvature": settings["curvature"], "damping": settings["damping"],
-            **({"rank": settings["rank"]} if settings["method"] == "arnoldi" else {}),
-            "train_examples": problem.train.num_examples, **{k: v for k, v in diagnostics.items()
-                                                             if isinstance(v, (int, float, str))}}
+    return {
+        "out": args.out,
+        "action": args.action,
+        "method": settings["method"],
+        "curvature": settings["curvature"],
+        "damping": settings["damping"],
+        **({"rank": settings["rank"]} if settings["method"] == "arnoldi" else {}),
+        "train_examples": problem.train.num_examples,
+        **{k: v for k, v in diagnostics.items() if isinstance(v, (int, float, str))},
+    }
 
 
 def _format(summary: dict) -> str:
@@ -558,7 +767,9 @@ def _format(summary: dict) -> str:
     for name, value in summary.items():
         if name == "top":
             for row in value:
-                lines.append(f"top {row['kind']:<10} {row['score']:+.3e}  {row['train_text']!r}  for query {row['query']!r}")
+                lines.append(
+                    f"top {row['kind']:<10} {row['score']:+.3e}  {row['train_text']!r}  for query {row['query']!r}"
+                )
         else:
             lines.append(f"{name:<30}{value:.4g}" if isinstance(value, float) else f"{name:<30}{value}")
     return "\n".join(lines)

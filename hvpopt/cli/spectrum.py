@@ -33,16 +33,32 @@ def add_parser(commands) -> None:
     flags.add_problem_arguments(parser)
     parser.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian")
     parser.add_argument("--k", type=flags.positive_int, default=5, help="largest eigenvalues to find")
-    parser.add_argument("--tol", type=flags.positive_float, default=None,
-                          help="relative residual (to the largest |eigenvalue|) the eigenvalues must reach "
-                          "(default 1e-6, or sqrt(eps) of the parameters' dtype if larger)")
-    parser.add_argument("--max-matvecs", type=flags.positive_int, default=None,
-                          help="most products per eigenvalue run (default 20 x the Lanczos basis of max(2k + 1, 20) "
-                          "vectors, at most the parameters)")
-    parser.add_argument("--lanczos-iters", type=flags.positive_int, default=None,
-                          help="exactly this many Lanczos steps per eigenvalue run instead of running to --tol")
-    parser.add_argument("--density-iters", type=flags.positive_int, default=None,
-                          help="Lanczos steps per density probe (default 40, at most the parameters)")
+    parser.add_argument(
+        "--tol",
+        type=flags.positive_float,
+        default=None,
+        help="relative residual (to the largest |eigenvalue|) the eigenvalues must reach "
+        "(default 1e-6, or sqrt(eps) of the parameters' dtype if larger)",
+    )
+    parser.add_argument(
+        "--max-matvecs",
+        type=flags.positive_int,
+        default=None,
+        help="most products per eigenvalue run (default 20 x the Lanczos basis of max(2k + 1, 20) "
+        "vectors, at most the parameters)",
+    )
+    parser.add_argument(
+        "--lanczos-iters",
+        type=flags.positive_int,
+        default=None,
+        help="exactly this many Lanczos steps per eigenvalue run instead of running to --tol",
+    )
+    parser.add_argument(
+        "--density-iters",
+        type=flags.positive_int,
+        default=None,
+        help="Lanczos steps per density probe (default 40, at most the parameters)",
+    )
     parser.add_argument("--density-probes", type=flags.positive_int, default=4)
     parser.add_argument("--trace-samples", type=flags.positive_int, default=30)
     parser.add_argument("--out", default="spectrum-out", help="output folder (created)")
@@ -60,12 +76,25 @@ def run(args) -> int:
 
     @jax.jit
     def report(params, key):
-        matvec = influence.curvature_operator(task.example_loss, params, (inputs, targets), curvature=args.curvature,
-                                              model=(task.model_fn, task.loss), chunk_size=args.batch_size)
+        matvec = influence.curvature_operator(
+            task.example_loss,
+            params,
+            (inputs, targets),
+            curvature=args.curvature,
+            model=(task.model_fn, task.loss),
+            chunk_size=args.batch_size,
+        )
         return spectrum.curvature_spectrum(
-            matvec, params, key=key, k=args.k, tol=args.tol, max_matvecs=args.max_matvecs,
-            num_iters=args.lanczos_iters, density_iters=args.density_iters,
-            density_probes=args.density_probes, trace_samples=args.trace_samples,
+            matvec,
+            params,
+            key=key,
+            k=args.k,
+            tol=args.tol,
+            max_matvecs=args.max_matvecs,
+            num_iters=args.lanczos_iters,
+            density_iters=args.density_iters,
+            density_probes=args.density_probes,
+            trace_samples=args.trace_samples,
         )
 
     result = report(params, jax.random.key(args.seed))
@@ -78,8 +107,11 @@ def run(args) -> int:
     }
     title = f"{args.curvature} spectral density, {task.name}"
     png_path, json_path = (os.path.join(args.out, name) for name in ("density.png", "spectrum.json"))
-    with (files.owned_folder(args.out, "--out"),  # removed again if it is created here and the writes fail
-          files.atomic_path(png_path) as png_temporary, files.atomic_path(json_path) as json_temporary):
+    with (
+        files.owned_folder(args.out, "--out"),  # removed again if it is created here and the writes fail
+        files.atomic_path(png_path) as png_temporary,
+        files.atomic_path(json_path) as json_temporary,
+    ):
         save_density_plot(result.density, png_temporary, title)
         with open(json_temporary, "w") as file:
             json.dump(summary, file, indent=2)
@@ -93,8 +125,10 @@ def _check_spectrum_sizes(args, size: int) -> None:
         raise ValueError(f"--k must be at most the {size} parameters; got {args.k}.")
     if args.lanczos_iters is not None:
         if args.max_matvecs is not None:
-            raise ValueError("--lanczos-iters (a fixed number of steps) and --max-matvecs (a budget to reach --tol) "
-                             "exclude each other; pass one.")
+            raise ValueError(
+                "--lanczos-iters (a fixed number of steps) and --max-matvecs (a budget to reach --tol) "
+                "exclude each other; pass one."
+            )
         if args.lanczos_iters > size:
             raise ValueError(f"--lanczos-iters must be at most the {size} parameters; got {args.lanczos_iters}.")
         if args.k > args.lanczos_iters:
@@ -110,16 +144,18 @@ def _check_spectrum_sizes(args, size: int) -> None:
 def _format_spectrum(summary: dict, args) -> str:
     top = ", ".join(f"{value:.4g}" for value in summary["top_eigenvalues"])
     out = args.out
-    return "\n".join([
-        f"model        {summary['model']}",
-        f"curvature    {summary['curvature']}  ({summary['parameters']:,} parameters)",
-        f"top eigenvalues     {top}",
-        f"smallest eigenvalue {summary['smallest_eigenvalue']:.4g}",
-        _format_convergence(summary, args),
-        f"trace (Hutch++)     {summary['trace']:.4g} +- {summary['trace_std_error']:.2g}",
-        f"products used       {summary['num_matvecs']}",
-        f"wrote {os.path.join(out, 'spectrum.json')} and {os.path.join(out, 'density.png')}",
-    ])
+    return "\n".join(
+        [
+            f"model        {summary['model']}",
+            f"curvature    {summary['curvature']}  ({summary['parameters']:,} parameters)",
+            f"top eigenvalues     {top}",
+            f"smallest eigenvalue {summary['smallest_eigenvalue']:.4g}",
+            _format_convergence(summary, args),
+            f"trace (Hutch++)     {summary['trace']:.4g} +- {summary['trace_std_error']:.2g}",
+            f"products used       {summary['num_matvecs']}",
+            f"wrote {os.path.join(out, 'spectrum.json')} and {os.path.join(out, 'density.png')}",
+        ]
+    )
 
 
 def _format_convergence(summary: dict, args) -> str:
@@ -127,8 +163,11 @@ def _format_convergence(summary: dict, args) -> str:
     used = f"{summary['eigenvalue_matvecs']} products"
     if summary["eigenvalues_converged"]:
         return f"eigenvalues converged ({used}; residuals within --tol of the largest |eigenvalue|)"
-    fix = ("raise --lanczos-iters or drop it to run to --tol" if args.lanczos_iters is not None
-           else "raise --max-matvecs or --tol")
+    fix = (
+        "raise --lanczos-iters or drop it to run to --tol"
+        if args.lanczos_iters is not None
+        else "raise --max-matvecs or --tol"
+    )
     return f"eigenvalues NOT converged: {sum(flags)} of {len(flags)} within --tol after {used}; {fix}"
 
 

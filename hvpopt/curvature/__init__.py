@@ -49,7 +49,11 @@ _MOVED_TO_LINALG = ("dense_matrix", "exact_diagonal", "hutchinson_diagonal")
 def __getattr__(name: str):
     """The names moved to :mod:`hvpopt.linalg`, for this release only."""
     if name in _MOVED_TO_LINALG:
-        warnings.warn(f"hvpopt.curvature.{name} is now hvpopt.linalg.{name} (also hvpopt.{name}); the old name "
-                      "goes in the next release.", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"hvpopt.curvature.{name} is now hvpopt.linalg.{name} (also hvpopt.{name}); the old name "
+            "goes in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(importlib.import_module("hvpopt.linalg"), name)
     raise AttributeError(f"module 'hvpopt.curvature' has no attribute {name!r}")

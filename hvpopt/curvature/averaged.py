@@ -24,8 +24,9 @@ from hvpopt.types import MatVec, PyTree
 BatchMatVec = Callable[[PyTree, Any], PyTree]
 
 
-def average_over_chunks(batch_matvec: BatchMatVec, data: Any, *, chunk_size: int,
-                        mesh: Mesh | None = None, axis: str = DATA_AXIS) -> MatVec:
+def average_over_chunks(
+    batch_matvec: BatchMatVec, data: Any, *, chunk_size: int, mesh: Mesh | None = None, axis: str = DATA_AXIS
+) -> MatVec:
     """The dataset-averaged product over arrays cut into chunks of examples.
 
     The full chunks run in one ``lax.scan``, so memory is bounded by one chunk
@@ -70,8 +71,13 @@ def average_over_chunks(batch_matvec: BatchMatVec, data: Any, *, chunk_size: int
     head = jax.tree.map(lambda x: x[:shared], data)
     rest = jax.tree.map(lambda x: x[shared:], data)
     share_sum = lambda v, share: jax.lax.psum(_chunked_sum(batch_matvec, v, share, chunk_size), axis)
-    over_mesh = jax.shard_map(share_sum, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(axis)),
-                              out_specs=PartitionSpec(), check_vma=False)
+    over_mesh = jax.shard_map(
+        share_sum,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(axis)),
+        out_specs=PartitionSpec(),
+        check_vma=False,
+    )
 
     def matvec(v: PyTree) -> PyTree:
         total = _add(over_mesh(v, head) if shared else None, _chunked_sum(batch_matvec, v, rest, chunk_size))
@@ -107,9 +113,7 @@ def _add(total: PyTree | None, part: PyTree | None) -> PyTree | None:
     return otu.tree_add(total, part)
 
 
-def average_over_batches(
-    batch_matvec: BatchMatVec, batches: Sequence[Any] | Callable[[], Any]
-) -> MatVec:
+def average_over_batches(batch_matvec: BatchMatVec, batches: Sequence[Any] | Callable[[], Any]) -> MatVec:
     """The dataset-averaged product over a collection of batches of any sizes.
 
     The batches are visited in a Python loop, each product compiled once per

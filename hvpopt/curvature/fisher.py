@@ -34,9 +34,7 @@ from hvpopt.losses import Loss
 from hvpopt.types import MatVec, PyTree
 
 
-def fisher_operator(
-    model_fn: Callable, loss: Loss, params: PyTree, inputs: Any, targets: Any
-) -> MatVec:
+def fisher_operator(model_fn: Callable, loss: Loss, params: PyTree, inputs: Any, targets: Any) -> MatVec:
     """The true Fisher information at ``params`` as a matvec ``v -> F v``.
 
     Args:
@@ -54,9 +52,7 @@ def fisher_operator(
     return ggn_operator(model_fn, loss, params, inputs, targets)
 
 
-def fisher_vp(
-    model_fn: Callable, loss: Loss, params: PyTree, v: PyTree, inputs: Any, targets: Any
-) -> PyTree:
+def fisher_vp(model_fn: Callable, loss: Loss, params: PyTree, v: PyTree, inputs: Any, targets: Any) -> PyTree:
     """True Fisher-vector product ``F v``; see :func:`fisher_operator`.
 
     Example:
@@ -138,9 +134,7 @@ def mc_fisher_vp(
 ) -> PyTree:
     """Monte-Carlo Fisher-vector product; see :func:`mc_fisher_operator`."""
     _checks.check_like("v", v, "params", params)
-    operator = mc_fisher_operator(
-        model_fn, loss, params, inputs, targets, key=key, num_samples=num_samples
-    )
+    operator = mc_fisher_operator(model_fn, loss, params, inputs, targets, key=key, num_samples=num_samples)
     return operator(v)
 
 

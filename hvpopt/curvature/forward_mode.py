@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import jax
 import jax.extend
+
 from hvpopt.types import PyTree
 
 
@@ -71,8 +72,7 @@ def warn_reverse_fallback(reason: str, product: str, hint: str = "") -> None:
     """Warns that ``product`` uses reverse mode because forward mode is undefined."""
     warnings.warn(
         f"hvpopt: forward-mode autodiff is not defined inside the function ({reason}); "
-        f"computing the {product} with reverse-over-reverse instead, which is slower. "
-        + hint,
+        f"computing the {product} with reverse-over-reverse instead, which is slower. " + hint,
         stacklevel=4,
     )
 
@@ -82,10 +82,7 @@ _CUSTOM_LIN_REASON = "a custom_vjp function, or one called by a custom_vjp backw
 
 def _says_forward_mode_undefined(err: Exception) -> bool:
     message = str(err)
-    return any(
-        phrase in message
-        for phrase in ("forward-mode", "custom_vjp", "Differentiation rule for", "JVP rule")
-    )
+    return any(phrase in message for phrase in ("forward-mode", "custom_vjp", "Differentiation rule for", "JVP rule"))
 
 
 def _contains_primitive(jaxpr, name: str) -> bool:

@@ -33,9 +33,7 @@ def output_hessian(loss_fn: Callable, outputs: Any, targets: Any) -> MatVec:
     return hessian_operator(loss_fn, outputs, targets)
 
 
-def ggn_operator(
-    model_fn: Callable, loss_fn: Callable, params: PyTree, inputs: Any, targets: Any
-) -> MatVec:
+def ggn_operator(model_fn: Callable, loss_fn: Callable, params: PyTree, inputs: Any, targets: Any) -> MatVec:
     """The Gauss-Newton matrix at ``params`` as a matvec ``v -> J^T H_L J v``.
 
     The model is linearized once; each product costs one linear forward and
@@ -62,9 +60,7 @@ def ggn_operator(
     return _checks.checked_matvec(matvec, params)
 
 
-def ggn_vp(
-    model_fn: Callable, loss_fn: Callable, params: PyTree, v: PyTree, inputs: Any, targets: Any
-) -> PyTree:
+def ggn_vp(model_fn: Callable, loss_fn: Callable, params: PyTree, v: PyTree, inputs: Any, targets: Any) -> PyTree:
     """Gauss-Newton-vector product ``J^T H_L J v``.
 
     .. math:: G v = J^\\top H_L J v,\\quad J = \\partial\\, \\mathrm{model}(\\theta, x)
@@ -92,4 +88,3 @@ def ggn_vp(
     """
     _checks.check_like("v", v, "params", params)
     return ggn_operator(model_fn, loss_fn, params, inputs, targets)(v)
-

@@ -34,7 +34,6 @@ from hvpopt import _checks
 from hvpopt.curvature.forward_mode import trace_jvp, try_linearize, warn_reverse_fallback
 from hvpopt.types import MatVec, PyTree
 
-
 HVP_MODES = ("auto", "fwd_rev", "rev_rev", "rev_fwd")
 
 

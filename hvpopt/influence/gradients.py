@@ -23,8 +23,9 @@ def flat_example_gradients(loss_fn: Callable, params: PyTree, examples: PyTree) 
     return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
 
 
-def gradient_chunks(loss_fn: Callable, params: PyTree, examples: PyTree, *, chunk_size: int,
-                    start: int = 0, mesh: Mesh | None = None) -> Iterator[tuple[int, jax.Array]]:
+def gradient_chunks(
+    loss_fn: Callable, params: PyTree, examples: PyTree, *, chunk_size: int, start: int = 0, mesh: Mesh | None = None
+) -> Iterator[tuple[int, jax.Array]]:
     """Yields ``(first_index, gradients [c, P])`` for consecutive chunks of ``examples``.
 
     Every chunk is computed with the same number of rows (the last is padded
@@ -43,13 +44,15 @@ def gradient_chunks(loss_fn: Callable, params: PyTree, examples: PyTree, *, chun
       start: the first example (a multiple of ``chunk_size`` when resuming).
       mesh: a :class:`jax.sharding.Mesh` to split each chunk over (None: one device).
     """
-    for first, count, gradients in padded_gradient_chunks(loss_fn, params, examples, chunk_size=chunk_size,
-                                                          start=start, mesh=mesh):
+    for first, count, gradients in padded_gradient_chunks(
+        loss_fn, params, examples, chunk_size=chunk_size, start=start, mesh=mesh
+    ):
         yield first, gradients[:count]
 
 
-def padded_gradient_chunks(loss_fn: Callable, params: PyTree, examples: PyTree, *, chunk_size: int,
-                           start: int = 0, mesh: Mesh | None = None) -> Iterator[tuple[int, int, jax.Array]]:
+def padded_gradient_chunks(
+    loss_fn: Callable, params: PyTree, examples: PyTree, *, chunk_size: int, start: int = 0, mesh: Mesh | None = None
+) -> Iterator[tuple[int, int, jax.Array]]:
     """:func:`gradient_chunks` before the cut: ``(first_index, count, gradients [rows, P])``.
 
     ``rows`` is ``min(chunk_size, n)`` rounded up to a multiple of the mesh's

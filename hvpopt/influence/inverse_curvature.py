@@ -35,10 +35,10 @@ from jax.sharding import Mesh
 
 from hvpopt import _checks, sharding
 from hvpopt.curvature.averaged import average_over_chunks
-from hvpopt.linalg.dense import dense_matrix
 from hvpopt.curvature.ggn import ggn_vp
 from hvpopt.curvature.hvp import hvp
 from hvpopt.linalg.conjugate_gradient import cg
+from hvpopt.linalg.dense import dense_matrix
 from hvpopt.linalg.lanczos import eigsh
 from hvpopt.linalg.neumann_series import lissa
 from hvpopt.types import PyTree
@@ -72,9 +72,16 @@ class InverseCurvature(NamedTuple):
     diagnostics: dict
 
 
-def curvature_operator(loss_fn: Callable, params: PyTree, data: PyTree, *, curvature: str = "hessian",
-                       model: tuple[Callable, Callable] | None = None, chunk_size: int = 64,
-                       mesh: Mesh | None = None) -> Callable:
+def curvature_operator(
+    loss_fn: Callable,
+    params: PyTree,
+    data: PyTree,
+    *,
+    curvature: str = "hessian",
+    model: tuple[Callable, Callable] | None = None,
+    chunk_size: int = 64,
+    mesh: Mesh | None = None,
+) -> Callable:
     """``v -> H v`` on pytrees like ``params``, ``H`` the curvature of the mean loss over ``data``.
 
     Args:
@@ -99,8 +106,9 @@ def curvature_operator(loss_fn: Callable, params: PyTree, data: PyTree, *, curva
         batch_matvec = lambda v, batch: hvp(mean_loss, params, v, batch)
     else:
         if model is None:
-            raise ValueError("curvature='ggn' needs model=(model_fn, output_loss), with every example "
-                             "an (inputs, targets) pair.")
+            raise ValueError(
+                "curvature='ggn' needs model=(model_fn, output_loss), with every example an (inputs, targets) pair."
+            )
         model_fn, output_loss = model
         batch_matvec = lambda v, batch: ggn_vp(model_fn, output_loss, params, v, *batch)
     if mesh is not None:  # average_over_chunks counts a chunk per device
@@ -108,12 +116,24 @@ def curvature_operator(loss_fn: Callable, params: PyTree, data: PyTree, *, curva
     return average_over_chunks(batch_matvec, data, chunk_size=chunk_size, mesh=mesh)
 
 
-def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, method: str = "cg",
-                          damping: float = 0.0, curvature: str = "hessian",
-                          model: tuple[Callable, Callable] | None = None, chunk_size: int = 64,
-                          rtol: float = 1e-4, maxiter: int = 100, rank: int | None = None,
-                          num_iters: int | None = None, depth: int = 1000,
-                          key: jax.Array | None = None, mesh: Mesh | None = None) -> InverseCurvature:
+def fit_inverse_curvature(
+    loss_fn: Callable,
+    params: PyTree,
+    data: PyTree,
+    *,
+    method: str = "cg",
+    damping: float = 0.0,
+    curvature: str = "hessian",
+    model: tuple[Callable, Callable] | None = None,
+    chunk_size: int = 64,
+    rtol: float = 1e-4,
+    maxiter: int = 100,
+    rank: int | None = None,
+    num_iters: int | None = None,
+    depth: int = 1000,
+    key: jax.Array | None = None,
+    mesh: Mesh | None = None,
+) -> InverseCurvature:
     """Fits ``(H + damping I)^{-1}`` for the curvature ``H`` of the mean loss over ``data``.
 
     Args:
@@ -155,24 +175,31 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
     try:
         hash(operator)
     except TypeError:
-        raise TypeError("loss_fn and model's two functions must be hashable, as functions are; wrap an "
-                        "unhashable callable f as `lambda *args: f(*args)`.") from None
+        raise TypeError(
+            "loss_fn and model's two functions must be hashable, as functions are; wrap an "
+            "unhashable callable f as `lambda *args: f(*args)`."
+        ) from None
     if method == "cg":
         solve = lambda rows: _cg_rows(params, data, rows, damping, rtol, operator=operator, maxiter=maxiter)
         return InverseCurvature(solve, method, damping, None, None, {})
     if method == "lissa":
-        top = float(_top_eigenpairs(params, data, key, operator=operator, k=1,
-                                    num_iters=min(num_params, 20)).eigenvalues[-1])
+        top = float(
+            _top_eigenpairs(params, data, key, operator=operator, k=1, num_iters=min(num_params, 20)).eigenvalues[-1]
+        )
         scale = 1.1 * (top + damping)
         if not scale > 0:
-            raise ValueError(f"method='lissa' needs H + damping I positive definite; its top eigenvalue is "
-                             f"{top + damping:.3g}. Raise damping{_ggn_advice(curvature)}.")
+            raise ValueError(
+                f"method='lissa' needs H + damping I positive definite; its top eigenvalue is "
+                f"{top + damping:.3g}. Raise damping{_ggn_advice(curvature)}."
+            )
         solve = lambda rows: _lissa_rows(params, data, rows, damping, scale, key, operator=operator, depth=depth)
         return InverseCurvature(solve, method, damping, None, None, {"scale": scale, "top_eigenvalue": top})
     if method == "exact":
         if num_params > MAX_EXACT_PARAMETERS:
-            raise ValueError(f"method='exact' builds the {num_params} x {num_params} curvature matrix; more than "
-                             f"{MAX_EXACT_PARAMETERS} parameters is too many: use method='cg' or 'arnoldi'.")
+            raise ValueError(
+                f"method='exact' builds the {num_params} x {num_params} curvature matrix; more than "
+                f"{MAX_EXACT_PARAMETERS} parameters is too many: use method='cg' or 'arnoldi'."
+            )
         matrix = _dense(params, data, operator=operator, batch_size=min(num_params, 256))
         eigenvalues, eigenvectors = jnp.linalg.eigh((matrix + matrix.T) / 2)
         return _eigen_inverse(method, curvature, eigenvalues, eigenvectors.T, damping, {"num_matvecs": num_params})
@@ -182,11 +209,23 @@ def fit_inverse_curvature(loss_fn: Callable, params: PyTree, data: PyTree, *, me
     if num_iters is None:
         num_iters = min(num_params, max(2 * rank + 1, 20))
     found = _top_eigenpairs(params, data, key, operator=operator, k=rank, num_iters=num_iters)
-    return _eigen_inverse(method, curvature, found.eigenvalues, found.eigenvectors, damping, {
-        "num_matvecs": int(found.num_matvecs), "residual_norms": found.residual_norms,
-        "converged": found.converged, "num_converged": int(found.converged.sum()),
-        "max_relative_residual": float(jnp.max(found.residual_norms)
-                                       / jnp.maximum(found.norm_estimate, jnp.finfo(found.norm_estimate.dtype).tiny))})
+    return _eigen_inverse(
+        method,
+        curvature,
+        found.eigenvalues,
+        found.eigenvectors,
+        damping,
+        {
+            "num_matvecs": int(found.num_matvecs),
+            "residual_norms": found.residual_norms,
+            "converged": found.converged,
+            "num_converged": int(found.converged.sum()),
+            "max_relative_residual": float(
+                jnp.max(found.residual_norms)
+                / jnp.maximum(found.norm_estimate, jnp.finfo(found.norm_estimate.dtype).tiny)
+            ),
+        },
+    )
 
 
 class _FlatCurvature(NamedTuple):
@@ -206,8 +245,15 @@ class _FlatCurvature(NamedTuple):
     def on(self, params: PyTree, data: PyTree) -> Callable[[jax.Array], jax.Array]:
         """``x -> ravel(H unravel(x))`` on flat vectors."""
         unravel = ravel_pytree(params)[1]
-        operator = curvature_operator(self.loss_fn, params, data, curvature=self.curvature, model=self.model,
-                                      chunk_size=self.chunk_size, mesh=self.mesh)
+        operator = curvature_operator(
+            self.loss_fn,
+            params,
+            data,
+            curvature=self.curvature,
+            model=self.model,
+            chunk_size=self.chunk_size,
+            mesh=self.mesh,
+        )
         return lambda x: ravel_pytree(operator(unravel(x)))[0]
 
 
@@ -215,8 +261,11 @@ class _FlatCurvature(NamedTuple):
 def _cg_rows(params, data, rows, damping, rtol, *, operator: _FlatCurvature, maxiter: int):
     matvec = operator.on(params, data)
     result = jax.vmap(lambda b: cg(matvec, b, damping=damping, rtol=rtol, maxiter=maxiter))(rows)
-    return result.x, {"iterations": result.iterations, "residual_norm": result.residual_norm,
-                      "converged": result.converged}
+    return result.x, {
+        "iterations": result.iterations,
+        "residual_norm": result.residual_norm,
+        "converged": result.converged,
+    }
 
 
 @jax.jit(static_argnames=("operator", "depth"))
@@ -262,11 +311,14 @@ def _apply_eigenpairs(rows, eigenvalues, eigenvectors, damping, *, complement: b
 def _eigen_inverse(method, curvature, eigenvalues, eigenvectors, damping, diagnostics) -> InverseCurvature:
     smallest = float(jnp.min(eigenvalues))
     if not smallest + damping > 0:
-        raise ValueError(f"method={method!r}: H + damping I is not positive definite (smallest eigenvalue "
-                         f"{smallest:.3g} + damping {damping:g} <= 0). Raise damping above {-smallest:.3g}"
-                         f"{_ggn_advice(curvature)}.")
-    return InverseCurvature(eigen_inverse(eigenvalues, eigenvectors, damping), method, damping,
-                            eigenvalues, eigenvectors, diagnostics)
+        raise ValueError(
+            f"method={method!r}: H + damping I is not positive definite (smallest eigenvalue "
+            f"{smallest:.3g} + damping {damping:g} <= 0). Raise damping above {-smallest:.3g}"
+            f"{_ggn_advice(curvature)}."
+        )
+    return InverseCurvature(
+        eigen_inverse(eigenvalues, eigenvectors, damping), method, damping, eigenvalues, eigenvectors, diagnostics
+    )
 
 
 def _ggn_advice(curvature: str) -> str:

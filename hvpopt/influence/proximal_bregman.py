@@ -31,9 +31,18 @@ from hvpopt.optim import minimize_newton_cg
 from hvpopt.types import PyTree
 
 
-def proximal_bregman_response(loss_fn: Callable, model: tuple[Callable, Callable], params: PyTree, data: Any,
-                              example: Any, *, num_train: int, damping: float, steps: int = 4,
-                              maxiter: int = 50) -> PyTree:
+def proximal_bregman_response(
+    loss_fn: Callable,
+    model: tuple[Callable, Callable],
+    params: PyTree,
+    data: Any,
+    example: Any,
+    *,
+    num_train: int,
+    damping: float,
+    steps: int = 4,
+    maxiter: int = 50,
+) -> PyTree:
     """``theta*_j``: the parameters minimising the proximal Bregman objective for removing ``example``.
 
     Minimised from ``params`` by ``steps`` Newton-CG steps (each up to

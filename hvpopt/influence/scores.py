@@ -33,10 +33,21 @@ from hvpopt.influence.inverse_curvature import InverseCurvature, fit_inverse_cur
 from hvpopt.types import PyTree
 
 
-def pairwise_scores(loss_fn: Callable, params: PyTree, train: PyTree, queries: PyTree, *,
-                    method: str = "cg", damping: float = 0.0, curvature: str = "hessian",
-                    curvature_data: PyTree | None = None, inverse: InverseCurvature | None = None,
-                    chunk_size: int = 64, mesh: Mesh | None = None, **fit_options) -> jax.Array:
+def pairwise_scores(
+    loss_fn: Callable,
+    params: PyTree,
+    train: PyTree,
+    queries: PyTree,
+    *,
+    method: str = "cg",
+    damping: float = 0.0,
+    curvature: str = "hessian",
+    curvature_data: PyTree | None = None,
+    inverse: InverseCurvature | None = None,
+    chunk_size: int = 64,
+    mesh: Mesh | None = None,
+    **fit_options,
+) -> jax.Array:
     """``scores[q, j] = (1/n) grad L_q^T (H + damping I)^{-1} grad l_j``, shape ``[n_queries, n_train]``.
 
     Args:
@@ -72,17 +83,35 @@ def pairwise_scores(loss_fn: Callable, params: PyTree, train: PyTree, queries: P
     """
     params = params if mesh is None else sharding.replicate(params, mesh)
     inverse = inverse or fit_inverse_curvature(
-        loss_fn, params, train if curvature_data is None else curvature_data, method=method,
-        damping=damping, curvature=curvature, chunk_size=chunk_size, mesh=mesh, **fit_options)
+        loss_fn,
+        params,
+        train if curvature_data is None else curvature_data,
+        method=method,
+        damping=damping,
+        curvature=curvature,
+        chunk_size=chunk_size,
+        mesh=mesh,
+        **fit_options,
+    )
     directions, _ = query_directions(loss_fn, params, queries, inverse, chunk_size=chunk_size)
     blocks = score_blocks(loss_fn, params, train, directions, chunk_size=chunk_size, mesh=mesh)
     return jnp.concatenate([block for _, block in blocks], axis=1)
 
 
-def self_scores(loss_fn: Callable, params: PyTree, train: PyTree, *, method: str = "cg",
-                damping: float = 0.0, curvature: str = "hessian", curvature_data: PyTree | None = None,
-                inverse: InverseCurvature | None = None, chunk_size: int = 64, mesh: Mesh | None = None,
-                **fit_options) -> jax.Array:
+def self_scores(
+    loss_fn: Callable,
+    params: PyTree,
+    train: PyTree,
+    *,
+    method: str = "cg",
+    damping: float = 0.0,
+    curvature: str = "hessian",
+    curvature_data: PyTree | None = None,
+    inverse: InverseCurvature | None = None,
+    chunk_size: int = 64,
+    mesh: Mesh | None = None,
+    **fit_options,
+) -> jax.Array:
     """``(1/n) grad l_j^T (H + damping I)^{-1} grad l_j`` for every training example, shape ``[n]``.
 
     How much example ``j``'s own loss would rise without it: large for
@@ -92,14 +121,23 @@ def self_scores(loss_fn: Callable, params: PyTree, train: PyTree, *, method: str
     """
     params = params if mesh is None else sharding.replicate(params, mesh)
     inverse = inverse or fit_inverse_curvature(
-        loss_fn, params, train if curvature_data is None else curvature_data, method=method,
-        damping=damping, curvature=curvature, chunk_size=chunk_size, mesh=mesh, **fit_options)
+        loss_fn,
+        params,
+        train if curvature_data is None else curvature_data,
+        method=method,
+        damping=damping,
+        curvature=curvature,
+        chunk_size=chunk_size,
+        mesh=mesh,
+        **fit_options,
+    )
     blocks = self_score_blocks(loss_fn, params, train, inverse, chunk_size=chunk_size, mesh=mesh)
     return jnp.concatenate([block for _, block in blocks])
 
 
-def query_directions(loss_fn: Callable, params: PyTree, queries: PyTree, inverse: InverseCurvature, *,
-                     chunk_size: int = 64) -> tuple[jax.Array, dict]:
+def query_directions(
+    loss_fn: Callable, params: PyTree, queries: PyTree, inverse: InverseCurvature, *, chunk_size: int = 64
+) -> tuple[jax.Array, dict]:
     """``[n_queries, P]`` rows ``(H + damping I)^{-1} grad L_q``, and the solver's per-query diagnostics."""
     rows, diagnostics = [], []
     for _, count, gradients in padded_gradient_chunks(loss_fn, params, queries, chunk_size=chunk_size):
@@ -110,8 +148,16 @@ def query_directions(loss_fn: Callable, params: PyTree, queries: PyTree, inverse
     return jnp.concatenate(rows), merged
 
 
-def score_blocks(loss_fn: Callable, params: PyTree, train: PyTree, directions: jax.Array, *,
-                 chunk_size: int = 64, start: int = 0, mesh: Mesh | None = None) -> Iterator[tuple[int, jax.Array]]:
+def score_blocks(
+    loss_fn: Callable,
+    params: PyTree,
+    train: PyTree,
+    directions: jax.Array,
+    *,
+    chunk_size: int = 64,
+    start: int = 0,
+    mesh: Mesh | None = None,
+) -> Iterator[tuple[int, jax.Array]]:
     """Yields ``(first_index, scores [n_queries, c])`` for consecutive chunks of ``train``.
 
     ``directions`` are :func:`query_directions`' rows. ``start`` (a multiple of
@@ -126,9 +172,16 @@ def score_blocks(loss_fn: Callable, params: PyTree, train: PyTree, directions: j
         yield first, _block(directions, gradients, num_train, gathered)[:, :count]
 
 
-def self_score_blocks(loss_fn: Callable, params: PyTree, train: PyTree, inverse: InverseCurvature, *,
-                      chunk_size: int = 64, start: int = 0,
-                      mesh: Mesh | None = None) -> Iterator[tuple[int, jax.Array]]:
+def self_score_blocks(
+    loss_fn: Callable,
+    params: PyTree,
+    train: PyTree,
+    inverse: InverseCurvature,
+    *,
+    chunk_size: int = 64,
+    start: int = 0,
+    mesh: Mesh | None = None,
+) -> Iterator[tuple[int, jax.Array]]:
     """Yields ``(first_index, self-influence [c])`` for consecutive chunks of ``train`` (resumable at ``start``)."""
     num_train = _checks.leading_size("train", train)
     chunks = padded_gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start, mesh=mesh)

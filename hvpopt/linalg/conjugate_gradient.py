@@ -179,8 +179,14 @@ def cg(
     else:
         damped = lambda v: otu.tree_cast_like(add_scaled(matvec(v), damping, v), v)
     options = dict(
-        x0=x0, precond=precond, rtol=rtol, atol=atol, maxiter=maxiter, radius=radius,
-        progress_tol=progress_tol, save_at=save_at,
+        x0=x0,
+        precond=precond,
+        rtol=rtol,
+        atol=atol,
+        maxiter=maxiter,
+        radius=radius,
+        progress_tol=progress_tol,
+        save_at=save_at,
     )
     if not differentiable:
         return _cg(damped, b, **options)
@@ -193,9 +199,7 @@ def cg(
     return diagnostics._replace(x=x)
 
 
-def jacobi_preconditioner(
-    diagonal: PyTree, *, damping: float = 0.0, exponent: float = 1.0
-) -> MatVec:
+def jacobi_preconditioner(diagonal: PyTree, *, damping: float = 0.0, exponent: float = 1.0) -> MatVec:
     """``r -> r / (|d| + damping)^exponent``, a diagonal (Jacobi) preconditioner.
 
     ``diagonal`` is the curvature's diagonal, exact or estimated (see
@@ -254,9 +258,11 @@ def _cg(matvec, b, *, x0, precond, rtol, atol, maxiter, radius, progress_tol, sa
     finite0 = finite0 & all_finite(z, rz0)
     converged0 = finite0 & (otu.tree_norm(r) <= tolerance)
     bad0 = finite0 & ~converged0 & ~(rz0 > 0)
-    status0 = jnp.select([~finite0, converged0, bad0],
-                         [CGStatus.NON_FINITE, CGStatus.CONVERGED, CGStatus.BAD_PRECONDITIONER],
-                         CGStatus.MAX_ITERATIONS)
+    status0 = jnp.select(
+        [~finite0, converged0, bad0],
+        [CGStatus.NON_FINITE, CGStatus.CONVERGED, CGStatus.BAD_PRECONDITIONER],
+        CGStatus.MAX_ITERATIONS,
+    )
     state = _State(
         iteration=jnp.asarray(0, jnp.int32),
         x=x,
@@ -314,8 +320,14 @@ def _cg(matvec, b, *, x0, precond, rtol, atol, maxiter, radius, progress_tol, sa
             stalled = (i > window) & (q_next < 0) & ((q_next - q_before) / q_next < window * progress_tol)
         status = jnp.select(
             [~finite, negative, hit_boundary, converged, bad_precond, stalled],
-            [CGStatus.NON_FINITE, CGStatus.NEGATIVE_CURVATURE, status, CGStatus.CONVERGED,
-             CGStatus.BAD_PRECONDITIONER, CGStatus.NO_PROGRESS],
+            [
+                CGStatus.NON_FINITE,
+                CGStatus.NEGATIVE_CURVATURE,
+                status,
+                CGStatus.CONVERGED,
+                CGStatus.BAD_PRECONDITIONER,
+                CGStatus.NO_PROGRESS,
+            ],
             status,
         ).astype(jnp.int32)
         done = ~finite | negative | hit_boundary | converged | bad_precond | stalled | (i >= maxiter)

@@ -1,9 +1,9 @@
 """Dense materialisation of a matrix-free operator, for small models."""
 
-
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+
 from hvpopt.types import MatVec, PyTree
 
 

@@ -32,7 +32,6 @@ from hvpopt.linalg.flat import check_num_iters, flat_operator
 from hvpopt.linalg.lanczos import lanczos_flat, tridiagonal
 from hvpopt.types import MatVec, PyTree
 
-
 # Default Gaussian width, as a fraction of the range of the nodes.
 _SIGMA_FRACTION = 0.01
 # The grid extends this many widths beyond the extreme nodes.

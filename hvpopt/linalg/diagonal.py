@@ -13,7 +13,6 @@ Reference:
   Applied Numerical Mathematics 2007.
 """
 
-
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
@@ -23,9 +22,7 @@ from hvpopt import _checks
 from hvpopt.types import MatVec, PyTree
 
 
-def hutchinson_diagonal(
-    matvec: MatVec, like: PyTree, *, key: jax.Array, num_samples: int
-) -> PyTree:
+def hutchinson_diagonal(matvec: MatVec, like: PyTree, *, key: jax.Array, num_samples: int) -> PyTree:
     """Hutchinson estimate of ``diag(A)`` with Rademacher probes.
 
     Args:

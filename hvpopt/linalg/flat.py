@@ -31,9 +31,7 @@ def check_num_iters(num_iters: Any, size: int) -> None:
     """Raises ValueError unless ``1 <= num_iters <= size`` (an int)."""
     _checks.check_positive_int("num_iters", num_iters)
     if num_iters > size:
-        raise ValueError(
-            f"num_iters must be at most the number of parameters {size}; got {num_iters}."
-        )
+        raise ValueError(f"num_iters must be at most the number of parameters {size}; got {num_iters}.")
 
 
 def flat_operator(

@@ -64,7 +64,6 @@ from hvpopt import _checks
 from hvpopt.linalg.flat import check_num_iters, flat_operator
 from hvpopt.types import MatVec, PyTree
 
-
 EIGSH_WHICH = ("LA", "SA", "LM")
 
 # Breakdown when beta <= _BREAKDOWN_EPS * eps(dtype) * ||A||_est.
@@ -334,10 +333,13 @@ def eigsh(
             full,
             lambda: jax.lax.cond(
                 verify,
-                lambda: _lock_and_restart(state, theta, s, wanted,
-                                          jax.random.normal(jax.random.fold_in(key, locks + 1), (size,), dtype)),
-                lambda: _thick_restart(state, theta, s, _select(theta, keep, which))),
-            lambda: state)
+                lambda: _lock_and_restart(
+                    state, theta, s, wanted, jax.random.normal(jax.random.fold_in(key, locks + 1), (size,), dtype)
+                ),
+                lambda: _thick_restart(state, theta, s, _select(theta, keep, which)),
+            ),
+            lambda: state,
+        )
         state = _extend(compute_matvec, state, basis_size)
         new = new_theta, _, _, new_converged = ritz(state)
         moved = jnp.max(jnp.abs(new_theta[_select(new_theta, k, which)] - theta[wanted]))  # a new wanted value?
@@ -346,16 +348,17 @@ def eigsh(
         return state, new, used + spent, verified, locks + verify
 
     empty = _start(jax.random.normal(key, (size,), dtype), basis_size)
-    no_ritz = (jnp.zeros(basis_size, dtype), jnp.eye(basis_size, dtype=dtype), jnp.zeros(k, dtype),
-               jnp.zeros(k, bool))
+    no_ritz = (jnp.zeros(basis_size, dtype), jnp.eye(basis_size, dtype=dtype), jnp.zeros(k, dtype), jnp.zeros(k, bool))
     state, (theta, s, residuals, converged), used, verified, locks = jax.lax.while_loop(
-        more, restart_and_extend, (empty, no_ritz, jnp.asarray(0), jnp.asarray(False), jnp.asarray(0)))
+        more, restart_and_extend, (empty, no_ritz, jnp.asarray(0), jnp.asarray(False), jnp.asarray(0))
+    )
 
     index = _select(theta, k, which)
     vectors = s[:, index].T @ _basis(state)[:basis_size]  # [k, P]
     if verifies:  # locking dropped couplings: the final residuals are taken with k products
-        true_residuals = lambda: jnp.linalg.norm(jax.lax.map(compute_matvec, vectors) - theta[index, None] * vectors,
-                                                 axis=1)
+        true_residuals = lambda: jnp.linalg.norm(
+            jax.lax.map(compute_matvec, vectors) - theta[index, None] * vectors, axis=1
+        )
         residuals = jax.lax.cond(locks > 0, true_residuals, lambda: residuals)
         used = used + jnp.where(locks > 0, k, 0)
         converged = verified & (residuals <= tol * jnp.max(jnp.abs(theta)))
@@ -459,7 +462,7 @@ def _split_rows(rows: jax.Array, basis_size: int) -> tuple[jax.Array, ...]:
     num_blocks = -(-(basis_size + 1) // _BLOCK_ROWS)
     block = -(-(basis_size + 1) // num_blocks)
     rows = jnp.pad(rows, ((0, num_blocks * block - rows.shape[0]), (0, 0)))
-    return tuple(rows[i * block:(i + 1) * block] for i in range(num_blocks))
+    return tuple(rows[i * block : (i + 1) * block] for i in range(num_blocks))
 
 
 def _row(blocks: tuple[jax.Array, ...], n: jax.Array) -> jax.Array:
@@ -487,8 +490,7 @@ def _extend(matvec: Callable[[jax.Array], jax.Array], state: _Krylov, basis_size
         w = _orthogonalise(blocks, n + 1, w)
         beta = jnp.linalg.norm(w)
         broke = beta <= threshold * scale
-        q_next = jax.lax.cond(broke, lambda: _fresh_direction(blocks, n + 1),
-                              lambda: w / jnp.where(broke, 1, beta))
+        q_next = jax.lax.cond(broke, lambda: _fresh_direction(blocks, n + 1), lambda: w / jnp.where(broke, 1, beta))
         beta = jnp.where(broke, 0, beta)
         t = t.at[n, n].set(alpha).at[n, n + 1].set(beta, mode="drop").at[n + 1, n].set(beta, mode="drop")
         return _Krylov(_set_row(blocks, n + 1, q_next), t, n + 1, beta, scale)
@@ -561,8 +563,10 @@ def _lock_and_restart(state: _Krylov, theta: jax.Array, s: jax.Array, wanted: ja
     start = _orthogonalise(blocks, jnp.asarray(num_keep), fresh)
     norm = jnp.linalg.norm(start)
     lost = norm <= _BREAKDOWN_EPS * jnp.finfo(fresh.dtype).eps * jnp.linalg.norm(fresh)
-    start = jax.lax.cond(lost, lambda: _fresh_direction(blocks, jnp.asarray(num_keep)),
-                         lambda: start / jnp.where(lost, 1, norm))
+    start = jax.lax.cond(
+        lost, lambda: _fresh_direction(blocks, jnp.asarray(num_keep)), lambda: start / jnp.where(lost, 1, norm)
+    )
     t = jnp.zeros_like(state.projected).at[jnp.arange(num_keep), jnp.arange(num_keep)].set(theta[wanted])
-    return _Krylov(_set_row(blocks, jnp.asarray(num_keep), start), t, jnp.asarray(num_keep), state.residual_norm,
-                   state.scale)
+    return _Krylov(
+        _set_row(blocks, jnp.asarray(num_keep), start), t, jnp.asarray(num_keep), state.residual_norm, state.scale
+    )

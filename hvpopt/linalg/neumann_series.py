@@ -40,7 +40,6 @@ from hvpopt import _checks
 from hvpopt.tree import add_scaled, all_finite, select
 from hvpopt.types import PyTree
 
-
 #: Deterministic products: the series is declared divergent once a step is
 #: longer than the shortest so far by this fraction (beyond rounding). The steps
 #: ``(I - B)^j b`` of a convergent series never grow.
@@ -147,8 +146,9 @@ def lissa(
     inverse_scale = jnp.where(valid, 1.0 / jnp.where(valid, scale, 1.0), 0.0).astype(dtype)
     b_norm = otu.tree_norm(b)
     start_finite = all_finite(b, b_norm, scale, inverse_scale)
-    start_status = jnp.select([~start_finite, ~valid], [LissaStatus.NON_FINITE, LissaStatus.DIVERGED],
-                              LissaStatus.COMPLETED).astype(jnp.int32)
+    start_status = jnp.select(
+        [~start_finite, ~valid], [LissaStatus.NON_FINITE, LissaStatus.DIVERGED], LissaStatus.COMPLETED
+    ).astype(jnp.int32)
     h0 = select(start_finite, b, otu.tree_zeros_like(b))  # the first partial sum, zero if not finite
     rounding = 1e3 * jnp.finfo(dtype).eps * b_norm
 
@@ -164,8 +164,9 @@ def lissa(
             else:  # a convergent series has non-increasing steps
                 growing = (size > (1 + GROWTH_TOLERANCE) * smallest) & (size > rounding)
             finite = all_finite(size, h_next)
-            status = jnp.select([~finite, growing], [LissaStatus.NON_FINITE, LissaStatus.DIVERGED],
-                                LissaStatus.COMPLETED).astype(jnp.int32)
+            status = jnp.select(
+                [~finite, growing], [LissaStatus.NON_FINITE, LissaStatus.DIVERGED], LissaStatus.COMPLETED
+            ).astype(jnp.int32)
             stop = status != LissaStatus.COMPLETED
             h_next = select(stop, h, h_next)
             size = jnp.where(stop, last_size, size)

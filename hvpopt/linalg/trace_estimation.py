@@ -32,7 +32,6 @@ from hvpopt import _checks
 from hvpopt.linalg.flat import flat_operator
 from hvpopt.types import MatVec, PyTree
 
-
 TRACE_METHODS = ("hutchinson", "hutch++")
 
 

@@ -23,14 +23,26 @@ def step_or_skip(ok: jax.Array, step: Callable[[], tuple], skip: Callable[[], tu
 def skip_step(grad: Any, state: Any, **changes) -> tuple:
     """Zero updates, and ``state`` with this step counted as skipped (plus ``changes``)."""
     return jax.tree.map(jnp.zeros_like, grad), state._replace(
-        count=state.count + 1, cg_iterations=jnp.zeros_like(state.cg_iterations),
-        skipped_steps=state.skipped_steps + 1, **changes)
+        count=state.count + 1,
+        cg_iterations=jnp.zeros_like(state.cg_iterations),
+        skipped_steps=state.skipped_steps + 1,
+        **changes,
+    )
 
 
-def backtracking_line_search(value_fn: Callable, params: Any, direction: Any, value: jax.Array,
-                             slope: jax.Array, initial_step: jax.Array, *, shrink: float,
-                             sufficient_decrease: float, max_steps: int,
-                             first_trial: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def backtracking_line_search(
+    value_fn: Callable,
+    params: Any,
+    direction: Any,
+    value: jax.Array,
+    slope: jax.Array,
+    initial_step: jax.Array,
+    *,
+    shrink: float,
+    sufficient_decrease: float,
+    max_steps: int,
+    first_trial: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """The largest ``t = initial_step * shrink^k`` with ``f(x + t d) <= f(x) + c t slope`` (Armijo).
 
     Returns ``(t, evaluations)``; ``t = 0`` if no step in ``max_steps`` tries

@@ -32,9 +32,9 @@ import optax
 import optax.tree_utils as otu
 
 from hvpopt.curvature.ggn import ggn_operator
-from hvpopt.tree import add_scaled, all_finite
 from hvpopt.linalg.conjugate_gradient import cg
 from hvpopt.optim._common import backtracking_line_search, require, skip_step, step_or_skip
+from hvpopt.tree import add_scaled, all_finite
 
 
 class HessianFreeState(NamedTuple):
@@ -65,11 +65,20 @@ class HessianFreeState(NamedTuple):
     skipped_steps: jax.Array
 
 
-def hessian_free(model_fn: Callable, loss: Callable, *, learning_rate: float = 1.0,
-                 initial_damping: float = 1.0, maxiter: int = 50, progress_tol: float = 5e-4,
-                 warm_start_decay: float = 0.95, damping_decrease: float = 2 / 3,
-                 damping_increase: float = 3 / 2, min_damping: float = 1e-6,
-                 max_linesearch_steps: int = 20) -> optax.GradientTransformationExtraArgs:
+def hessian_free(
+    model_fn: Callable,
+    loss: Callable,
+    *,
+    learning_rate: float = 1.0,
+    initial_damping: float = 1.0,
+    maxiter: int = 50,
+    progress_tol: float = 5e-4,
+    warm_start_decay: float = 0.95,
+    damping_decrease: float = 2 / 3,
+    damping_increase: float = 3 / 2,
+    min_damping: float = 1e-6,
+    max_linesearch_steps: int = 20,
+) -> optax.GradientTransformationExtraArgs:
     """Martens' Hessian-free optimizer with Gauss-Newton curvature.
 
     Called as::
@@ -99,17 +108,39 @@ def hessian_free(model_fn: Callable, loss: Callable, *, learning_rate: float = 1
 
     def init(params: Any) -> HessianFreeState:
         zero = jnp.zeros([], jnp.int32)
-        return HessianFreeState(zero, otu.tree_zeros_like(params), jnp.asarray(initial_damping, jnp.float32),
-                                zero, zero, zero, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32),
-                                zero, zero)
+        return HessianFreeState(
+            zero,
+            otu.tree_zeros_like(params),
+            jnp.asarray(initial_damping, jnp.float32),
+            zero,
+            zero,
+            zero,
+            jnp.zeros([], jnp.float32),
+            jnp.zeros([], jnp.float32),
+            zero,
+            zero,
+        )
 
-    def update(updates, state: HessianFreeState, params=None, *, value=None, grad=None,
-               value_fn=None, curvature_batch=None, **extra_args):
+    def update(
+        updates,
+        state: HessianFreeState,
+        params=None,
+        *,
+        value=None,
+        grad=None,
+        value_fn=None,
+        curvature_batch=None,
+        **extra_args,
+    ):
         del extra_args
         require("params", params, "hessian_free", "the current parameters, as the third argument.")
         require("value_fn", value_fn, "hessian_free", "the loss on the gradient batch, params -> scalar.")
-        require("curvature_batch", curvature_batch, "hessian_free",
-                "(inputs, targets) of the batch whose Gauss-Newton matrix is the curvature.")
+        require(
+            "curvature_batch",
+            curvature_batch,
+            "hessian_free",
+            "(inputs, targets) of the batch whose Gauss-Newton matrix is the curvature.",
+        )
         grad = updates if grad is None else grad
         value = value_fn(params) if value is None else value
 
@@ -117,29 +148,51 @@ def hessian_free(model_fn: Callable, loss: Callable, *, learning_rate: float = 1
             inputs, targets = curvature_batch
             ggn = ggn_operator(model_fn, loss, params, inputs, targets)
             x0 = otu.tree_scale(warm_start_decay, state.previous_solution)
-            solve = cg(ggn, grad, x0=x0, damping=state.damping, rtol=1e-10, maxiter=maxiter,
-                       progress_tol=progress_tol, save_at=save_at)
+            solve = cg(
+                ggn,
+                grad,
+                x0=x0,
+                damping=state.damping,
+                rtol=1e-10,
+                maxiter=maxiter,
+                progress_tol=progress_tol,
+                save_at=save_at,
+            )
             # CG-iterate backtracking: the saved iterate (or the last) with the lowest loss. Saves
             # past CG's last iteration are copies of the last iterate and are not evaluated.
-            candidates = jax.tree.map(lambda saved, last: jnp.concatenate([saved, last[None]]),
-                                      solve.saved_iterates, solve.x)
+            candidates = jax.tree.map(
+                lambda saved, last: jnp.concatenate([saved, last[None]]), solve.saved_iterates, solve.x
+            )
             reached = jnp.append(jnp.asarray(save_at) < solve.iterations, True)
             loss_of = lambda x: value_fn(add_scaled(params, -1.0, x))
-            losses = jax.lax.map(lambda c: jax.lax.cond(c[1], lambda: loss_of(c[0]).astype(value.dtype),
-                                                        lambda: jnp.asarray(jnp.inf, value.dtype)),
-                                 (candidates, reached))
+            losses = jax.lax.map(
+                lambda c: jax.lax.cond(
+                    c[1], lambda: loss_of(c[0]).astype(value.dtype), lambda: jnp.asarray(jnp.inf, value.dtype)
+                ),
+                (candidates, reached),
+            )
             losses = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
             best = jnp.argmin(losses)
             solution = jax.tree.map(lambda c: c[best], candidates)
             iteration = jnp.concatenate([solve.saved_iterations, solve.iterations[None]])[best]
             model_reduction = solve.model_values[iteration]  # q(p) with p = -solution
             rho = (losses[best] - value) / jnp.minimum(model_reduction, -jnp.finfo(value.dtype).tiny)
-            damping = jnp.where(rho > 0.75, state.damping * damping_decrease,
-                                jnp.where(rho < 0.25, state.damping * damping_increase, state.damping))
+            damping = jnp.where(
+                rho > 0.75,
+                state.damping * damping_decrease,
+                jnp.where(rho < 0.25, state.damping * damping_increase, state.damping),
+            )
             direction = otu.tree_scale(-1.0, solution)
             step_size, evaluations = backtracking_line_search(
-                value_fn, params, direction, value, otu.tree_vdot(grad, direction), learning_rate,
-                shrink=0.8, sufficient_decrease=1e-2, max_steps=max_linesearch_steps,
+                value_fn,
+                params,
+                direction,
+                value,
+                otu.tree_vdot(grad, direction),
+                learning_rate,
+                shrink=0.8,
+                sufficient_decrease=1e-2,
+                max_steps=max_linesearch_steps,
                 first_trial=losses[best] if learning_rate == 1.0 else None,
             )
             new_state = HessianFreeState(
@@ -148,7 +201,9 @@ def hessian_free(model_fn: Callable, loss: Callable, *, learning_rate: float = 1
                 damping=jnp.maximum(damping, min_damping).astype(state.damping.dtype),
                 cg_iterations=solve.iterations,
                 num_ggn_products=state.num_ggn_products + solve.num_matvecs,
-                num_value_evals=state.num_value_evals + jnp.sum(reached, dtype=state.num_value_evals.dtype) + evaluations,
+                num_value_evals=state.num_value_evals
+                + jnp.sum(reached, dtype=state.num_value_evals.dtype)
+                + evaluations,
                 reduction_ratio=rho.astype(state.reduction_ratio.dtype),
                 step_size=step_size.astype(state.step_size.dtype),
                 negative_curvature_count=state.negative_curvature_count + solve.negative_curvature,
@@ -164,4 +219,6 @@ def hessian_free(model_fn: Callable, loss: Callable, *, learning_rate: float = 1
 
 def backtracking_iterations(maxiter: int) -> tuple[int, ...]:
     """Martens' CG iterations to keep for backtracking: ``ceil(1.3^j)`` up to ``maxiter``."""
-    return tuple(sorted({math.ceil(1.3 ** j) for j in range(int(math.log(maxiter, 1.3)) + 1)} & set(range(1, maxiter + 1))))
+    return tuple(
+        sorted({math.ceil(1.3**j) for j in range(int(math.log(maxiter, 1.3)) + 1)} & set(range(1, maxiter + 1)))
+    )

@@ -38,8 +38,9 @@ class Minimum(NamedTuple):
     grad_norm: jax.Array
 
 
-def minimize_newton_cg(objective: Callable[[PyTree], jax.Array], params: PyTree, *, steps: int,
-                       **options: Any) -> Minimum:
+def minimize_newton_cg(
+    objective: Callable[[PyTree], jax.Array], params: PyTree, *, steps: int, **options: Any
+) -> Minimum:
     """``steps`` Newton-CG steps on ``objective`` from ``params``, in one ``lax.scan``.
 
     Each step solves ``(H + damping I) d = -g`` by CG, ``H`` the Hessian of

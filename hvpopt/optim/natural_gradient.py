@@ -30,10 +30,9 @@ import optax.tree_utils as otu
 
 from hvpopt import _checks
 from hvpopt.curvature.fisher import empirical_fisher_operator, fisher_operator, mc_fisher_operator
-
 from hvpopt.linalg.conjugate_gradient import cg
-from hvpopt.tree import all_finite
 from hvpopt.optim._common import backtracking_line_search, require, skip_step, step_or_skip
+from hvpopt.tree import all_finite
 
 FISHERS = ("true", "monte_carlo", "empirical")
 
@@ -62,10 +61,18 @@ class NaturalGradientState(NamedTuple):
     skipped_steps: jax.Array
 
 
-def natural_gradient(model_fn: Callable, loss: Callable, *, learning_rate: float = 1.0,
-                     damping: float = 1e-3, fisher: str = "true", num_samples: int = 1,
-                     maxiter: int = 20, rtol: float = 1e-4,
-                     key: jax.Array | None = None) -> optax.GradientTransformationExtraArgs:
+def natural_gradient(
+    model_fn: Callable,
+    loss: Callable,
+    *,
+    learning_rate: float = 1.0,
+    damping: float = 1e-3,
+    fisher: str = "true",
+    num_samples: int = 1,
+    maxiter: int = 20,
+    rtol: float = 1e-4,
+    key: jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
     """Natural gradient: ``-t (F + damping I)^{-1} g``, solved by CG.
 
     Called as::
@@ -99,15 +106,29 @@ def natural_gradient(model_fn: Callable, loss: Callable, *, learning_rate: float
     def init(params: Any) -> NaturalGradientState:
         zero = jnp.zeros([], jnp.int32)
         start = jax.random.key(0) if key is None else key
-        return NaturalGradientState(zero, start, zero, zero, zero, jnp.zeros([], jnp.float32),
-                                    jnp.zeros([], jnp.float32), zero)
+        return NaturalGradientState(
+            zero, start, zero, zero, zero, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), zero
+        )
 
-    def update(updates, state: NaturalGradientState, params=None, *, value=None, grad=None,
-               value_fn=None, curvature_batch=None, **extra_args):
+    def update(
+        updates,
+        state: NaturalGradientState,
+        params=None,
+        *,
+        value=None,
+        grad=None,
+        value_fn=None,
+        curvature_batch=None,
+        **extra_args,
+    ):
         del extra_args
         require("params", params, "natural_gradient", "the current parameters, as the third argument.")
-        require("curvature_batch", curvature_batch, "natural_gradient",
-                "(inputs, targets) of the batch whose Fisher is the curvature.")
+        require(
+            "curvature_batch",
+            curvature_batch,
+            "natural_gradient",
+            "(inputs, targets) of the batch whose Fisher is the curvature.",
+        )
         grad = updates if grad is None else grad
         if value is None and value_fn is not None:
             value = value_fn(params)
@@ -118,11 +139,13 @@ def natural_gradient(model_fn: Callable, loss: Callable, *, learning_rate: float
             if fisher == "true":
                 matvec = fisher_operator(model_fn, loss, params, inputs, targets)
             elif fisher == "monte_carlo":
-                matvec = mc_fisher_operator(model_fn, loss, params, inputs, targets,
-                                            key=sample_key, num_samples=num_samples)
+                matvec = mc_fisher_operator(
+                    model_fn, loss, params, inputs, targets, key=sample_key, num_samples=num_samples
+                )
             else:
                 example_loss = lambda p, example: loss(
-                    model_fn(p, example[0][None]), jax.tree.map(lambda t: t[None], example[1]))
+                    model_fn(p, example[0][None]), jax.tree.map(lambda t: t[None], example[1])
+                )
                 matvec = empirical_fisher_operator(example_loss, params, (inputs, targets))
             solve = cg(matvec, grad, damping=damping, rtol=rtol, maxiter=maxiter)
             direction = otu.tree_scale(-1.0, solve.x)
@@ -130,14 +153,25 @@ def natural_gradient(model_fn: Callable, loss: Callable, *, learning_rate: float
                 step_size, evaluations = jnp.asarray(learning_rate), 0
             else:
                 step_size, evaluations = backtracking_line_search(
-                    value_fn, params, direction, value, otu.tree_vdot(grad, direction), learning_rate,
-                    shrink=0.5, sufficient_decrease=1e-4, max_steps=20)
+                    value_fn,
+                    params,
+                    direction,
+                    value,
+                    otu.tree_vdot(grad, direction),
+                    learning_rate,
+                    shrink=0.5,
+                    sufficient_decrease=1e-4,
+                    max_steps=20,
+                )
             new_state = NaturalGradientState(
-                count=state.count + 1, key=next_key, cg_iterations=solve.iterations,
+                count=state.count + 1,
+                key=next_key,
+                cg_iterations=solve.iterations,
                 num_fisher_products=state.num_fisher_products + solve.num_matvecs,
                 num_value_evals=state.num_value_evals + evaluations,
                 residual_norm=solve.residual_norm.astype(state.residual_norm.dtype),
-                step_size=step_size.astype(state.step_size.dtype), skipped_steps=state.skipped_steps,
+                step_size=step_size.astype(state.step_size.dtype),
+                skipped_steps=state.skipped_steps,
             )
             return otu.tree_cast_like(otu.tree_scale(step_size, direction), grad), new_state
 

@@ -44,10 +44,9 @@ from jax.flatten_util import ravel_pytree
 
 from hvpopt import _checks
 from hvpopt.curvature.hvp import hessian_operator
-
 from hvpopt.linalg.conjugate_gradient import CGStatus, cg
-from hvpopt.tree import all_finite
 from hvpopt.optim._common import backtracking_line_search, require, skip_step, step_or_skip
+from hvpopt.tree import all_finite
 
 #: The most CG iterations per step when ``maxiter=None``, whatever the size.
 MAX_CG_BUDGET = 1000
@@ -114,11 +113,19 @@ def cg_budget(num_params: int) -> int:
     return max(1, min(20 * num_params, MAX_CG_BUDGET))
 
 
-def newton_cg(learning_rate: float = 1.0, *, damping: float = 0.0, maxiter: int | None = None,
-              forcing: float | None = None, precond: Preconditioner | None = None,
-              warm_start: bool = False,
-              shrink: float = 0.5, sufficient_decrease: float = 1e-4,
-              max_linesearch_steps: int = 30, hvp_mode: str = "auto") -> optax.GradientTransformationExtraArgs:
+def newton_cg(
+    learning_rate: float = 1.0,
+    *,
+    damping: float = 0.0,
+    maxiter: int | None = None,
+    forcing: float | None = None,
+    precond: Preconditioner | None = None,
+    warm_start: bool = False,
+    shrink: float = 0.5,
+    sufficient_decrease: float = 1e-4,
+    max_linesearch_steps: int = 30,
+    hvp_mode: str = "auto",
+) -> optax.GradientTransformationExtraArgs:
     """Newton-CG with Eisenstat-Walker forcing terms and a backtracking line search.
 
     Called the way ``optax.lbfgs`` is::
@@ -181,15 +188,22 @@ def newton_cg(learning_rate: float = 1.0, *, damping: float = 0.0, maxiter: int 
         zero = jnp.zeros([], jnp.int32)
         real = jnp.zeros([], ravel_pytree(params)[0].dtype)
         return NewtonCGState(
-            count=zero, cg_iterations=zero, cg_status=jnp.asarray(CGStatus.CONVERGED, jnp.int32),
-            cg_budget_exhausted_count=zero, forcing=real, num_hvps=zero, num_value_evals=zero,
-            step_size=jnp.zeros([]), negative_curvature_count=zero, skipped_steps=zero,
-            grad_norm=real, predicted_grad_norm=real,
+            count=zero,
+            cg_iterations=zero,
+            cg_status=jnp.asarray(CGStatus.CONVERGED, jnp.int32),
+            cg_budget_exhausted_count=zero,
+            forcing=real,
+            num_hvps=zero,
+            num_value_evals=zero,
+            step_size=jnp.zeros([]),
+            negative_curvature_count=zero,
+            skipped_steps=zero,
+            grad_norm=real,
+            predicted_grad_norm=real,
             previous_solution=otu.tree_zeros_like(params) if warm_start else None,
         )
 
-    def update(updates, state: NewtonCGState, params=None, *, value=None, grad=None,
-               value_fn=None, **extra_args):
+    def update(updates, state: NewtonCGState, params=None, *, value=None, grad=None, value_fn=None, **extra_args):
         del extra_args
         require("params", params, "newton_cg", "the current parameters, as the third argument.")
         require("value_fn", value_fn, "newton_cg", "the loss on the current batch, params -> scalar.")
@@ -208,10 +222,17 @@ def newton_cg(learning_rate: float = 1.0, *, damping: float = 0.0, maxiter: int 
             slope = otu.tree_vdot(grad, newton)
             descent = slope < 0
             direction = jax.tree.map(lambda n, g: jnp.where(descent, n, -g), newton, grad)
-            slope = jnp.where(descent, slope, -grad_norm ** 2)
+            slope = jnp.where(descent, slope, -(grad_norm**2))
             step_size, evaluations = backtracking_line_search(
-                value_fn, params, direction, value, slope, learning_rate, shrink=shrink,
-                sufficient_decrease=sufficient_decrease, max_steps=max_linesearch_steps,
+                value_fn,
+                params,
+                direction,
+                value,
+                slope,
+                learning_rate,
+                shrink=shrink,
+                sufficient_decrease=sufficient_decrease,
+                max_steps=max_linesearch_steps,
             )
             # The linear model's gradient at params + t p is (1 - t) g - t r, r the
             # CG residual, orthogonal to g; steepest descent predicts (1 - t) g.
@@ -222,8 +243,7 @@ def newton_cg(learning_rate: float = 1.0, *, damping: float = 0.0, maxiter: int 
                 count=state.count + 1,
                 cg_iterations=solve.iterations,
                 cg_status=solve.status,
-                cg_budget_exhausted_count=state.cg_budget_exhausted_count
-                + (solve.status == CGStatus.MAX_ITERATIONS),
+                cg_budget_exhausted_count=state.cg_budget_exhausted_count + (solve.status == CGStatus.MAX_ITERATIONS),
                 forcing=eta,
                 num_hvps=state.num_hvps + solve.num_matvecs,
                 num_value_evals=state.num_value_evals + evaluations,
@@ -236,8 +256,12 @@ def newton_cg(learning_rate: float = 1.0, *, damping: float = 0.0, maxiter: int 
             )
             return otu.tree_cast_like(otu.tree_scale(step_size, direction), grad), new_state
 
-        skip = lambda: skip_step(grad, state, step_size=jnp.zeros_like(state.step_size),
-                                 cg_status=jnp.asarray(CGStatus.NON_FINITE, jnp.int32))
+        skip = lambda: skip_step(
+            grad,
+            state,
+            step_size=jnp.zeros_like(state.step_size),
+            cg_status=jnp.asarray(CGStatus.NON_FINITE, jnp.int32),
+        )
         return step_or_skip(all_finite(value, grad), step, skip)
 
     return optax.GradientTransformationExtraArgs(init, update)

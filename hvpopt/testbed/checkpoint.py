@@ -71,20 +71,28 @@ def save_checkpoint(directory: str, params: Any, config: dict) -> None:
     record = {"format_version": FORMAT_VERSION, **config, "params": manifest}
     with files.owned_folder(directory, "checkpoint folder"):
         files.write_atomically(os.path.join(directory, manifest["file"]), lambda file: file.write(payload))
-        files.write_atomically(os.path.join(directory, CONFIG_FILE), lambda file: json.dump(record, file, indent=2, allow_nan=False), "w")
+        files.write_atomically(
+            os.path.join(directory, CONFIG_FILE), lambda file: json.dump(record, file, indent=2, allow_nan=False), "w"
+        )
         for name in os.listdir(directory):  # the previous checkpoint's parameters, now that nothing names them
             if name.startswith("params") and name.endswith(".msgpack") and name != manifest["file"]:
                 os.remove(os.path.join(directory, name))
 
 
-def training_config(task: tasks.Task, options: Any, history: list[dict], *, step: int | None = None,
-                    completed: bool = False) -> dict:
+def training_config(
+    task: tasks.Task, options: Any, history: list[dict], *, step: int | None = None, completed: bool = False
+) -> dict:
     """What a training run's checkpoint records: the task config, the training options
     (a dataclass), the step (the last record's by default), the last metrics, the versions."""
-    return {"task": task.config, "train": dataclasses.asdict(options),
-            "step": history[-1]["step"] if step is None else step, "completed": completed,
-            "metrics": history[-1] if history else None,
-            "hvpopt_version": hvpopt.__version__, "jax_version": jax.__version__}
+    return {
+        "task": task.config,
+        "train": dataclasses.asdict(options),
+        "step": history[-1]["step"] if step is None else step,
+        "completed": completed,
+        "metrics": history[-1] if history else None,
+        "hvpopt_version": hvpopt.__version__,
+        "jax_version": jax.__version__,
+    }
 
 
 def load_checkpoint(directory: str) -> Checkpoint:
@@ -103,12 +111,17 @@ def load_checkpoint(directory: str) -> Checkpoint:
             config = _checks.strict_json(file.read().decode("utf-8"), config_path)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path} is not valid JSON ({err}).") from None
-    if not isinstance(config, dict) or not isinstance(config.get("task"), dict) \
-            or not isinstance(config.get("params"), dict):
+    if (
+        not isinstance(config, dict)
+        or not isinstance(config.get("task"), dict)
+        or not isinstance(config.get("params"), dict)
+    ):
         raise ValueError(f"{config_path} lacks the 'task' and 'params' objects of an hvpopt checkpoint.")
     if config.get("format_version") not in READABLE_VERSIONS:
-        raise ValueError(f"{config_path} has format_version {config.get('format_version')!r}; "
-                         f"this hvpopt reads versions {', '.join(map(str, READABLE_VERSIONS))}.")
+        raise ValueError(
+            f"{config_path} has format_version {config.get('format_version')!r}; "
+            f"this hvpopt reads versions {', '.join(map(str, READABLE_VERSIONS))}."
+        )
     try:
         task = tasks.make_task(**config["task"])
     except (TypeError, ValueError) as err:
@@ -121,8 +134,9 @@ def _params_file(config_path: str, config: dict) -> str:
     """The parameters file the config names: a plain file name beside it."""
     name = config["params"].get("file") if isinstance(config["params"], dict) else None
     if not isinstance(name, str) or os.path.basename(name) != name or not name.endswith(".msgpack"):
-        raise ValueError(f"{config_path}: params.file must name a .msgpack file in the checkpoint folder; "
-                         f"got {name!r}.")
+        raise ValueError(
+            f"{config_path}: params.file must name a .msgpack file in the checkpoint folder; got {name!r}."
+        )
     return name
 
 
@@ -133,8 +147,7 @@ def _restore(path: str, like: Any, manifest: dict) -> Any:
     with open(path, "rb") as file:
         payload = file.read()
     if hashlib.sha256(payload).hexdigest() != manifest.get("sha256"):
-        raise ValueError(f"{path} is truncated or was changed after saving (its SHA-256 does not "
-                         f"match {CONFIG_FILE}).")
+        raise ValueError(f"{path} is truncated or was changed after saving (its SHA-256 does not match {CONFIG_FILE}).")
     try:
         arrays = serialization.msgpack_restore(payload)
     except Exception as err:  # msgpack raises several types; all mean the same to a user
@@ -142,14 +155,18 @@ def _restore(path: str, like: Any, manifest: dict) -> Any:
     expected = _flatten(like)
     if not isinstance(arrays, dict) or set(arrays) != set(expected):
         missing = sorted(set(expected) - set(arrays if isinstance(arrays, dict) else {}))
-        raise ValueError(f"{path} does not hold the parameters the config builds "
-                         f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}).")
+        raise ValueError(
+            f"{path} does not hold the parameters the config builds "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''})."
+        )
     for name, reference in expected.items():
         array = arrays[name]
         if not isinstance(array, np.ndarray) or array.shape != reference.shape or array.dtype != reference.dtype:
             shape, dtype = np.shape(array), getattr(array, "dtype", type(array).__name__)
-            raise ValueError(f"{path}: parameter {name!r} has shape {shape} and dtype {dtype}; the "
-                             f"config builds shape {reference.shape} and dtype {reference.dtype}.")
+            raise ValueError(
+                f"{path}: parameter {name!r} has shape {shape} and dtype {dtype}; the "
+                f"config builds shape {reference.shape} and dtype {reference.dtype}."
+            )
     _checks.check_parameters(path, arrays)
     treedef = jax.tree.structure(like)
     return jax.tree.unflatten(treedef, [jax.numpy.asarray(arrays[name]) for name in expected])

@@ -21,8 +21,7 @@ from hvpopt import _checks
 from hvpopt.testbed.tasks import Task, first_batch
 
 
-def curvature_tour(task: Task, params: Any, *, batch_size: int = 16, seed: int = 0,
-                   repeats: int = 5) -> dict[str, Any]:
+def curvature_tour(task: Task, params: Any, *, batch_size: int = 16, seed: int = 0, repeats: int = 5) -> dict[str, Any]:
     """Runs every product once compiled and returns a report (a JSON-able dict).
 
     Args:
@@ -41,11 +40,15 @@ def curvature_tour(task: Task, params: Any, *, batch_size: int = 16, seed: int =
 
     timed = {
         "grad": jax.jit(lambda p, v: jax.grad(objective)(p)),
-        **{f"hvp[{mode}]": jax.jit(lambda p, v, mode=mode: hvpopt.hvp(objective, p, v, mode=mode))
-           for mode in hvpopt.HVP_MODES if mode != "auto"},
+        **{
+            f"hvp[{mode}]": jax.jit(lambda p, v, mode=mode: hvpopt.hvp(objective, p, v, mode=mode))
+            for mode in hvpopt.HVP_MODES
+            if mode != "auto"
+        },
         "ggn_vp": jax.jit(lambda p, v: hvpopt.ggn_vp(model_fn, loss, p, v, inputs, targets)),
-        "mc_fisher_vp": jax.jit(lambda p, v: hvpopt.mc_fisher_vp(
-            model_fn, loss, p, v, inputs, targets, key=key_mc, num_samples=1)),
+        "mc_fisher_vp": jax.jit(
+            lambda p, v: hvpopt.mc_fisher_vp(model_fn, loss, p, v, inputs, targets, key=key_mc, num_samples=1)
+        ),
     }
     results = {name: _time(fn, params, grads, repeats) for name, fn in timed.items()}
     grad_seconds = results["grad"][1]
@@ -61,8 +64,11 @@ def curvature_tour(task: Task, params: Any, *, batch_size: int = 16, seed: int =
     }
     g_norm2 = otu.tree_vdot(grads, grads)
     ggn_out = results["ggn_vp"][0]
-    hutchinson = jax.jit(lambda p: hvpopt.hutchinson_diagonal(
-        hvpopt.ggn_operator(model_fn, loss, p, inputs, targets), p, key=key_diag, num_samples=8))(params)
+    hutchinson = jax.jit(
+        lambda p: hvpopt.hutchinson_diagonal(
+            hvpopt.ggn_operator(model_fn, loss, p, inputs, targets), p, key=key_diag, num_samples=8
+        )
+    )(params)
     return {
         "model": task.describe(),
         "parameters": int(ravel_pytree(params)[0].size),

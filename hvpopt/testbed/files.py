@@ -121,8 +121,10 @@ def _lock(folder: str, name: str, wait: bool) -> int:
             os.close(handle)
             if not wait:
                 by = f" (process {holder})" if holder else ""
-                raise FolderInUse(f"{name} {folder!r} is in use by another hvpopt run{by}; wait for it to "
-                                  f"finish or choose another folder.") from None
+                raise FolderInUse(
+                    f"{name} {folder!r} is in use by another hvpopt run{by}; wait for it to "
+                    f"finish or choose another folder."
+                ) from None
             interrupts.check_interrupt()
             time.sleep(0.1)
             continue

@@ -34,8 +34,11 @@ def deferred_interrupts() -> Iterator[None]:
       ...     for step in range(3):
       ...         check_interrupt()  # raises KeyboardInterrupt here after a Ctrl-C
     """
-    if (_installed.is_set() or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    if (
+        _installed.is_set()
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
     previous = signal.signal(signal.SIGINT, lambda signum, frame: _marked.set())

@@ -40,5 +40,7 @@ class Progress:
         filled = 20 * self.done // max(self.total, 1)
         rate = self.done / max(now - self.start, 1e-9)
         shown = "  ".join(f"{name} {float(value):.4g}" for name, value in metrics.items())
-        return (f"{self.label} [{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.total}"
-                f"  {shown}  {rate:.1f} {self.unit}/s")
+        return (
+            f"{self.label} [{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.total}"
+            f"  {shown}  {rate:.1f} {self.unit}/s"
+        )

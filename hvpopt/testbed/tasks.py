@@ -34,8 +34,14 @@ from hvpopt.testbed import data
 from hvpopt.testbed.models import TransformerConfig, mlp, transformer_classifier, transformer_lm
 
 #: Model options of the transformer tasks (the vocabulary and context come from the data).
-TRANSFORMER_OPTIONS = {"d_model": 64, "num_layers": 2, "num_heads": 4, "mlp_ratio": 4,
-                       "positions": "learned", "tie_embeddings": False}
+TRANSFORMER_OPTIONS = {
+    "d_model": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "mlp_ratio": 4,
+    "positions": "learned",
+    "tie_embeddings": False,
+}
 _SMALL_TRANSFORMER = {**TRANSFORMER_OPTIONS, "d_model": 32}
 
 _TASKS: dict[str, tuple[Callable, dict, float]] = {
@@ -93,7 +99,9 @@ class Task:
     def describe(self) -> str:
         """One line naming the task, its options and its size."""
         size = sum(x.size for x in jax.tree.leaves(self.params))
-        options = ", ".join(f"{k}={v}" for k, v in {**self.config["data_options"], **self.config["model_options"]}.items())
+        options = ", ".join(
+            f"{k}={v}" for k, v in {**self.config["data_options"], **self.config["model_options"]}.items()
+        )
         return f"{self.name} ({options}; {size:,} parameters, {self.train.num_examples} training examples)"
 
     def correct(self, params, inputs, targets) -> tuple[jax.Array, jax.Array]:
@@ -103,9 +111,15 @@ class Task:
         return jnp.sum(hits * mask), jnp.sum(mask)
 
 
-def make_task(name: str = DEFAULT_TASK, *, seed: int = 0, flip_fraction: float = 0.0,
-              l2: float | None = None, data_options: dict | None = None,
-              model_options: dict | None = None) -> Task:
+def make_task(
+    name: str = DEFAULT_TASK,
+    *,
+    seed: int = 0,
+    flip_fraction: float = 0.0,
+    l2: float | None = None,
+    data_options: dict | None = None,
+    model_options: dict | None = None,
+) -> Task:
     """Builds a built-in task, deterministically in ``seed``.
 
     Args:
@@ -138,8 +152,14 @@ def make_task(name: str = DEFAULT_TASK, *, seed: int = 0, flip_fraction: float =
     split = generator(seed=seed, flip_fraction=flip_fraction, **data_options)
     _check_model_size(name, split, model_options)
     model_fn, params, loss = _model(name, split, model_options, seed)
-    config = {"name": name, "seed": seed, "flip_fraction": flip_fraction, "l2": l2,
-              "data_options": data_options, "model_options": model_options}
+    config = {
+        "name": name,
+        "seed": seed,
+        "flip_fraction": flip_fraction,
+        "l2": l2,
+        "data_options": data_options,
+        "model_options": model_options,
+    }
     return Task(name, config, model_fn, params, loss, split.train, split.validation, split.tokenizer, l2)
 
 
@@ -153,8 +173,9 @@ def check_batch_size(task: Task, batch_size: int) -> int:
     """``batch_size`` as an int; ValueError unless it is between 1 and the training set's size."""
     batch_size = _checks.check_positive_int("batch_size", batch_size)
     if batch_size > task.train.num_examples:
-        raise ValueError(f"batch_size ({batch_size}) exceeds the {task.train.num_examples} "
-                         f"training examples of task {task.name!r}.")
+        raise ValueError(
+            f"batch_size ({batch_size}) exceeds the {task.train.num_examples} training examples of task {task.name!r}."
+        )
     return batch_size
 
 
@@ -162,8 +183,9 @@ def _model(name: str, split: data.TaskData, options: dict, seed: int):
     if name == "blobs":
         sizes = [split.train.inputs.shape[1], *options["hidden_sizes"], split.num_classes]
         return (*mlp(sizes, seed=seed), losses.softmax_cross_entropy)
-    config = TransformerConfig(vocab_size=split.tokenizer.vocab_size,
-                               context_length=split.train.inputs.shape[1], **options)
+    config = TransformerConfig(
+        vocab_size=split.tokenizer.vocab_size, context_length=split.train.inputs.shape[1], **options
+    )
     if split.num_classes is None:
         return (*transformer_lm(config, seed=seed), losses.masked_softmax_cross_entropy)
     model_fn, params = transformer_classifier(config, split.num_classes, pad_id=split.tokenizer.pad_id, seed=seed)
@@ -181,11 +203,13 @@ def _options(kind: str, task: str, given: dict | None, defaults: dict) -> dict:
         raise ValueError(f"the {kind}s of task {task!r} must be a dict of name: value; got {given!r}.")
     unknown = sorted(set(given) - set(defaults), key=str)
     if unknown:
-        raise ValueError(
-            f"task {task!r} has no {kind} {unknown[0]!r}; its {kind}s are {', '.join(sorted(defaults))}."
-        )
-    return {**defaults, **{key: _option_value(f"{kind} {key!r} of task {task!r}", value, defaults[key])
-                           for key, value in given.items()}}
+        raise ValueError(f"task {task!r} has no {kind} {unknown[0]!r}; its {kind}s are {', '.join(sorted(defaults))}.")
+    return {
+        **defaults,
+        **{
+            key: _option_value(f"{kind} {key!r} of task {task!r}", value, defaults[key]) for key, value in given.items()
+        },
+    }
 
 
 def _option_value(what: str, value: Any, default: Any) -> Any:
@@ -221,12 +245,16 @@ def _check_model_size(name: str, split: data.TaskData, options: dict) -> None:
         count = sum(a * b for a, b in zip(sizes, sizes[1:]))
     else:
         d = options["d_model"]
-        count = (d * (split.tokenizer.vocab_size + split.train.inputs.shape[1])
-                 + options["num_layers"] * (4 + 2 * options["mlp_ratio"]) * d * d
-                 + d * (split.num_classes or split.tokenizer.vocab_size))
+        count = (
+            d * (split.tokenizer.vocab_size + split.train.inputs.shape[1])
+            + options["num_layers"] * (4 + 2 * options["mlp_ratio"]) * d * d
+            + d * (split.num_classes or split.tokenizer.vocab_size)
+        )
     if count > MAX_PARAMETERS:
-        raise ValueError(f"the model options {options} of task {name!r} give about {count:.3g} parameters; at most "
-                         f"{MAX_PARAMETERS:.0e} fit: choose smaller sizes.")
+        raise ValueError(
+            f"the model options {options} of task {name!r} give about {count:.3g} parameters; at most "
+            f"{MAX_PARAMETERS:.0e} fit: choose smaller sizes."
+        )
 
 
 def _keyword_defaults(generator: Callable) -> dict:
@@ -234,8 +262,9 @@ def _keyword_defaults(generator: Callable) -> dict:
     return {p.name: p.default for p in parameters if p.name not in ("seed", "flip_fraction")}
 
 
-def examples_from_texts(task: Task, texts: list[str], ids: list[str] | None = None,
-                        names: list[str] | None = None) -> data.Dataset:
+def examples_from_texts(
+    task: Task, texts: list[str], ids: list[str] | None = None, names: list[str] | None = None
+) -> data.Dataset:
     """Encodes texts written the way ``task``'s examples are (``Dataset.texts``) as a :class:`Dataset`.
 
     ``shakespeare``: any 2 to ``context_length + 1`` characters, the loss on
@@ -270,8 +299,9 @@ def examples_from_texts(task: Task, texts: list[str], ids: list[str] | None = No
 def _language_model_text(task: Task, text: str):
     length = task.train.inputs.shape[1]
     if not 2 <= len(text) <= length + 1:
-        raise ValueError(f"a language-model text needs 2 to {length + 1} characters (the context plus one); "
-                         f"got {len(text)}.")
+        raise ValueError(
+            f"a language-model text needs 2 to {length + 1} characters (the context plus one); got {len(text)}."
+        )
     mask = (np.arange(length) < len(text) - 1).astype(np.int32)
     return task.tokenizer.encode(text[:-1], length), (task.tokenizer.encode(text[1:], length), mask)
 
@@ -280,8 +310,7 @@ def _reverse_text(task: Task, text: str):
     length = task.train.inputs.shape[1] // 2
     source, _, completion = text.partition(">")
     if len(source) != length or len(completion) != length:
-        raise ValueError(f"expected {length} characters, '>', and {length} more, like "
-                         f"{str(task.train.texts[0])!r}.")
+        raise ValueError(f"expected {length} characters, '>', and {length} more, like {str(task.train.texts[0])!r}.")
     ids = task.tokenizer.encode(text)
     return ids[:-1], (ids[1:], (np.arange(2 * length) >= length).astype(np.int32))
 
@@ -291,8 +320,10 @@ def _labelled_text(pattern: str, labels: Callable[[Task], list[str]]):
         match = re.fullmatch(pattern, text)
         names = labels(task)
         if match is None or match.group(2) not in names:
-            raise ValueError(f"expected an example like {str(task.train.texts[0])!r}, its label one of "
-                             f"{', '.join(names) if len(names) < 4 else names[0] + '..' + names[-1]}.")
+            raise ValueError(
+                f"expected an example like {str(task.train.texts[0])!r}, its label one of "
+                f"{', '.join(names) if len(names) < 4 else names[0] + '..' + names[-1]}."
+            )
         inputs, label = match.group(1), names.index(match.group(2))
         if task.tokenizer is None:
             inputs = np.array([float(x) for x in inputs.split(",")], np.float32)
@@ -301,15 +332,18 @@ def _labelled_text(pattern: str, labels: Callable[[Task], list[str]]):
         else:
             inputs = task.tokenizer.encode(inputs, task.train.inputs.shape[1])
         return inputs, np.int32(label)
+
     return parse
 
 
 _TEXT_PARSERS = {
     "shakespeare": _language_model_text,
     "reverse": _reverse_text,
-    "modular": _labelled_text(r"(\d+\+\d+=)(\d+)", lambda task: [
-        f"{label}" for label in range(task.config["data_options"]["modulus"])]),
+    "modular": _labelled_text(
+        r"(\d+\+\d+=)(\d+)", lambda task: [f"{label}" for label in range(task.config["data_options"]["modulus"])]
+    ),
     "dyck": _labelled_text(r"([()\[\]]*) -> (\w+)", lambda task: ["unbalanced", "balanced"]),
-    "blobs": _labelled_text(r"x=\[(.*)\] -> (\d+)", lambda task: [
-        f"{label}" for label in range(task.config["data_options"]["num_classes"])]),
+    "blobs": _labelled_text(
+        r"x=\[(.*)\] -> (\d+)", lambda task: [f"{label}" for label in range(task.config["data_options"]["num_classes"])]
+    ),
 }

@@ -20,14 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from jax.sharding import Mesh
 
 from hvpopt import _checks, sharding
-from hvpopt.testbed import interrupts
-from hvpopt.testbed.progress import Progress
-from hvpopt.testbed.data import Dataset
 from hvpopt.optim import hessian_free, natural_gradient, newton_cg
+from hvpopt.testbed import interrupts
+from hvpopt.testbed.data import Dataset
+from hvpopt.testbed.progress import Progress
 from hvpopt.testbed.tasks import Task, check_batch_size
 
 
@@ -51,15 +50,13 @@ def _hessian_free(task, options, learning_rate):
     # The Gauss-Newton matrix is the data loss's; the L2 penalty adds l2 I to the
     # objective's curvature, so the damping never goes below l2.
     knobs = _second_order_knobs(options, damping="initial_damping")
-    return hessian_free(task.model_fn, task.loss, learning_rate=learning_rate,
-                        min_damping=max(1e-6, task.l2), **knobs)
+    return hessian_free(task.model_fn, task.loss, learning_rate=learning_rate, min_damping=max(1e-6, task.l2), **knobs)
 
 
 def _natural_gradient(task, options, learning_rate):
     knobs = _second_order_knobs(options, damping="damping")
     damping = knobs.pop("damping", 1e-3) + task.l2  # F + l2 I is the Fisher of the objective
-    return natural_gradient(task.model_fn, task.loss, learning_rate=learning_rate,
-                            damping=damping, **knobs)
+    return natural_gradient(task.model_fn, task.loss, learning_rate=learning_rate, damping=damping, **knobs)
 
 
 def _second_order_knobs(options, *, damping: str) -> dict:
@@ -69,8 +66,12 @@ def _second_order_knobs(options, *, damping: str) -> dict:
 
 #: ``name -> (task, options, learning rate or schedule) -> optax transformation``.
 OPTIMIZERS: dict[str, Callable] = {
-    "adamw": _adamw, "adam": _adam, "sgd": _sgd,
-    "newton_cg": _newton_cg, "hessian_free": _hessian_free, "natural_gradient": _natural_gradient,
+    "adamw": _adamw,
+    "adam": _adam,
+    "sgd": _sgd,
+    "newton_cg": _newton_cg,
+    "hessian_free": _hessian_free,
+    "natural_gradient": _natural_gradient,
 }
 #: Optimizers whose ``learning_rate`` is a constant first step (the line search
 #: or the curvature sets the scale): no schedule, no gradient clipping.
@@ -128,8 +129,10 @@ class TrainOptions:
         _checks.check_nonnegative("weight_decay", self.weight_decay)
         for name in ("damping", "cg_iterations"):
             if getattr(self, name) is not None and self.optimizer not in SECOND_ORDER:
-                raise ValueError(f"{name} is for the second-order optimizers ({', '.join(SECOND_ORDER)}); "
-                                 f"optimizer {self.optimizer!r} has none.")
+                raise ValueError(
+                    f"{name} is for the second-order optimizers ({', '.join(SECOND_ORDER)}); "
+                    f"optimizer {self.optimizer!r} has none."
+                )
         if self.damping is not None:
             _checks.check_nonnegative("damping", self.damping, finite=True)
         if self.cg_iterations is not None:
@@ -185,17 +188,26 @@ def make_optimizer(task: Task, options: TrainOptions) -> optax.GradientTransform
     if options.optimizer in SECOND_ORDER:
         return OPTIMIZERS[options.optimizer](task, options, options.learning_rate)
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, options.learning_rate, warmup_steps=min(max(1, options.steps // 20), options.steps - 1),
-        decay_steps=options.steps, end_value=options.learning_rate / 10,
+        0.0,
+        options.learning_rate,
+        warmup_steps=min(max(1, options.steps // 20), options.steps - 1),
+        decay_steps=options.steps,
+        end_value=options.learning_rate / 10,
     )
     optimizer = OPTIMIZERS[options.optimizer](task, options, schedule)
     clip = [optax.clip_by_global_norm(options.clip_norm)] if options.clip_norm else []
     return optax.chain(*clip, optimizer)
 
 
-def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = None,
-          on_evaluation: Callable[[Any, list[dict]], None] | None = None,
-          progress: bool = False, mesh: Mesh | None = None) -> TrainResult:
+def train(
+    task: Task,
+    options: TrainOptions = TrainOptions(),
+    *,
+    params: Any = None,
+    on_evaluation: Callable[[Any, list[dict]], None] | None = None,
+    progress: bool = False,
+    mesh: Mesh | None = None,
+) -> TrainResult:
     """Trains ``task`` from ``params`` (its initial parameters by default).
 
     Args:
@@ -223,16 +235,19 @@ def train(task: Task, options: TrainOptions = TrainOptions(), *, params: Any = N
         return _train(task, options, task.params if params is None else params, on_evaluation, progress, mesh)
 
 
-def _train(task: Task, options: TrainOptions, params: Any, on_evaluation: Callable | None, progress: bool,
-           mesh: Mesh | None) -> TrainResult:
+def _train(
+    task: Task, options: TrainOptions, params: Any, on_evaluation: Callable | None, progress: bool, mesh: Mesh | None
+) -> TrainResult:
     batch_size = check_batch_size(task, options.batch_size or task.train.num_examples)
     place = lambda batch: batch
     if mesh is not None:
         devices = sharding.axis_size(mesh)
         if batch_size % devices:
-            raise ValueError(f"batch_size ({batch_size}) must be a multiple of the {devices} devices it is "
-                             f"split over; use a multiple of {devices} or a mesh of "
-                             f"{math.gcd(batch_size, devices)} devices.")
+            raise ValueError(
+                f"batch_size ({batch_size}) must be a multiple of the {devices} devices it is "
+                f"split over; use a multiple of {devices} or a mesh of "
+                f"{math.gcd(batch_size, devices)} devices."
+            )
         params = sharding.replicate(params, mesh)
         place = lambda batch: sharding.shard_batch(batch, mesh)
     optimizer = make_optimizer(task, options)
@@ -261,8 +276,9 @@ def _train(task: Task, options: TrainOptions, params: Any, on_evaluation: Callab
             if done % options.eval_every == 0 or done == options.steps:
                 jax.block_until_ready(params)  # the steps' time is not the evaluation's
                 evaluation_start = time.perf_counter()
-                history.append(_finite(_record(task, params, opt_state, done, losses, evaluation_start - start,
-                                               mesh), options))
+                history.append(
+                    _finite(_record(task, params, opt_state, done, losses, evaluation_start - start, mesh), options)
+                )
                 losses = []
                 if on_evaluation:
                     on_evaluation(params, history)
@@ -274,12 +290,14 @@ def _train(task: Task, options: TrainOptions, params: Any, on_evaluation: Callab
             bar.close()
     jax.block_until_ready(params)
     step_seconds = time.perf_counter() - start - evaluation_seconds
-    return TrainResult(params, done, history, compile_seconds,
-                       (done - 1) / step_seconds if done > 1 else 0.0, interrupted)
+    return TrainResult(
+        params, done, history, compile_seconds, (done - 1) / step_seconds if done > 1 else 0.0, interrupted
+    )
 
 
-def evaluate(task: Task, params: Any, dataset: Dataset, *, batch_size: int = 256,
-             mesh: Mesh | None = None) -> dict[str, float]:
+def evaluate(
+    task: Task, params: Any, dataset: Dataset, *, batch_size: int = 256, mesh: Mesh | None = None
+) -> dict[str, float]:
     """Mean loss over the examples of ``dataset`` and accuracy over its predicted tokens or labels.
 
     Every batch has ``batch_size`` rows (the last is padded with weight 0), so
@@ -322,7 +340,12 @@ def _make_step(task: Task, optimizer: optax.GradientTransformationExtraArgs) -> 
         objective = lambda p: task.objective(p, inputs, targets)
         loss, grads = jax.value_and_grad(objective)(params)
         updates, opt_state = optimizer.update(
-            grads, opt_state, params, value=loss, grad=grads, value_fn=objective,
+            grads,
+            opt_state,
+            params,
+            value=loss,
+            grad=grads,
+            value_fn=objective,
             curvature_batch=(inputs, targets),
         )
         return optax.apply_updates(params, updates), opt_state, loss
@@ -332,9 +355,13 @@ def _make_step(task: Task, optimizer: optax.GradientTransformationExtraArgs) -> 
 
 def _record(task: Task, params, opt_state, step: int, losses: list, seconds: float, mesh: Mesh | None) -> dict:
     validation = evaluate(task, params, task.validation, mesh=mesh)
-    return {"step": step, "train_loss": float(np.mean(jax.device_get(losses))),
-            **{f"validation_{name}": value for name, value in validation.items()},
-            **optimizer_diagnostics(opt_state), "elapsed_seconds": seconds}
+    return {
+        "step": step,
+        "train_loss": float(np.mean(jax.device_get(losses))),
+        **{f"validation_{name}": value for name, value in validation.items()},
+        **optimizer_diagnostics(opt_state),
+        "elapsed_seconds": seconds,
+    }
 
 
 def _finite(record: dict, options: TrainOptions) -> dict:
@@ -354,9 +381,14 @@ def optimizer_diagnostics(opt_state) -> dict[str, float | int]:
     """
     if not hasattr(opt_state, "_fields"):
         return {}
-    return {f"optimizer_{name}": value.item() for name, value in zip(opt_state._fields, opt_state)
-            if name != "count" and isinstance(value, jax.Array) and value.ndim == 0
-            and jnp.issubdtype(value.dtype, jnp.number)}
+    return {
+        f"optimizer_{name}": value.item()
+        for name, value in zip(opt_state._fields, opt_state)
+        if name != "count"
+        and isinstance(value, jax.Array)
+        and value.ndim == 0
+        and jnp.issubdtype(value.dtype, jnp.number)
+    }
 
 
 def _batch_indices(num_examples: int, batch_size: int, seed: int):
@@ -365,7 +397,7 @@ def _batch_indices(num_examples: int, batch_size: int, seed: int):
     while True:
         order = rng.permutation(num_examples) if batch_size < num_examples else np.arange(num_examples)
         for start in range(0, num_examples - batch_size + 1, batch_size):
-            yield order[start:start + batch_size]
+            yield order[start : start + batch_size]
 
 
 def _batch(dataset: Dataset, indices: np.ndarray):

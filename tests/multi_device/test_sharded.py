@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import make_mlp, make_transformer, random_like
 from jax.sharding import PartitionSpec
 
 import hvpopt
 from hvpopt import cli, influence
 from hvpopt.testbed import tasks, training
-from conftest import make_mlp, make_transformer, random_like
 
 DEVICES = 4
 MOVES_DATA = ("all-gather", "all-to-all", "collective-permute")
@@ -78,14 +78,17 @@ PRODUCTS = {
     "ggn_vp": lambda p, params, v, x, y: hvpopt.ggn_vp(p.model_fn, p.loss, params, v, x, y),
     "fisher_vp": lambda p, params, v, x, y: hvpopt.fisher_vp(p.model_fn, p.loss, params, v, x, y),
     "mc_fisher_vp": lambda p, params, v, x, y: hvpopt.mc_fisher_vp(
-        p.model_fn, p.loss, params, v, x, y, key=jax.random.key(0), num_samples=2),
+        p.model_fn, p.loss, params, v, x, y, key=jax.random.key(0), num_samples=2
+    ),
     "empirical_fisher_vp": lambda p, params, v, x, y: hvpopt.empirical_fisher_vp(
-        lambda q, ex: p.objective(q, ex[0][None], ex[1][None]), params, v, (x, y)),
+        lambda q, ex: p.objective(q, ex[0][None], ex[1][None]), params, v, (x, y)
+    ),
 }
 
 
-@pytest.mark.parametrize("name, make", [(name, "mlp") for name in sorted(PRODUCTS)]
-                         + [("hvp", "transformer"), ("ggn_vp", "transformer")])
+@pytest.mark.parametrize(
+    "name, make", [(name, "mlp") for name in sorted(PRODUCTS)] + [("hvp", "transformer"), ("ggn_vp", "transformer")]
+)
 def test_curvature_products_on_a_sharded_batch(name, make, mesh):
     problem = {"mlp": mlp_problem, "transformer": transformer_problem}[make]()
     product = lambda params, v, x, y: PRODUCTS[name](problem, params, v, x, y)
@@ -118,9 +121,11 @@ def test_cg_lanczos_and_lissa_run_unchanged_on_a_sharded_operator(mesh):
 
     def solve(params, x, y, b):
         matvec = hvpopt.ggn_operator(problem.model_fn, problem.loss, params, x, y)
-        return (hvpopt.cg(matvec, b, damping=0.1, rtol=1e-12, maxiter=200).x,
-                hvpopt.eigsh(matvec, b, 3, key=jax.random.key(3)).eigenvalues,
-                hvpopt.lissa(matvec, b, damping=0.1, depth=50, key=jax.random.key(4)).x)
+        return (
+            hvpopt.cg(matvec, b, damping=0.1, rtol=1e-12, maxiter=200).x,
+            hvpopt.eigsh(matvec, b, 3, key=jax.random.key(3)).eigenvalues,
+            hvpopt.lissa(matvec, b, damping=0.1, depth=50, key=jax.random.key(4)).x,
+        )
 
     b = random_like(jax.random.key(5), problem.params)
     single = jax.jit(solve)(problem.params, problem.inputs, problem.targets, b)
@@ -151,16 +156,20 @@ def test_cg_on_parameters_split_over_the_devices(mesh):
 def test_an_optimizer_step_runs_data_parallel_under_one_jit(name, mesh):
     """CG runs to convergence: stopped early, it would amplify the different rounding."""
     problem = mlp_problem()
-    optimizer = {"newton_cg": lambda: hvpopt.newton_cg(),
-                 "hessian_free": lambda: hvpopt.hessian_free(problem.model_fn, problem.loss, maxiter=10),
-                 "natural_gradient": lambda: hvpopt.natural_gradient(problem.model_fn, problem.loss, damping=0.1,
-                                                                     maxiter=100, rtol=1e-10)}[name]()
+    optimizer = {
+        "newton_cg": lambda: hvpopt.newton_cg(),
+        "hessian_free": lambda: hvpopt.hessian_free(problem.model_fn, problem.loss, maxiter=10),
+        "natural_gradient": lambda: hvpopt.natural_gradient(
+            problem.model_fn, problem.loss, damping=0.1, maxiter=100, rtol=1e-10
+        ),
+    }[name]()
 
     def step(params, state, x, y):
         objective = lambda p: problem.objective(p, x, y)
         loss, grads = jax.value_and_grad(objective)(params)
-        updates, state = optimizer.update(grads, state, params, value=loss, grad=grads, value_fn=objective,
-                                          curvature_batch=(x, y))
+        updates, state = optimizer.update(
+            grads, state, params, value=loss, grad=grads, value_fn=objective, curvature_batch=(x, y)
+        )
         return optax.apply_updates(params, updates), state
 
     state = optimizer.init(problem.params)
@@ -175,17 +184,29 @@ def test_pairwise_and_self_scores_shard_the_training_set(method, mesh):
     problem = mlp_problem(30)  # 30: chunks of 8 and a ragged last one over 4 devices
     loss = lambda params, example: problem.objective(params, example[0][None], example[1][None])
     train, queries = (problem.inputs, problem.targets), (problem.inputs[:3], problem.targets[:3])
-    options = dict(method=method, damping=0.1, curvature="ggn", model=(problem.model_fn, problem.loss),
-                   chunk_size=8, rank=10, depth=30)
+    options = dict(
+        method=method,
+        damping=0.1,
+        curvature="ggn",
+        model=(problem.model_fn, problem.loss),
+        chunk_size=8,
+        rank=10,
+        depth=30,
+    )
     single = influence.pairwise_scores(loss, problem.params, train, queries, **options)
     sharded = influence.pairwise_scores(loss, problem.params, train, queries, mesh=mesh, **options)
     assert_same(sharded, single, rtol=1e-8)
     assert sharded.sharding.spec == PartitionSpec()  # gathered
     chunks = influence.gradients.padded_gradient_chunks(loss, problem.params, train, chunk_size=8, mesh=mesh)
-    assert all(rows.shape[0] == 8 and rows.sharding.spec == PartitionSpec("data")  # the ragged last one too
-               for _, _, rows in chunks)
-    assert_same(influence.self_scores(loss, problem.params, train, mesh=mesh, **options),
-                influence.self_scores(loss, problem.params, train, **options), rtol=1e-8)
+    assert all(
+        rows.shape[0] == 8 and rows.sharding.spec == PartitionSpec("data")  # the ragged last one too
+        for _, _, rows in chunks
+    )
+    assert_same(
+        influence.self_scores(loss, problem.params, train, mesh=mesh, **options),
+        influence.self_scores(loss, problem.params, train, **options),
+        rtol=1e-8,
+    )
 
 
 def test_influence_gradients_stay_on_their_devices_and_the_curvature_psums(mesh):
@@ -197,7 +218,8 @@ def test_influence_gradients_stay_on_their_devices_and_the_curvature_psums(mesh)
     rows, found = compiled(gradients, params, chunk)
     assert not found and rows.sharding.spec == PartitionSpec("data")
     curvature = lambda params, chunk, v: influence.curvature_operator(
-        loss, params, chunk, curvature="ggn", model=(problem.model_fn, problem.loss), chunk_size=2, mesh=mesh)(v)
+        loss, params, chunk, curvature="ggn", model=(problem.model_fn, problem.loss), chunk_size=2, mesh=mesh
+    )(v)
     data_parallel(curvature, params, chunk, params)
 
 
@@ -208,7 +230,8 @@ def test_training_on_a_mesh_follows_the_one_device_run(mesh):
     sharded = training.train(task, options, progress=False, mesh=mesh)
     assert_same(sharded.params, single.params, rtol=1e-4)
     assert [r["validation_loss"] for r in sharded.history] == pytest.approx(
-        [r["validation_loss"] for r in single.history], rel=1e-5)
+        [r["validation_loss"] for r in single.history], rel=1e-5
+    )
     with pytest.raises(ValueError, match=r"batch_size \(30\) must be a multiple of the 4 devices .* a mesh of 2"):
         training.train(task, training.TrainOptions(steps=1, batch_size=30), progress=False, mesh=mesh)
 
@@ -220,20 +243,53 @@ def test_shard_batch_names_an_uneven_split(mesh):
 
 def test_the_commands_split_their_work_over_devices(tmp_path, capsys):
     out = str(tmp_path / "blobs")
-    train = ["train", "--task", "blobs", "--steps", "3", "--eval-every", "3", "--no-progress", "--json",
-             "--data", "num_examples=64", "--optimizer", "newton_cg", "--batch-size", "32"]
+    train = [
+        "train",
+        "--task",
+        "blobs",
+        "--steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--no-progress",
+        "--json",
+        "--data",
+        "num_examples=64",
+        "--optimizer",
+        "newton_cg",
+        "--batch-size",
+        "32",
+    ]
     assert cli.main([*train, "--out", out, "--devices", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["devices"] == 4
     assert cli.main([*train, "--out", str(tmp_path / "bad"), "--batch-size", "30", "--devices", "4"]) == 2
-    assert "--batch-size 30 cannot be split evenly over 4 devices; pass a --batch-size that is a multiple of 4 " \
+    assert (
+        "--batch-size 30 cannot be split evenly over 4 devices; pass a --batch-size that is a multiple of 4 "
         "or --devices 2" in capsys.readouterr().err
+    )
     assert not os.path.exists(tmp_path / "bad")
 
     scores = {}
     for devices in ("1", "4"):
         folder = str(tmp_path / f"influence-{devices}")
-        command = ["influence", "--checkpoint", out, "--num-queries", "3", "--damping", "0.01", "--chunk-size", "16",
-                   "--cg-iterations", "30", "--no-progress", "--out", folder, "--devices", devices]
+        command = [
+            "influence",
+            "--checkpoint",
+            out,
+            "--num-queries",
+            "3",
+            "--damping",
+            "0.01",
+            "--chunk-size",
+            "16",
+            "--cg-iterations",
+            "30",
+            "--no-progress",
+            "--out",
+            folder,
+            "--devices",
+            devices,
+        ]
         assert cli.main(command) == 0
         scores[devices] = np.load(os.path.join(folder, "scores.npy"))
         assert json.load(open(os.path.join(folder, "metadata.json")))["devices"] == int(devices)

@@ -6,7 +6,17 @@ from hvpopt.testbed.data.synthetic import TaskData, bracket_matching, gaussian_b
 from hvpopt.testbed.data.tokenizer import CharTokenizer
 
 __all__ = [
-    "CharTokenizer", "Dataset", "TaskData", "bracket_matching", "char_lm", "choose_flipped",
-    "corpus_text", "flip_labels", "gaussian_blobs", "make_dataset", "modular_addition",
-    "reverse_strings", "split",
+    "CharTokenizer",
+    "Dataset",
+    "TaskData",
+    "bracket_matching",
+    "char_lm",
+    "choose_flipped",
+    "corpus_text",
+    "flip_labels",
+    "gaussian_blobs",
+    "make_dataset",
+    "modular_addition",
+    "reverse_strings",
+    "split",
 ]

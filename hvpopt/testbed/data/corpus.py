@@ -21,8 +21,9 @@ def corpus_text() -> str:
     return importlib.resources.files("hvpopt.testbed.data").joinpath(CORPUS_FILE).read_text(encoding="utf-8")
 
 
-def char_lm(*, seed: int = 0, flip_fraction: float = 0.0, context_length: int = 32,
-            validation_fraction: float = 0.1) -> TaskData:
+def char_lm(
+    *, seed: int = 0, flip_fraction: float = 0.0, context_length: int = 32, validation_fraction: float = 0.1
+) -> TaskData:
     """Non-overlapping windows of ``context_length + 1`` characters for next-character prediction.
 
     The last ``validation_fraction`` of the text is the validation split, so no
@@ -43,14 +44,17 @@ def char_lm(*, seed: int = 0, flip_fraction: float = 0.0, context_length: int = 
     window = context_length + 1
     boundary = int(len(text) * (1 - validation_fraction))
     if window > len(text) - boundary:
-        raise ValueError(f"context_length must be at most {len(text) - boundary - 1:,}, so that the validation text "
-                         f"holds a window; got {context_length}.")
+        raise ValueError(
+            f"context_length must be at most {len(text) - boundary - 1:,}, so that the validation text "
+            f"holds a window; got {context_length}."
+        )
 
     def windows(start: int, stop: int):
         offsets = range(start, stop - window + 1, window)
-        chunks = [text[offset:offset + window] for offset in offsets]
+        chunks = [text[offset : offset + window] for offset in offsets]
         ids = np.stack([tokenizer.encode(chunk) for chunk in chunks])
-        return make_dataset(ids[:, :-1], (ids[:, 1:], np.ones_like(ids[:, 1:])),
-                            [f"shakespeare@{offset}" for offset in offsets], chunks)
+        return make_dataset(
+            ids[:, :-1], (ids[:, 1:], np.ones_like(ids[:, 1:])), [f"shakespeare@{offset}" for offset in offsets], chunks
+        )
 
     return TaskData(windows(0, boundary), windows(boundary, len(text)), tokenizer, None)

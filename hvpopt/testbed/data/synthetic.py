@@ -41,8 +41,9 @@ class TaskData(NamedTuple):
     num_classes: int | None
 
 
-def modular_addition(*, seed: int = 0, flip_fraction: float = 0.0, modulus: int = 31,
-                     validation_fraction: float = 0.5) -> TaskData:
+def modular_addition(
+    *, seed: int = 0, flip_fraction: float = 0.0, modulus: int = 31, validation_fraction: float = 0.5
+) -> TaskData:
     """Every pair ``a, b < modulus`` as the text ``"aa+bb="``, labelled ``(a + b) % modulus``."""
     _check_int_in("modulus", modulus, 2, math.isqrt(MAX_EXAMPLES), f"modulus**2 examples; at most {MAX_EXAMPLES:,} fit")
     width = len(str(modulus - 1))
@@ -50,14 +51,26 @@ def modular_addition(*, seed: int = 0, flip_fraction: float = 0.0, modulus: int 
     texts = [f"{a:0{width}d}+{b:0{width}d}=" for a, b in pairs]
     labels = np.array([(a + b) % modulus for a, b in pairs])
     return _classification(
-        "modular", texts, labels, modulus, CharTokenizer("0123456789+="),
-        render=lambda text, label: f"{text}{label}", seed=seed, flip_fraction=flip_fraction,
+        "modular",
+        texts,
+        labels,
+        modulus,
+        CharTokenizer("0123456789+="),
+        render=lambda text, label: f"{text}{label}",
+        seed=seed,
+        flip_fraction=flip_fraction,
         validation_fraction=validation_fraction,
     )
 
 
-def bracket_matching(*, seed: int = 0, flip_fraction: float = 0.0, num_examples: int = 2000,
-                     max_length: int = 16, validation_fraction: float = 0.2) -> TaskData:
+def bracket_matching(
+    *,
+    seed: int = 0,
+    flip_fraction: float = 0.0,
+    num_examples: int = 2000,
+    max_length: int = 16,
+    validation_fraction: float = 0.2,
+) -> TaskData:
     """Strings over ``()[]`` of even length up to ``max_length``, half of them balanced.
 
     A balanced string is a random Dyck-2 word; an unbalanced one is a balanced
@@ -78,15 +91,27 @@ def bracket_matching(*, seed: int = 0, flip_fraction: float = 0.0, num_examples:
         texts.append(word)
         labels.append(int(balanced))
     return _classification(
-        "dyck", texts, np.array(labels), 2, CharTokenizer("()[]"),
+        "dyck",
+        texts,
+        np.array(labels),
+        2,
+        CharTokenizer("()[]"),
         render=lambda text, label: f"{text} -> {('unbalanced', 'balanced')[label]}",
-        seed=seed, flip_fraction=flip_fraction, validation_fraction=validation_fraction,
+        seed=seed,
+        flip_fraction=flip_fraction,
+        validation_fraction=validation_fraction,
     )
 
 
-def reverse_strings(*, seed: int = 0, flip_fraction: float = 0.0, num_examples: int = 2000,
-                    length: int = 6, alphabet: str = "abcdefgh",
-                    validation_fraction: float = 0.2) -> TaskData:
+def reverse_strings(
+    *,
+    seed: int = 0,
+    flip_fraction: float = 0.0,
+    num_examples: int = 2000,
+    length: int = 6,
+    alphabet: str = "abcdefgh",
+    validation_fraction: float = 0.2,
+) -> TaskData:
     """Language modelling of ``"abcdef>fedcba"``; the loss counts only the reversed half.
 
     ``inputs`` are the first ``2 * length`` characters, ``targets`` are
@@ -101,8 +126,9 @@ def reverse_strings(*, seed: int = 0, flip_fraction: float = 0.0, num_examples: 
     rng = np.random.default_rng([seed, 2])
     letters = np.array(list(alphabet))
     sources = ["".join(rng.choice(letters, length)) for _ in range(num_examples)]
-    pool = make_dataset(np.zeros(num_examples), np.zeros(num_examples),
-                        [f"reverse-{i:05d}" for i in range(num_examples)], sources)
+    pool = make_dataset(
+        np.zeros(num_examples), np.zeros(num_examples), [f"reverse-{i:05d}" for i in range(num_examples)], sources
+    )
     train, validation = split(pool, validation_fraction, rng)
     flipped = choose_flipped(train.num_examples, flip_fraction, rng)
 
@@ -122,13 +148,19 @@ def reverse_strings(*, seed: int = 0, flip_fraction: float = 0.0, num_examples: 
         mask[:, length:] = 1
         return make_dataset(ids[:, :-1], (ids[:, 1:], mask), part.ids, texts, flips)
 
-    return TaskData(build(train, flipped), build(validation, np.zeros(validation.num_examples, bool)),
-                    tokenizer, None)
+    return TaskData(build(train, flipped), build(validation, np.zeros(validation.num_examples, bool)), tokenizer, None)
 
 
-def gaussian_blobs(*, seed: int = 0, flip_fraction: float = 0.0, num_examples: int = 600,
-                   num_features: int = 8, num_classes: int = 3, separation: float = 1.5,
-                   validation_fraction: float = 0.2) -> TaskData:
+def gaussian_blobs(
+    *,
+    seed: int = 0,
+    flip_fraction: float = 0.0,
+    num_examples: int = 600,
+    num_features: int = 8,
+    num_classes: int = 3,
+    separation: float = 1.5,
+    validation_fraction: float = 0.2,
+) -> TaskData:
     """Features ``x = mu_c + noise``, class means ``mu_c ~ separation * N(0, I)``, labels ``c``.
 
     The classes overlap, so a well-regularised logistic regression is neither
@@ -147,16 +179,25 @@ def gaussian_blobs(*, seed: int = 0, flip_fraction: float = 0.0, num_examples: i
     pool = make_dataset(features, labels, [f"blobs-{i:05d}" for i in range(num_examples)], texts)
     train, validation = split(pool, validation_fraction, rng)
     flipped = choose_flipped(train.num_examples, flip_fraction, rng)
-    train = _relabel(train, flip_labels(train.targets, flipped, num_classes, rng), flipped,
-                     lambda text, label: f"{text} -> {label}")
-    validation = _relabel(validation, validation.targets, validation.flipped,
-                          lambda text, label: f"{text} -> {label}")
+    train = _relabel(
+        train, flip_labels(train.targets, flipped, num_classes, rng), flipped, lambda text, label: f"{text} -> {label}"
+    )
+    validation = _relabel(validation, validation.targets, validation.flipped, lambda text, label: f"{text} -> {label}")
     return TaskData(train, validation, None, num_classes)
 
 
-def _classification(prefix: str, texts: list[str], labels: np.ndarray, num_classes: int,
-                    tokenizer: CharTokenizer, *, render: Callable[[str, int], str], seed: int,
-                    flip_fraction: float, validation_fraction: float) -> TaskData:
+def _classification(
+    prefix: str,
+    texts: list[str],
+    labels: np.ndarray,
+    num_classes: int,
+    tokenizer: CharTokenizer,
+    *,
+    render: Callable[[str, int], str],
+    seed: int,
+    flip_fraction: float,
+    validation_fraction: float,
+) -> TaskData:
     """Tokenizes, splits, flips training labels, and writes each example's text with its label."""
     rng = np.random.default_rng([seed, 0])
     length = max(len(text) for text in texts)
@@ -169,8 +210,7 @@ def _classification(prefix: str, texts: list[str], labels: np.ndarray, num_class
     return TaskData(train, validation, tokenizer, num_classes)
 
 
-def _relabel(part: Dataset, labels: np.ndarray, flipped: np.ndarray,
-             render: Callable[[str, int], str]) -> Dataset:
+def _relabel(part: Dataset, labels: np.ndarray, flipped: np.ndarray, render: Callable[[str, int], str]) -> Dataset:
     texts = [render(text, int(label)) for text, label in zip(part.texts.tolist(), labels)]
     return make_dataset(part.inputs, labels, part.ids, texts, flipped)
 

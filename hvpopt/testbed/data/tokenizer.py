@@ -27,9 +27,7 @@ class CharTokenizer:
 
     def __post_init__(self):
         if not self.characters or len(set(self.characters)) != len(self.characters):
-            raise ValueError(
-                f"characters must be a non-empty string of distinct characters; got {self.characters!r}."
-            )
+            raise ValueError(f"characters must be a non-empty string of distinct characters; got {self.characters!r}.")
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":

@@ -14,9 +14,7 @@ class MLP(nnx.Module):
     """Dense layers with an activation between them (none after the last)."""
 
     def __init__(self, sizes: Sequence[int], activation: Callable, *, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [nnx.Linear(m, n, rngs=rngs) for m, n in zip(sizes[:-1], sizes[1:])]
-        )
+        self.layers = nnx.List([nnx.Linear(m, n, rngs=rngs) for m, n in zip(sizes[:-1], sizes[1:])])
         self.activation = activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -25,9 +23,7 @@ class MLP(nnx.Module):
         return self.layers[-1](x)
 
 
-def mlp(
-    sizes: Sequence[int], *, activation: Callable = jnp.tanh, seed: int = 0
-) -> tuple[Callable, nnx.State]:
+def mlp(sizes: Sequence[int], *, activation: Callable = jnp.tanh, seed: int = 0) -> tuple[Callable, nnx.State]:
     """An MLP as ``(model_fn, params)``.
 
     Args:

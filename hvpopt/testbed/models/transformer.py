@@ -66,13 +66,10 @@ class TransformerConfig:
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be True or False; got {self.tie_embeddings!r}.")
         if self.d_model % self.num_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})."
-            )
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}).")
         if self.positions == "rotary" and (self.d_model // self.num_heads) % 2:
             raise ValueError(
-                f"rotary positions need an even head width; d_model / num_heads = "
-                f"{self.d_model // self.num_heads}."
+                f"rotary positions need an even head width; d_model / num_heads = {self.d_model // self.num_heads}."
             )
 
 
@@ -132,9 +129,7 @@ class TransformerBody(nnx.Module):
         init = nnx.initializers.normal(stddev=0.02)
         self.token_embedding = nnx.Param(init(rngs.params(), (config.vocab_size, config.d_model)))
         if config.positions == "learned":
-            self.position_embedding = nnx.Param(
-                init(rngs.params(), (config.context_length, config.d_model))
-            )
+            self.position_embedding = nnx.Param(init(rngs.params(), (config.context_length, config.d_model)))
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = nnx.LayerNorm(config.d_model, rngs=rngs)
 
@@ -142,8 +137,7 @@ class TransformerBody(nnx.Module):
         length = tokens.shape[-1]
         if length > self.config.context_length:
             raise ValueError(
-                f"tokens has length {length}, longer than the model's context_length "
-                f"{self.config.context_length}."
+                f"tokens has length {length}, longer than the model's context_length {self.config.context_length}."
             )
         x = jnp.take(self.token_embedding[...], tokens, axis=0)
         if self.config.positions == "learned":
@@ -188,9 +182,7 @@ class TransformerClassifier(nnx.Module):
         return self.head(pooled)
 
 
-def transformer_lm(
-    config: TransformerConfig = TransformerConfig(), *, seed: int = 0
-) -> tuple[Callable, nnx.State]:
+def transformer_lm(config: TransformerConfig = TransformerConfig(), *, seed: int = 0) -> tuple[Callable, nnx.State]:
     """A :class:`TransformerLM` as ``(model_fn, params)``.
 
     Example:
