@@ -41,11 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
-from benchmark_env import cpu_load, environment  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from harness import cpu_load, environment  # noqa: E402
 
-from hvpopt import influence, tasks, training  # noqa: E402
+from hvpopt import influence  # noqa: E402
 from hvpopt.influence import pearson, spearman  # noqa: E402
+from hvpopt.testbed import tasks, training  # noqa: E402
 from hvpopt.testbed.files import atomic_path  # noqa: E402
 
 # ---------------------------------------------------------------- 1. leave-one-out

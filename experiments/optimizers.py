@@ -111,8 +111,8 @@ import optax.tree_utils as otu
 import hvpopt
 from hvpopt.testbed.training import evaluate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from benchmark_env import cpu_load, environment, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness import cpu_load, environment, write_results  # noqa: E402
 
 #: Gradient-equivalents of one gradient, one loss evaluation, one curvature-vector product.
 COST = {"gradient": 1.0, "value": 0.5, "product": 2.0}

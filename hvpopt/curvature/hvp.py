@@ -77,7 +77,7 @@ def hessian_operator(f: Callable, params: PyTree, *args, mode: str = "auto") -> 
     memory (about what one gradient needs), so the primal forward and backward
     passes run once however many products follow, as in a CG or Lanczos loop.
     Inside one ``jit`` XLA often finds that sharing by itself for repeated
-    :func:`hvp` calls (``scripts/bench_curvature.py`` measures both equal per
+    :func:`hvp` calls (``benchmarks/bench_curvature.py`` measures both equal per
     product); the operator guarantees it. ``"rev_fwd"`` has nothing to reuse.
 
     Args:

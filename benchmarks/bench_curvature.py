@@ -24,10 +24,10 @@ gradient and ``hvpopt.hvp`` again in its own rounds; the JAX/PyTorch target
 uses those same-rounds times, since the two phases may see different machine
 load (the per-phase load average and process CPU/wall ratio are recorded).
 
-Usage:
-  python scripts/bench_curvature.py                 # full run (a few minutes)
-  python scripts/bench_curvature.py --quick --out /tmp/bench.json
-  python scripts/bench_curvature.py --no-torch
+Usage (from the repository root):
+  python benchmarks/bench_curvature.py              # full run (minutes): benchmarks/results/bench_curvature_cpu.json
+  python benchmarks/bench_curvature.py --quick      # smoke run, writes to the temporary folder
+  python benchmarks/bench_curvature.py --no-torch
 """
 
 import argparse
@@ -38,17 +38,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
-from benchmark_env import cpu_load, environment, write_results
+from harness import num_params
 
 import hvpopt
 from hvpopt.testbed.models import TransformerConfig, transformer_lm
 
 ce = hvpopt.losses.softmax_cross_entropy
 
-DEFAULT_OUT = "benchmarks/results/bench_curvature_cpu.json"
+DEFAULT_OUT = harness.results_path("bench_curvature_cpu.json")
+QUICK_OUT = harness.quick_path("bench_curvature")
+TIME_FIELDS = ("median", "p25", "p75", "min", "mean", "std", "repeats")  # harness.summarize
 K_VECTORS = 10  # products per operator-reuse loop
 
 # What --quick compiles (compilation dominates a quick run): the transformer
@@ -86,10 +89,6 @@ def random_like(seed: int, tree: Any, leading: tuple[int, ...] = ()) -> Any:
         lambda x: jnp.asarray(rng.standard_normal(leading + jnp.shape(x), dtype=np.float32)),
         tree,
     )
-
-
-def num_params(params: Any) -> int:
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 
 def transformer_case(d_model: int, batch: int = 16, seq: int = 32, vocab: int = 64) -> dict:
@@ -227,53 +226,6 @@ def cost_stats(compiled) -> dict:
     return {k: float(ca[k]) for k in ("flops", "transcendentals", "bytes accessed") if k in ca}
 
 
-def summarize(times: list[float]) -> dict:
-    arr = np.asarray(times)
-    return {
-        "median_s": float(np.median(arr)),
-        "p25_s": float(np.percentile(arr, 25)),
-        "p75_s": float(np.percentile(arr, 75)),
-        "min_s": float(arr.min()),
-        "mean_s": float(arr.mean()),
-        "std_s": float(arr.std()),
-        "repeats": int(arr.size),
-    }
-
-
-def round_robin(
-    calls: dict[str, Callable[[], Any]],
-    sync: Callable[[Any], Any],
-    *,
-    warmup: int,
-    min_repeats: int,
-    max_repeats: int,
-    budget_s: float,
-) -> tuple[dict[str, list[float]], int]:
-    """Times every call in interleaved rounds; returns name -> per-call seconds."""
-    names = list(calls)
-    for _ in range(warmup):
-        for name in names:
-            sync(calls[name]())
-    # Size the number of rounds from one measured round.
-    times = {name: [] for name in names}
-
-    def one_round(order):
-        for name in order:
-            t0 = time.perf_counter()
-            out = calls[name]()
-            sync(out)
-            times[name].append(time.perf_counter() - t0)
-            del out
-
-    t0 = time.perf_counter()
-    one_round(names)
-    round_s = time.perf_counter() - t0
-    rounds = int(min(max_repeats, max(min_repeats, math.ceil(budget_s / max(round_s, 1e-9)))))
-    for r in range(1, rounds):
-        one_round(names if r % 2 == 0 else names[::-1])
-    return times, rounds
-
-
 def max_rel_err(a: Any, b: Any) -> float:
     """max |a - b| / max |b| over all leaves (on the host)."""
     pairs = [
@@ -319,22 +271,17 @@ def bench_jax_case(case: dict, args, include: tuple[str, ...] | None = None) -> 
     compiled: dict[str, Any] = {}
     for name, (fn, vec_name) in fns.items():
         vec = vectors[vec_name]
-        jitted = jax.jit(fn)
-        t0 = time.perf_counter()
-        lowered = jitted.lower(params, vec, batch)
-        t1 = time.perf_counter()
-        comp = lowered.compile()
-        t2 = time.perf_counter()
+        comp, lower_s, compile_s = harness.lower_and_compile_timed(fn, params, vec, batch)
         compiled[name] = (comp, vec)
         results[name] = {
             "vector_arg": vec_name,
-            "lower_s": t1 - t0,
-            "compile_s": t2 - t1,
-            "lower_plus_compile_s": t2 - t0,
+            "lower_s": lower_s,
+            "compile_s": compile_s,
+            "lower_plus_compile_s": lower_s + compile_s,
             "memory": memory_stats(comp),
             "cost": cost_stats(comp),
         }
-        print(f"  compiled {case['name']}/{name}: {t2 - t0:.2f} s", flush=True)
+        print(f"  compiled {case['name']}/{name}: {lower_s + compile_s:.2f} s", flush=True)
 
     # Correctness: every HVP variant against the raw reference, and whether
     # XLA got the very same program for it.
@@ -356,26 +303,16 @@ def bench_jax_case(case: dict, args, include: tuple[str, ...] | None = None) -> 
             results[op][key] = max_rel_err(compiled[op][0](params, vk, batch), compiled[loop][0](params, vk, batch))
 
     calls = {name: (lambda c=comp, x=vec: c(params, x, batch)) for name, (comp, vec) in compiled.items()}
-    load_before = cpu_load()
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    times, rounds = round_robin(
-        calls,
-        jax.block_until_ready,
-        warmup=args.warmup,
-        min_repeats=args.min_repeats,
-        max_repeats=args.max_repeats,
-        budget_s=args.budget_per_case,
-    )
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    contention = {
-        "loadavg_before": load_before,
-        "loadavg_after": cpu_load(),
-        "timing_wall_s": wall,
-        "process_cpu_s": cpu,
-        "process_cpu_per_wall": cpu / wall,
-    }
+    with harness.contention({}) as contention:
+        times, _, rounds = harness.round_robin(
+            calls,
+            warmup=args.warmup,
+            min_rounds=args.min_repeats,
+            max_rounds=args.max_repeats,
+            budget_s=args.budget_per_case,
+        )
     for name in fns:
-        results[name]["time"] = summarize(times[name])
+        results[name]["time"] = harness.summarize(times[name], TIME_FIELDS)
 
     # Derived ratios.
     grad_t = results["grad"]["time"]["median_s"]
@@ -560,26 +497,19 @@ def bench_torch(
     except Exception as err:  # noqa: BLE001 - record and fall back to double backward
         out["errors"]["hvp_jvp_grad"] = f"{type(err).__name__}: {err}"
 
-    load_before = cpu_load()
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    times, rounds = round_robin(
-        calls,
-        lambda _: None,  # eager CPU torch is synchronous
-        warmup=args.warmup,
-        min_repeats=args.min_repeats,
-        max_repeats=args.max_repeats,
-        budget_s=args.budget_per_case / 2,
-    )
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    out["contention"] = {
-        "loadavg_before": load_before,
-        "loadavg_after": cpu_load(),
-        "timing_wall_s": wall,
-        "process_cpu_s": cpu,
-        "process_cpu_per_wall": cpu / wall,
-    }
+    with harness.contention({}) as out["contention"]:
+        times, _, rounds = harness.round_robin(
+            calls,
+            sync=lambda _: None,  # eager CPU torch is synchronous
+            warmup=args.warmup,
+            min_rounds=args.min_repeats,
+            max_rounds=args.max_repeats,
+            budget_s=args.budget_per_case / 2,
+        )
     out["rounds"] = rounds
-    out["functions"] = {name: {"time": summarize(t)} for name, t in times.items() if not name.startswith("jax:")}
+    out["functions"] = {
+        name: {"time": harness.summarize(t, TIME_FIELDS)} for name, t in times.items() if not name.startswith("jax:")
+    }
     grad_t = out["functions"]["grad"]["time"]["median_s"]
     for res in out["functions"].values():
         res["time_ratio_to_grad"] = res["time"]["median_s"] / grad_t
@@ -587,7 +517,7 @@ def bench_torch(
     best = min(hvps, key=hvps.get)
     out["best_hvp"] = {"method": best, "median_s": hvps[best], "ratio_to_grad": hvps[best] / grad_t}
     if jax_calls:
-        jt = {name[4:]: summarize(t) for name, t in times.items() if name.startswith("jax:")}
+        jt = {name[4:]: harness.summarize(t, TIME_FIELDS) for name, t in times.items() if name.startswith("jax:")}
         out["jax_interleaved"] = {
             "note": "the compiled JAX grad and hvpopt.hvp, timed in the same rounds as PyTorch",
             "functions": {name: {"time": t} for name, t in jt.items()},
@@ -770,16 +700,20 @@ def print_targets(t: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fast smoke run with few repeats")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output path (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", default=None, help=f"JSON output path (default {DEFAULT_OUT}; with --quick {QUICK_OUT})"
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     if args.quick:
         args.warmup, args.min_repeats, args.max_repeats, args.budget_per_case = 1, 3, 3, 0.0
     else:
         args.warmup, args.min_repeats, args.max_repeats, args.budget_per_case = 3, 20, 200, 20.0
 
     start = time.perf_counter()
-    env = environment(("jax", "jaxlib", "flax", "optax", "numpy", "torch", "hvpopt"))
+    env = harness.environment(("jax", "jaxlib", "flax", "optax", "numpy", "torch", "hvpopt"))
     print(
         f"JAX {jax.__version__} on {env['jax_devices']}; {env['machine']['cpu_count']} CPUs; "
         f"{'quick' if args.quick else 'full'} run",
@@ -860,7 +794,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_s": total,
     }
-    write_results(args.out, report)
+    harness.write_results(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

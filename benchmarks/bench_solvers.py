@@ -90,9 +90,9 @@ iteration within 1e-6 of the truth; a lower bound for any stopping rule).
 matrices, a small MLP in place of the transformer, no transformer eigenvalue
 case, few repeats); its numbers are not the benchmark.
 
-Usage:
-  python scripts/bench_solvers.py                  # full run (~5-6 minutes, 2 cores)
-  python scripts/bench_solvers.py --quick          # writes /tmp/bench_solvers_quick.json
+Usage (from the repository root; needs ``pip install lineax``):
+  python benchmarks/bench_solvers.py           # full run (~5-6 min, 2 cores): benchmarks/results/bench_solvers_cpu.json
+  python benchmarks/bench_solvers.py --quick   # smoke run, writes to the temporary folder
 """
 
 import argparse
@@ -102,13 +102,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import harness
 import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import optax.tree_utils as otu
 import scipy.linalg
-from benchmark_env import cpu_load, environment, write_results
+from harness import compile_timed, num_params
 from jax.flatten_util import ravel_pytree
 
 import hvpopt
@@ -116,8 +117,9 @@ from hvpopt.testbed.models import TransformerConfig, transformer_lm
 
 ce = hvpopt.losses.softmax_cross_entropy
 
-DEFAULT_OUT = "benchmarks/results/bench_solvers_cpu.json"
-QUICK_OUT = "/tmp/bench_solvers_quick.json"
+DEFAULT_OUT = harness.results_path("bench_solvers_cpu.json")
+QUICK_OUT = harness.quick_path("bench_solvers")
+TIME_FIELDS = ("median", "p25", "p75", "min", "repeats")  # harness.summarize
 RTOL = 1e-6
 EIG_K = 10
 EIG_RTOL = 1e-6
@@ -134,52 +136,6 @@ LINEAX_RESULT_NAMES = tuple(lx.RESULTS._name_to_item)  # index -> name (lineax 0
 # --------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------
-
-
-def summarize(times: list[float]) -> dict:
-    arr = np.asarray(times)
-    return {
-        "median_s": float(np.median(arr)),
-        "p25_s": float(np.percentile(arr, 25)),
-        "p75_s": float(np.percentile(arr, 75)),
-        "min_s": float(arr.min()),
-        "repeats": int(arr.size),
-    }
-
-
-def round_robin(
-    calls: dict[str, Callable[[], Any]], *, min_rounds: int, max_rounds: int, budget_s: float
-) -> tuple[dict[str, list[float]], int, dict]:
-    """Times every call in interleaved rounds (the calls are already warm)."""
-    names = list(calls)
-    times = {name: [] for name in names}
-
-    def one_round(order):
-        for name in order:
-            t0 = time.perf_counter()
-            jax.block_until_ready(calls[name]())
-            times[name].append(time.perf_counter() - t0)
-
-    load0, wall0, cpu0 = cpu_load(), time.perf_counter(), time.process_time()
-    one_round(names)
-    round_s = time.perf_counter() - wall0
-    rounds = int(min(max_rounds, max(min_rounds, math.ceil(budget_s / max(round_s, 1e-9)))))
-    for r in range(1, rounds):
-        one_round(names if r % 2 == 0 else names[::-1])
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    contention = {
-        "loadavg_before": load0,
-        "loadavg_after": cpu_load(),
-        "timing_wall_s": wall,
-        "process_cpu_per_wall": cpu / wall,
-    }
-    return times, rounds, contention
-
-
-def compile_timed(fn: Callable, *args) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - t0
 
 
 def lift_constants(matvec: Callable, like: Any) -> tuple[Callable, list]:
@@ -215,10 +171,6 @@ def rel_diff(a: Any, b: Any) -> float:
     fa = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(a)])
     fb = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(b)])
     return float(np.linalg.norm(fa - fb) / max(np.linalg.norm(fb), 1e-300))
-
-
-def num_params(tree: Any) -> int:
-    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
 # --------------------------------------------------------------------------
@@ -367,12 +319,12 @@ class MatvecCounter:
     def __init__(self):
         self.count = 0
 
-    def _tick(self, _):
+    def tick(self, _):
         self.count += 1
 
     def wrap(self, mv: Callable) -> Callable:
         def counted(c, v):
-            jax.debug.callback(self._tick, jax.tree.leaves(v)[0].ravel()[0])
+            jax.debug.callback(self.tick, jax.tree.leaves(v)[0].ravel()[0])
             return mv(c, v)
 
         return counted
@@ -551,13 +503,14 @@ def bench_cg_case(
         for call in ("matvec_call", "matvec_loop_1", f"matvec_loop_{loop_k}"):
             jax.block_until_ready(calls[call]())
     dense = name.startswith("dense")
-    times, rounds, contention = round_robin(
-        calls,
-        min_rounds=args.min_rounds if dense else args.min_rounds_long,
-        max_rounds=args.max_rounds,
-        budget_s=args.budget if dense else args.budget_long,
-    )
-    t = {k: summarize(v) for k, v in times.items()}
+    with harness.contention({}) as contention:  # the calls are already warm
+        times, _, rounds = harness.round_robin(
+            calls,
+            min_rounds=args.min_rounds if dense else args.min_rounds_long,
+            max_rounds=args.max_rounds,
+            budget_s=args.budget if dense else args.budget_long,
+        )
+    t = {k: harness.summarize(v, TIME_FIELDS) for k, v in times.items()}
     marginal = (t[f"matvec_loop_{loop_k}"]["median_s"] - t["matvec_loop_1"]["median_s"]) / (loop_k - 1)
     res["matvec"] = {
         "what": "damped matvec v -> A v + damping v" if has_damping else "dense matvec v -> A v",
@@ -1341,7 +1294,7 @@ def main(argv=None) -> int:
     )
 
     start = time.perf_counter()
-    env = environment(("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "lineax", "equinox", "hvpopt"))
+    env = harness.environment(("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "lineax", "equinox", "hvpopt"))
     print(
         f"JAX {jax.__version__} on {env['jax_devices']}; {env['machine']['cpu_count']} CPUs; "
         f"{'quick' if args.quick else 'full'} run",
@@ -1407,7 +1360,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "wall_s": {"cg": t_cg, "total": total},
     }
-    write_results(args.out, report)
+    harness.write_results(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

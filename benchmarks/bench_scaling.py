@@ -68,10 +68,10 @@ every timed call. ``--quick`` (1 and 2 devices, a one-layer d_model 32 model,
 context 16, batches of 4 per device and 8 in all, fewer repeats) is a smoke
 run of every code path; its numbers are not the benchmark.
 
-Usage:
-  python scripts/bench_scaling.py            # full run, ~3 min on 2 shared CPU cores
-  python scripts/bench_scaling.py --quick    # smoke run (~1 min), writes /tmp/bench_scaling_quick.json
-  python scripts/bench_scaling.py --devices 1,2 --per-device-batch 64 --total-batch 256
+Usage (from the repository root):
+  python benchmarks/bench_scaling.py            # full run, ~3 min on 2 shared CPU cores
+  python benchmarks/bench_scaling.py --quick    # smoke run (~1 min), writes to the temporary folder
+  python benchmarks/bench_scaling.py --devices 1,2 --per-device-batch 64 --total-batch 256
 """
 
 import os
@@ -89,18 +89,16 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
+import harness  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax.tree_utils as otu  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_influence import CompileSpans  # noqa: E402
-from benchmark_env import cpu_load, environment, write_results  # noqa: E402
+from harness import CompileSpans  # noqa: E402
 
 import hvpopt  # noqa: E402
-from hvpopt import tasks  # noqa: E402
+from hvpopt.testbed import tasks  # noqa: E402
 
-QUICK_OUT = "/tmp/bench_scaling_quick.json"
+QUICK_OUT = harness.quick_path("bench_scaling")
 WORKLOADS = ("ggn_product", "cg_solve", "influence")
 MODES = ("strong", "weak")
 AGREEMENT_TOLERANCE = 1e-3
@@ -197,28 +195,8 @@ def total_examples(workload: str, mode: str, devices: int, settings: dict) -> in
 
 
 # --------------------------------------------------------------------------
-# Timing and comparison
+# Comparison with one device
 # --------------------------------------------------------------------------
-
-
-def timed_call(call: Callable[[], Any], spans: CompileSpans) -> tuple[float, float, Any]:
-    """(seconds, seconds of compilation inside them, output) of one call, waited for."""
-    wall0, start = time.time(), time.perf_counter()
-    output = jax.block_until_ready(call())
-    seconds = time.perf_counter() - start
-    return seconds, spans.within(wall0, time.time()), output
-
-
-def round_robin(
-    calls: dict[int, Callable[[], Any]], repeats: int, spans: CompileSpans
-) -> dict[int, list[tuple[float, float]]]:
-    """``repeats`` rounds calling every device count, order reversed every other round."""
-    samples = {devices: [] for devices in calls}
-    order = list(calls)
-    for round_index in range(repeats):
-        for devices in order if round_index % 2 == 0 else order[::-1]:
-            samples[devices].append(timed_call(calls[devices], spans)[:2])
-    return samples
 
 
 def max_relative_difference(result: Any, reference: Any) -> float:
@@ -228,14 +206,6 @@ def max_relative_difference(result: Any, reference: Any) -> float:
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)))
     return worst
-
-
-def statistics(seconds: list[float], prefix: str = "") -> dict:
-    return {
-        f"{prefix}median_s": float(np.median(seconds)),
-        f"{prefix}min_s": float(np.min(seconds)),
-        f"{prefix}max_s": float(np.max(seconds)),
-    }
 
 
 # --------------------------------------------------------------------------
@@ -251,7 +221,7 @@ def run_mode(
     calls = {d: make_call(workload, task, settings, d, totals[d]) for d in device_counts}
     records, outputs = {}, {}
     for devices, call in calls.items():
-        first_call_s, compile_s, outputs[devices] = timed_call(call, spans)
+        first_call_s, compile_s, outputs[devices] = harness.timed_call(call, spans=spans)
         records[devices] = {
             "workload": workload,
             "mode": mode,
@@ -265,16 +235,17 @@ def run_mode(
             f"  {workload} {mode} D={devices}: first call {first_call_s:.2f} s (compile {compile_s:.2f} s)", flush=True
         )
     references.setdefault((workload, totals[1]), outputs[1])
-    for devices, samples in round_robin(calls, settings["repeats"][workload], spans).items():
-        seconds, compile_s = (list(column) for column in zip(*samples))
+    timings = harness.round_robin(calls, min_rounds=settings["repeats"][workload], spans=spans)
+    for devices, seconds in timings.seconds.items():
+        compile_s = timings.compile_seconds[devices]
         steady = [s - c for s, c in zip(seconds, compile_s)]
         reference, separate = reference_result(workload, task, settings, totals[devices], references)
         records[devices].update(
             {
                 "seconds": seconds,
                 "compile_in_call_s": compile_s,
-                **statistics(seconds),
-                **statistics(steady, "steady_"),
+                **harness.summarize(seconds),
+                **harness.summarize(steady, prefix="steady_"),
                 "max_relative_difference": max_relative_difference(outputs[devices], reference),
                 "reference": "separate one-device run" if separate else "a measured one-device run",
             }
@@ -381,8 +352,8 @@ def main(argv=None) -> int:
     settings = settings_from(args)
     device_counts, skipped = available_device_counts(settings["devices"])
     backend = jax.default_backend()
-    out_path = args.out or (QUICK_OUT if args.quick else f"benchmarks/results/bench_scaling_{backend}.json")
-    load_before = cpu_load()
+    out_path = args.out or (QUICK_OUT if args.quick else harness.results_path(f"bench_scaling_{backend}.json"))
+    load_before = harness.cpu_load()
     spans = CompileSpans()
     task = tasks.make_task(
         "shakespeare",
@@ -402,9 +373,9 @@ def main(argv=None) -> int:
 
     report = {
         "benchmark": "bench_scaling",
-        "environment": environment(("jax", "jaxlib", "flax", "optax", "numpy", "hvpopt")),
+        "environment": harness.environment(("jax", "jaxlib", "flax", "optax", "numpy", "hvpopt")),
         "cpu_load_before": load_before,
-        "cpu_load_after": cpu_load(),
+        "cpu_load_after": harness.cpu_load(),
         "quick": args.quick,
         "simulated_cpu_devices": backend == "cpu",
         "caveat": (
@@ -416,7 +387,7 @@ def main(argv=None) -> int:
         "skipped_device_counts": skipped,
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "task": task.config,
-        "parameters": int(sum(x.size for x in jax.tree.leaves(task.params))),
+        "parameters": harness.num_params(task.params),
         "settings": {
             **settings,
             "agreement_tolerance": AGREEMENT_TOLERANCE,
@@ -432,7 +403,7 @@ def main(argv=None) -> int:
         "runs": records,
         "wall_seconds_total": time.perf_counter() - start,
     }
-    write_results(out_path, report)
+    harness.write_results(out_path, report)
     print()
     print(format_table(records))
     print(

@@ -59,15 +59,15 @@ query gradient outside its top eigenvectors at ``1/damping``; the recorded
 projection, and its ``diagnostic_arnoldi_plus_complement`` entries what the
 library computes now.
 
-Usage:
-  python scripts/bench_influence.py                 # full run (15 min on 2 shared CPU cores, load 3-7)
-  python scripts/bench_influence.py --quick         # smoke run in one process, /tmp/bench_influence_quick.json
-  python scripts/bench_influence.py --methods cg,arnoldi --dampings 1e-2 --reference-queries 0   # timings only
+Usage (from the repository root):
+  python benchmarks/bench_influence.py              # full run (15 min on 2 shared CPU cores, load 3-7)
+  python benchmarks/bench_influence.py --quick      # smoke run in one process, in the temporary folder
+  python benchmarks/bench_influence.py --methods cg,arnoldi --dampings 1e-2 --reference-queries 0   # timings only
 
 Without ``--checkpoint`` the default model cached by ``hvpopt influence``
 ($HVPOPT_CACHE/shakespeare, default ~/.cache/hvpopt/shakespeare) is used; if it
-is not there it is trained and cached exactly as ``hvpopt influence`` does
-(about 3 minutes on 2 CPU cores).
+is not there it is trained there by ``hvpopt train`` on its defaults, the model
+``hvpopt influence`` trains (about 3 minutes on 2 CPU cores).
 """
 
 import time
@@ -84,50 +84,20 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
+from harness import CompileSpans  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-DEFAULT_OUT = "benchmarks/results/bench_influence_cpu.json"
-QUICK_OUT = "/tmp/bench_influence_quick.json"
+DEFAULT_OUT = harness.results_path("bench_influence_cpu.json")
+QUICK_OUT = harness.quick_path("bench_influence")
 TARGET_SECONDS = 60.0
 TARGET_METHODS = ("cg", "arnoldi")
 TOP_K = 10
-COMPILE_EVENTS = (
-    "/jax/core/compile/jaxpr_trace_duration",
-    "/jax/core/compile/jaxpr_to_mlir_module_duration",
-    "/jax/core/compile/backend_compile_duration",
-)
 
 
 # --------------------------------------------------------------------------
 # Worker side: one setting (or the reference) in its own process
 # --------------------------------------------------------------------------
-
-
-class CompileSpans:
-    """Collects JAX's compile-time spans (trace, lowering, XLA compile) to measure compilation per phase."""
-
-    def __init__(self):
-        import jax
-
-        self.spans = []
-        jax.monitoring.register_event_time_span_listener(self._record)
-
-    def _record(self, event, start, end, **_):
-        if event in COMPILE_EVENTS:
-            self.spans.append((start, end))
-
-    def within(self, start: float, end: float) -> float:
-        """Seconds of [start, end] (``time.time()``) covered by at least one compile span."""
-        clipped = sorted((max(s, start), min(e, end)) for s, e in self.spans if e > start and s < end)
-        total, cursor = 0.0, start
-        for s, e in clipped:
-            s = max(s, cursor)
-            if e > s:
-                total += e - s
-                cursor = e
-        return total
 
 
 class Phase:
@@ -178,7 +148,7 @@ def _problem(spec: dict):
     train = task.train.take(range(min(spec["train_examples"], task.train.num_examples)))
     queries = task.validation.take(range(min(spec["queries"], task.validation.num_examples)))
 
-    def curvature_data(size):  # hvpopt/influence_command.py:_fit
+    def curvature_data(size):  # as hvpopt/cli/influence.py picks its curvature subset
         rng = np.random.default_rng(spec["seed"])
         chosen = np.sort(rng.choice(train.num_examples, min(size, train.num_examples), replace=False))
         subset = train.take(chosen)
@@ -458,9 +428,11 @@ def _checkpoint(args) -> str:
                 f"'hvpopt train --out {args.checkpoint}' (or leave --checkpoint out for the cached default)."
             )
         return os.path.abspath(args.checkpoint)
-    from hvpopt.cli.influence import _default_checkpoint
-
-    return os.path.abspath(_default_checkpoint(True, None))  # trains and caches it if absent, as the CLI does
+    folder = os.path.join(os.environ.get("HVPOPT_CACHE", os.path.expanduser("~/.cache/hvpopt")), "shakespeare")
+    if not os.path.exists(os.path.join(folder, checkpoint.CONFIG_FILE)):  # train it as `hvpopt influence` would
+        print(f"no --checkpoint and no cached default model: training it into {folder}", flush=True)
+        subprocess.run([sys.executable, "-m", "hvpopt.cli", "train", "--out", folder], check=True)
+    return os.path.abspath(folder)
 
 
 def _run_worker(spec: dict, folder: str, name: str, in_process: bool) -> tuple[dict, dict]:
@@ -656,14 +628,12 @@ def main(argv=None) -> int:
         worker(json.loads(args.worker))
         return 0
 
-    from benchmark_env import cpu_load, environment, write_results
-
     start = time.perf_counter()
     out_path = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = _settings(args)
     plan = _plan(methods, settings)
-    load_before = cpu_load()
+    load_before = harness.cpu_load()
     common = {"checkpoint": _checkpoint(args), "seed": args.seed, "save_scores": args.save_scores, **settings}
     reference_nc = settings["solve_curvature_examples"][0]
     in_process = args.quick or args.in_process
@@ -717,9 +687,9 @@ def main(argv=None) -> int:
 
     report = {
         "benchmark": "bench_influence",
-        "environment": environment(("jax", "jaxlib", "flax", "optax", "numpy", "hvpopt")),
+        "environment": harness.environment(("jax", "jaxlib", "flax", "optax", "numpy", "hvpopt")),
         "cpu_load_before": load_before,
-        "cpu_load_after": cpu_load(),
+        "cpu_load_after": harness.cpu_load(),
         "quick": args.quick,
         "in_process": in_process,
         "target": {
@@ -750,7 +720,7 @@ def main(argv=None) -> int:
         ),
         "wall_seconds_total": time.perf_counter() - start,
     }
-    write_results(out_path, report)
+    harness.write_results(out_path, report)
     print()
     print(_table(rows))
     print(
