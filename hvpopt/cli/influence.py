@@ -23,14 +23,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh
 
 import hvpopt
 from hvpopt import _checks, influence
 from hvpopt.cli import chunk_store, flags
 from hvpopt.influence import MAX_EXACT_PARAMETERS
-from hvpopt.optim import minimize_newton_cg
 from hvpopt.testbed import checkpoint, files, interrupts, tasks, training
 from hvpopt.testbed.data import Dataset, make_dataset
 from hvpopt.testbed.progress import Progress
@@ -570,23 +568,24 @@ def _self(args, problem: Problem, settings: dict, work: str) -> dict:
     flipped = problem.train.flipped
     extra = {}
     if flipped.any():  # how many flipped labels the top 10% by self-influence holds
-        top = np.argsort(-scores)[: max(1, round(0.1 * flipped.size))]
-        extra["flipped_recall_at_10_percent"] = float(flipped[top].sum() / flipped.sum())
+        extra["flipped_recall_at_10_percent"] = influence.flipped_label_recall(scores, flipped, fraction=0.1)
     return _finish(args, problem, settings, {**fit, **extra}, rows, {"self_scores.npy": lambda f: np.save(f, scores)})
 
 
 def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
     """Predicted against actual changes of the query losses (Pearson, Spearman), the identity baseline beside.
 
-    Convex task: exact leave-one-out retraining (Newton-CG to rounding) from
-    the exact optimum. Otherwise: the proximal Bregman response of each removed
-    example on the curvature examples (what Gauss-Newton influence estimates).
+    Convex task: exact leave-one-out retraining (:func:`hvpopt.influence.leave_one_out_changes`)
+    from the exact optimum. Otherwise: the proximal Bregman response of each removed example on
+    the curvature examples (:func:`hvpopt.influence.proximal_bregman_changes`). One removed
+    example per call, so that Ctrl-C stops between them.
     """
     task, n = problem.task, problem.train.num_examples
     train = _examples(problem.train)
-    convex = _is_convex(task)
+    convex = task.convex
     if convex:  # the exact optimum, not the checkpoint's, and the curvature of the whole training set
-        problem = dataclasses.replace(problem, params=_minimise(task, problem.params, train, np.ones(n)))
+        optimum = influence.retrain(problem.loss_fn, problem.params, train, l2=task.l2).params
+        problem = dataclasses.replace(problem, params=optimum)
         settings = {**settings, "curvature_examples": n}
     params = problem.params
     queries = problem.queries.take(range(min(args.num_queries, problem.queries.num_examples)))
@@ -604,43 +603,40 @@ def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
     )
     predicted, identity = scores(inverse=inverse), scores(method="identity")
     removed = np.sort(np.random.default_rng(settings["seed"]).choice(n, min(args.validate_examples, n), replace=False))
-    query_loss = jax.jit(lambda p: jax.vmap(task.example_loss, in_axes=(None, 0))(p, _examples(queries)))
-    base = query_loss(params)
     if convex:
-        changed = lambda j: _minimise(task, params, train, jnp.ones(n).at[j].set(0.0))
-    else:
-        subset = _curvature_subset(problem, settings)
-        response = jax.jit(
-            lambda example: influence.proximal_bregman_response(
-                problem.loss_fn,
-                problem.model,
-                params,
-                _examples(subset),
-                example,
-                num_train=n,
-                damping=settings["damping"],
-                maxiter=settings["cg_iterations"],
-            )
+        changes = lambda j: influence.leave_one_out_changes(
+            problem.loss_fn, params, train, _examples(queries), [j], l2=task.l2
         )
-        changed = lambda j: response(jax.tree.map(lambda a: a[j], train))
+    else:
+        subset = _examples(_curvature_subset(problem, settings))
+        changes = lambda j: influence.proximal_bregman_changes(
+            problem.loss_fn,
+            problem.model,
+            params,
+            subset,
+            train,
+            _examples(queries),
+            [j],
+            damping=settings["damping"],
+            maxiter=settings["cg_iterations"],
+        )
     bar = Progress(len(removed), "retrain" if convex else "response", unit="examples") if not args.no_progress else None
     actual = []
     for j in removed:
         interrupts.check_interrupt()  # a safe point: between retrainings
-        actual.append(np.asarray(query_loss(changed(j)) - base))
+        actual.append(np.asarray(changes(j))[:, 0])
         if bar:
             bar.update(1)
     if bar:
         bar.close()
     actual = np.stack(actual, axis=1)
+    identity_agreement = influence.agreement(identity[:, removed], actual)
     report = {
         "reference": "leave-one-out retraining" if convex else "proximal Bregman response",
         "examples_removed": len(removed),
         "queries": queries.num_examples,
-        "pearson": influence.pearson(predicted[:, removed], actual),
-        "spearman": influence.spearman(predicted[:, removed], actual),
-        "identity_pearson": influence.pearson(identity[:, removed], actual),
-        "identity_spearman": influence.spearman(identity[:, removed], actual),
+        **influence.agreement(predicted[:, removed], actual),
+        **{f"identity_{name}": value for name, value in identity_agreement.items()},
     }
     pairs = [
         {
@@ -656,17 +652,10 @@ def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
     return _finish(args, problem, settings, {**fit, **report}, None, outputs)
 
 
-def _is_convex(task: tasks.Task | None) -> bool:
-    """Logistic regression with an L2 penalty: leave-one-out retraining is exact there."""
-    return (
-        task is not None and task.name == "blobs" and not task.config["model_options"]["hidden_sizes"] and task.l2 > 0
-    )
-
-
 def _check_validate(problem: Problem, settings: dict) -> None:
     if problem.task is None:
         raise ValueError("validate needs a checkpoint or the built-in default (it retrains or re-solves the task).")
-    if _is_convex(problem.task):
+    if problem.task.convex:
         if abs(settings["damping"] - problem.task.l2) > 1e-12:  # (Gauss-Newton = Hessian here)
             raise ValueError(
                 f"validate compares with retraining the L2-penalised objective: use --damping "
@@ -686,17 +675,6 @@ def _check_validate(problem: Problem, settings: dict) -> None:
                 "validate on a non-convex task compares with the proximal Bregman response, which "
                 f"Gauss-Newton influence estimates: use {' and '.join(needed)}."
             )
-
-
-def _minimise(task: tasks.Task, params, train, weights, steps: int = 40):
-    """Newton-CG on ``(1/n) sum_i w_i l_i + (l2/2) ||theta||^2`` to a gradient norm near rounding."""
-    weights = jnp.asarray(weights, jnp.result_type(*jax.tree.leaves(params)))
-
-    def objective(p):
-        losses = jax.vmap(task.example_loss, in_axes=(None, 0))(p, train)
-        return jnp.sum(weights * losses) / weights.size + 0.5 * task.l2 * optax.tree_utils.tree_norm(p, squared=True)
-
-    return jax.jit(lambda p: minimize_newton_cg(objective, p, steps=steps, forcing=1e-8).params)(params)
 
 
 # ---------------------------------------------------------------- writing

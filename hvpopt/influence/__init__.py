@@ -22,21 +22,33 @@ from hvpopt.influence.scores import (
     self_score_blocks,
     self_scores,
 )
+from hvpopt.influence.validation import (
+    agreement,
+    flipped_label_recall,
+    leave_one_out_changes,
+    proximal_bregman_changes,
+    retrain,
+)
 
 __all__ = [
     "CURVATURES",
     "MAX_EXACT_PARAMETERS",
     "METHODS",
     "InverseCurvature",
+    "agreement",
     "curvature_operator",
     "eigen_inverse",
     "fit_inverse_curvature",
     "flat_example_gradients",
+    "flipped_label_recall",
     "gradient_chunks",
+    "leave_one_out_changes",
     "pairwise_scores",
     "pearson",
+    "proximal_bregman_changes",
     "proximal_bregman_response",
     "query_directions",
+    "retrain",
     "score_blocks",
     "self_score_blocks",
     "self_scores",

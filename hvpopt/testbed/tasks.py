@@ -82,6 +82,20 @@ class Task:
     tokenizer: data.CharTokenizer | None
     l2: float
 
+    @property
+    def convex(self) -> bool:
+        """Whether the training objective is strictly convex in the parameters, so that leave-one-out
+        retraining (Newton-CG from the optimum) finds the one minimum exactly.
+
+        True for a linear model (an MLP without hidden layers, ``x -> x W + b``: multinomial
+        logistic regression on ``blobs``) under an L2 penalty ``l2 > 0``: every built-in loss is
+        convex in the model's outputs (the negative log-likelihood of an exponential family in its
+        natural parameters, :mod:`hvpopt.losses`), a convex function of a linear map is convex, and
+        the penalty makes it strictly so. False for every network with a hidden layer or attention.
+        """
+        linear = self.config["model_options"].get("hidden_sizes") == []
+        return linear and self.l2 > 0
+
     def batch_loss(self, params, inputs, targets) -> jax.Array:
         """The mean loss of a batch of examples."""
         return self.loss(self.model_fn(params, inputs), targets)
