@@ -10,6 +10,11 @@ The library, each layer importing only the ones above it:
 Beside it, imported on first use: ``hvpopt.testbed`` (built-in models, data,
 tasks, training loop, checkpoints) and ``hvpopt.cli`` (the ``hvpopt`` command).
 The products, solvers and optimizers are also at the top level.
+
+Moved in 0.2, the old names still working for this release with a
+``DeprecationWarning``: ``hvpopt.{checkpoint,data,models,tasks,training}`` are in
+``hvpopt.testbed``; ``hvpopt.curvature.{dense_matrix,exact_diagonal,hutchinson_diagonal}``
+in ``hvpopt.linalg``; ``hvpopt.spectrum.save_density_plot`` in ``hvpopt.cli.spectrum``.
 """
 
 import importlib

@@ -29,6 +29,8 @@ from jax.flatten_util import ravel_pytree
 from hvpopt import _checks
 from hvpopt.types import PyTree
 
+__all__ = ["JACOBIAN_MODES", "SpectralNorm", "jacobian", "jacobian_mode_prefers_forward", "jacobian_spectral_norm"]
+
 JACOBIAN_MODES = ("auto", "fwd", "rev")
 
 

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 
 from hvpopt.types import MatVec
 
+__all__ = ["Loss", "masked_softmax_cross_entropy", "softmax_cross_entropy", "squared_error"]
+
 Array = jax.Array
 
 

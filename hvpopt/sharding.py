@@ -45,6 +45,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from hvpopt import _checks
 from hvpopt.types import PyTree
 
+__all__ = ["DATA_AXIS", "axis_size", "data_mesh", "replicate", "shard_batch", "shard_params"]
+
 #: The mesh axis a batch's examples are split over.
 DATA_AXIS = "data"
 

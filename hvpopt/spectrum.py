@@ -10,6 +10,8 @@ Reference:
   of the Hessian", IEEE BigData 2020.
 """
 
+import importlib
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,6 +24,8 @@ from hvpopt.linalg.density import SpectralDensity, spectral_density
 from hvpopt.linalg.lanczos import EigshResult, eigsh
 from hvpopt.linalg.trace_estimation import TraceEstimate, trace
 from hvpopt.types import PyTree
+
+__all__ = ["DENSITY_ITERS", "SpectrumReport", "curvature_spectrum", "summarize"]
 
 DENSITY_ITERS = 40  # curvature_spectrum's default Lanczos steps per density probe
 
@@ -125,3 +129,16 @@ def summarize(report: SpectrumReport) -> dict[str, Any]:
         "density_sigma": float(density.sigma),
         "num_matvecs": int(report.num_matvecs),
     }
+
+
+def __getattr__(name: str):
+    """``save_density_plot`` draws for the command line and moved there in 0.2; the old name works for this release."""
+    if name == "save_density_plot":
+        warnings.warn(
+            "hvpopt.spectrum.save_density_plot is now hvpopt.cli.spectrum.save_density_plot; the old name "
+            "goes in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return importlib.import_module("hvpopt.cli.spectrum").save_density_plot
+    raise AttributeError(f"module 'hvpopt.spectrum' has no attribute {name!r}")

@@ -1,9 +1,25 @@
-"""Pytree arithmetic that keeps every leaf in its own dtype (mixed precision)."""
+"""Pytree arithmetic that keeps every leaf in its own dtype (mixed precision).
+
+What ``optax.tree_utils`` does not offer, shared by the solvers and the
+optimizers: a scaled add that casts back, a finiteness test over several
+trees, and a leafwise select.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from hvpopt import tree
+  >>> x = {"w": jnp.ones(2, jnp.bfloat16)}
+  >>> tree.add_scaled(x, jnp.float32(0.5), x)["w"].dtype
+  dtype(bfloat16)
+  >>> bool(tree.all_finite(x, jnp.array(jnp.nan)))
+  False
+"""
 
 import jax
 import jax.numpy as jnp
 
 from hvpopt.types import PyTree
+
+__all__ = ["add_scaled", "all_finite", "select"]
 
 
 def add_scaled(x: PyTree, alpha: jax.Array, y: PyTree) -> PyTree:

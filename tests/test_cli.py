@@ -24,6 +24,12 @@ def test_version_and_help():
     assert help_text.returncode == 0 and "demo" in help_text.stdout
 
 
+@pytest.mark.parametrize("command", sorted(cli.app.COMMANDS))
+def test_every_command_has_help(capsys, command):
+    assert cli.main([command, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: hvpopt {command}")
+
+
 def test_demo_reports_agreeing_modes(capsys):
     assert cli.main(["demo", "--task", "blobs", "--batch-size", "4", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
