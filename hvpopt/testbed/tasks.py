@@ -7,15 +7,15 @@ outputs`` and ``loss(outputs, targets)`` (a :class:`hvpopt.losses.Loss` with
 its closed-form output Hessian), so ``ggn_vp(task.model_fn, task.loss, ...)``
 works directly; ``example_loss`` is the loss of one example, for influence.
 
-========== ====================================== ===========================
-task       data                                   model
-========== ====================================== ===========================
-shakespeare next character of the shipped corpus  transformer language model
-reverse    complete ``"abc>"`` with ``"cba"``     transformer language model
-modular    ``"aa+bb="`` -> ``(a + b) mod p``      transformer classifier
-dyck       is a bracket string balanced?          transformer classifier
-blobs      Gaussian clusters                      logistic regression or MLP
-========== ====================================== ===========================
+=========== ====================================== ===========================
+task        data                                   model
+=========== ====================================== ===========================
+shakespeare next character of the shipped corpus   transformer language model
+reverse     complete ``"abc>"`` with ``"cba"``     transformer language model
+modular     ``"aa+bb="`` -> ``(a + b) mod p``      transformer classifier
+dyck        is a bracket string balanced?          transformer classifier
+blobs       Gaussian clusters                      logistic regression or MLP
+=========== ====================================== ===========================
 """
 
 import dataclasses
