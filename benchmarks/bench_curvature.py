@@ -686,17 +686,6 @@ def evaluate_targets(jax_results: dict, torch_results: dict) -> dict:
     }
 
 
-def print_targets(t: dict) -> None:
-    print(f"\n=== Targets: {t['num_pass']}/{t['num_targets']} pass ===")
-    for item in t["items"]:
-        m = item["measured"]
-        ms = "n/a" if m is None else f"{m:.3f}"
-        print(
-            f"  [{'PASS' if item['pass'] else 'FAIL'}] {item['target']:<28} {item['case']:<22} "
-            f"{ms:>8} <= {item['threshold']}"
-        )
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fast smoke run with few repeats")
@@ -760,7 +749,7 @@ def main(argv=None) -> int:
             print_torch(name, res, jres)
 
     targets = evaluate_targets(jax_results, torch_results)
-    print_targets(targets)
+    harness.print_targets(targets)
     total = time.perf_counter() - start
     print(f"\ntotal wall time {total:.1f} s")
 

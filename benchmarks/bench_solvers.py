@@ -1239,17 +1239,6 @@ def print_eigen(eig: dict) -> None:
         )
 
 
-def print_targets(t: dict) -> None:
-    print(f"\n=== Targets: {t['num_pass']}/{t['num_targets']} pass ===")
-    for i in t["items"]:
-        m = i["measured"]
-        ms = "n/a" if m is None else f"{m:.3f}"
-        print(
-            f"  [{'PASS' if i['pass'] else 'FAIL'}] {i['target']:<40} {i['case']:<36} {ms:>8} "
-            f"<= {i['threshold']}   {i.get('note', '')}"
-        )
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (< 1 minute), smaller problems")
@@ -1307,7 +1296,7 @@ def main(argv=None) -> int:
     eig = eigen_part(args)
     print_eigen(eig)
     targets = evaluate_targets(cg)
-    print_targets(targets)
+    harness.print_targets(targets, target_width=40, case_width=36)
     total = time.perf_counter() - start
     print(f"\nwall time: CG part {t_cg:.1f} s, total {total:.1f} s")
 

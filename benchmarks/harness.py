@@ -286,3 +286,15 @@ def write_results(path: str, report: dict) -> None:
     if directory:
         os.makedirs(directory, exist_ok=True)
     write_atomically(path, lambda file: json.dump(report, file, indent=2, default=str), mode="w")
+
+
+def print_targets(targets: dict, *, target_width: int = 28, case_width: int = 22) -> None:
+    """Prints a benchmark's targets (``{"num_pass", "num_targets", "items"}``) as PASS/FAIL lines."""
+    print(f"\n=== Targets: {targets['num_pass']}/{targets['num_targets']} pass ===")
+    for item in targets["items"]:
+        measured = "n/a" if item["measured"] is None else f"{item['measured']:.3f}"
+        note = f"   {item['note']}" if item.get("note") else ""
+        print(
+            f"  [{'PASS' if item['pass'] else 'FAIL'}] {item['target']:<{target_width}} {item['case']:<{case_width}} "
+            f"{measured:>8} <= {item['threshold']}{note}"
+        )

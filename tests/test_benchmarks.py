@@ -11,7 +11,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = sorted((ROOT / "benchmarks").glob("bench_*.py"))
 SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "experiments").glob("*.py"))
-SHARED = ("round_robin", "summarize", "num_params")
+SHARED = ("round_robin", "summarize", "num_params", "print_targets")
 
 
 def _private(name: str) -> bool:

@@ -17,11 +17,10 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "hvpopt.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_version_and_help():
+def test_version_and_help(capsys):
     version = run("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"hvpopt {hvpopt.__version__}"
-    help_text = run("--help")
-    assert help_text.returncode == 0 and "demo" in help_text.stdout
+    assert cli.main(["--help"]) == 0  # every command's --help: below
 
 
 @pytest.mark.parametrize("command", sorted(cli.app.COMMANDS))

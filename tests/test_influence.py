@@ -142,11 +142,13 @@ def test_the_proximal_bregman_response_of_an_l2_linear_model_is_leave_one_out_re
     # For a linear model the Bregman term is L(theta) minus its tangent at theta_s, and at the
     # L2-penalised optimum that tangent is -L2 theta_s: the objective becomes the leave-one-out one.
     params, train, _ = wine
-    for j in (0, 77):
-        example = jax.tree.map(lambda a: a[j], train)
-        response = influence.proximal_bregman_response(
+    respond = jax.jit(
+        lambda example: influence.proximal_bregman_response(
             example_loss, (model_fn, cross_entropy), params, train, example, num_train=130, damping=L2, steps=6
         )
+    )
+    for j in (0, 77):
+        response = respond(jax.tree.map(lambda a: a[j], train))
         retrained = retrain(params, train, jnp.ones(130).at[j].set(0.0))
         for a, b in zip(jax.tree.leaves(response), jax.tree.leaves(retrained)):
             np.testing.assert_allclose(a, b, atol=1e-9)

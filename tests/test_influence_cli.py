@@ -143,7 +143,7 @@ def test_validate_on_a_transformer_compares_with_the_proximal_bregman_response(l
         "--checkpoint",
         lm,
         "--train-examples",
-        "2000",
+        "500",
         "--damping",
         "0.1",
         "--curvature-examples",

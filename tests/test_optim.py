@@ -27,9 +27,10 @@ def minimise(tx, f, params, steps, stop=0.0, extra=None):
         updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=f, **extra)
         return optax.apply_updates(params, updates), state
 
+    grad_norm = jax.jit(lambda params: optax.tree_utils.tree_norm(jax.grad(f)(params)))
     state = tx.init(params)
     for taken in range(steps):
-        if stop and float(optax.tree_utils.tree_norm(jax.grad(f)(params))) <= stop:
+        if stop and float(grad_norm(params)) <= stop:
             return params, state, taken
         params, state = step(params, state)
     return params, state, steps
@@ -218,7 +219,7 @@ def test_natural_gradient_estimates_decrease_the_loss(fisher):
 def test_hessian_free_decreases_a_small_transformers_loss():
     task = tiny_task("reverse")
     batch = task.train.take(range(32))
-    f = lambda p: task.batch_loss(p, batch.inputs, batch.targets)
+    f = jax.jit(lambda p: task.batch_loss(p, batch.inputs, batch.targets))
     curvature = task.train.take(range(16))  # a subset of the gradient batch
     tx = hvpopt.hessian_free(task.model_fn, task.loss, maxiter=20)
     params, state, _ = minimise(tx, f, task.params, 8, extra={"curvature_batch": (curvature.inputs, curvature.targets)})

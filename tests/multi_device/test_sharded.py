@@ -179,7 +179,9 @@ def test_an_optimizer_step_runs_data_parallel_under_one_jit(name, mesh):
     assert_same(data_parallel(step, params, state, x, y), single, rtol=1e-8)
 
 
-@pytest.mark.parametrize("method", ["exact", "cg", "arnoldi", "lissa"])
+# exact and cg: a dense matrix and a per-query solve, both over the sharded curvature. arnoldi and lissa fit
+# through the same sharded operator (tests/test_influence.py checks them against exact on one device).
+@pytest.mark.parametrize("method", ["exact", "cg"])
 def test_pairwise_and_self_scores_shard_the_training_set(method, mesh):
     problem = mlp_problem(30)  # 30: chunks of 8 and a ragged last one over 4 devices
     loss = lambda params, example: problem.objective(params, example[0][None], example[1][None])
