@@ -22,83 +22,28 @@ import warnings
 
 __version__ = "0.2.0"
 
+# The names packed to keep this file on one screen; each subpackage's __all__ lists them one per line.
+# fmt: off
 from hvpopt import curvature, influence, jacobians, linalg, losses, optim, sharding, spectrum, tree, types
-from hvpopt.curvature import (
-    HVP_MODES,
-    average_over_batches,
-    average_over_chunks,
-    empirical_fisher_operator,
-    empirical_fisher_vp,
-    fisher_operator,
-    fisher_vp,
-    ggn_operator,
-    ggn_vp,
-    hessian_operator,
-    hvp,
-    mc_fisher_operator,
-    mc_fisher_vp,
-    output_hessian,
-    sandwich_operator,
-)
+from hvpopt.curvature import (HVP_MODES, average_over_batches, average_over_chunks, empirical_fisher_operator,
+                              empirical_fisher_vp, fisher_operator, fisher_vp, ggn_operator, ggn_vp, hessian_operator,
+                              hvp, mc_fisher_operator, mc_fisher_vp, output_hessian, sandwich_operator)
 from hvpopt.jacobians import SpectralNorm, jacobian, jacobian_spectral_norm
-from hvpopt.linalg import (
-    CGResult,
-    CGStatus,
-    EigshResult,
-    LanczosDecomposition,
-    LissaResult,
-    LissaStatus,
-    SpectralDensity,
-    TraceEstimate,
-    cg,
-    dense_matrix,
-    eigsh,
-    exact_diagonal,
-    flat_operator,
-    hutchinson_diagonal,
-    jacobi_preconditioner,
-    lanczos_tridiagonal,
-    lissa,
-    spectral_density,
-    trace,
-    tridiagonal,
-)
-from hvpopt.optim import (
-    HessianFreeState,
-    Minimum,
-    NaturalGradientState,
-    NewtonCGState,
-    hessian_free,
-    minimize_newton_cg,
-    natural_gradient,
-    newton_cg,
-)
+from hvpopt.linalg import (CGResult, CGStatus, EigshResult, LanczosDecomposition, LissaResult, LissaStatus,
+                           SpectralDensity, TraceEstimate, cg, dense_matrix, eigsh, exact_diagonal, flat_operator,
+                           hutchinson_diagonal, jacobi_preconditioner, lanczos_tridiagonal, lissa, spectral_density,
+                           trace, tridiagonal)
+from hvpopt.optim import (HessianFreeState, Minimum, NaturalGradientState, NewtonCGState, hessian_free,
+                          minimize_newton_cg, natural_gradient, newton_cg)
 from hvpopt.sharding import data_mesh, replicate, shard_batch, shard_params
 
 __all__ = [
-    "curvature",
-    "influence",
-    "jacobians",
-    "linalg",
-    "losses",
-    "optim",
-    "sharding",
-    "spectrum",
-    "tree",
-    "types",
-    "testbed",
-    "cli",
-    *curvature.__all__,
-    *linalg.__all__,
-    *optim.__all__,
-    "SpectralNorm",
-    "jacobian",
-    "jacobian_spectral_norm",
-    "data_mesh",
-    "replicate",
-    "shard_batch",
-    "shard_params",
+    "curvature", "influence", "jacobians", "linalg", "losses", "optim", "sharding", "spectrum", "tree", "types",
+    "testbed", "cli",
+    *curvature.__all__, *linalg.__all__, *optim.__all__,
+    "SpectralNorm", "jacobian", "jacobian_spectral_norm", "data_mesh", "replicate", "shard_batch", "shard_params",
 ]
+# fmt: on
 
 _LAZY = ("testbed", "cli")  # they import the library, so the library imports them only when asked
 _MOVED_TO_TESTBED = ("checkpoint", "data", "models", "tasks", "training")  # hvpopt.<name> before 0.2
