@@ -13,17 +13,20 @@ The products, solvers and optimizers are also at the top level.
 
 Moved in 0.2, the old names still working for this release with a
 ``DeprecationWarning``: ``hvpopt.{checkpoint,data,models,tasks,training}`` are in
-``hvpopt.testbed``; ``hvpopt.curvature.{dense_matrix,exact_diagonal,hutchinson_diagonal}``
-in ``hvpopt.linalg``; ``hvpopt.spectrum.save_density_plot`` in ``hvpopt.cli.spectrum``.
+``hvpopt.testbed`` (``from hvpopt.tasks import make_task`` still imports);
+``hvpopt.curvature.{dense_matrix,exact_diagonal,hutchinson_diagonal}`` in
+``hvpopt.linalg``; ``hvpopt.spectrum.save_density_plot`` in ``hvpopt.cli.spectrum``.
 """
 
 import importlib
+import sys
 import warnings
 
 __version__ = "0.2.0"
 
 # The names packed to keep this file on one screen; each subpackage's __all__ lists them one per line.
 # fmt: off
+from hvpopt import _moved
 from hvpopt import curvature, influence, jacobians, linalg, losses, optim, sharding, spectrum, tree, types
 from hvpopt.curvature import (HVP_MODES, average_over_batches, average_over_chunks, empirical_fisher_operator,
                               empirical_fisher_vp, fisher_operator, fisher_vp, ggn_operator, ggn_vp, hessian_operator,
@@ -46,17 +49,17 @@ __all__ = [
 # fmt: on
 
 _LAZY = ("testbed", "cli")  # they import the library, so the library imports them only when asked
-_MOVED_TO_TESTBED = ("checkpoint", "data", "models", "tasks", "training")  # hvpopt.<name> before 0.2
+if not any(isinstance(finder, _moved.MovedModules) for finder in sys.meta_path):
+    sys.meta_path.append(_moved.MovedModules())  # `from hvpopt.tasks import ...`, moved in 0.2, for this release
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f"hvpopt.{name}")
-    if name in _MOVED_TO_TESTBED:
+    if f"hvpopt.{name}" in _moved.MOVED:
+        new = _moved.MOVED[f"hvpopt.{name}"]
         warnings.warn(
-            f"hvpopt.{name} is now hvpopt.testbed.{name}; the old name goes in the next release.",
-            DeprecationWarning,
-            stacklevel=2,
+            f"hvpopt.{name} is now {new}; the old name goes in the next release.", DeprecationWarning, stacklevel=2
         )
-        return importlib.import_module(f"hvpopt.testbed.{name}")
+        return importlib.import_module(new)
     raise AttributeError(f"module 'hvpopt' has no attribute {name!r}")

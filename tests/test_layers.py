@@ -150,3 +150,29 @@ def test_the_moved_names_still_work_for_this_release():
         assert hvpopt.curvature.dense_matrix is hvpopt.linalg.dense_matrix
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
         _ = hvpopt.nonsense
+
+
+def test_the_moved_module_paths_still_import_for_this_release():
+    """In a fresh process, so that the first import (the one that warns) happens there."""
+    code = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "import hvpopt.testbed.tasks as tasks, hvpopt.testbed.models.transformer as transformer\n"
+        "try:\n"
+        "    from hvpopt.tasks import make_task\n"
+        "except DeprecationWarning as warning:\n"
+        "    print(warning)\n"
+        "warnings.simplefilter('ignore')\n"
+        "from hvpopt.tasks import make_task\n"
+        "from hvpopt.models.transformer import rotate_positions\n"
+        "print(make_task is tasks.make_task, rotate_positions is transformer.rotate_positions)\n"
+        "try:\n"
+        "    import hvpopt.nonsense\n"
+        "except ModuleNotFoundError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == [
+        "hvpopt.tasks is now hvpopt.testbed.tasks; the old name goes in the next release.",
+        "True True",
+        "No module named 'hvpopt.nonsense'",
+    ]
