@@ -18,9 +18,7 @@ Moved in 0.2, the old names still working for this release with a
 ``hvpopt.linalg``; ``hvpopt.spectrum.save_density_plot`` in ``hvpopt.cli.spectrum``.
 """
 
-import importlib
 import sys
-import warnings
 
 __version__ = "0.2.0"
 
@@ -48,18 +46,10 @@ __all__ = [
 ]
 # fmt: on
 
-_LAZY = ("testbed", "cli")  # they import the library, so the library imports them only when asked
 if not any(isinstance(finder, _moved.MovedModules) for finder in sys.meta_path):
     sys.meta_path.append(_moved.MovedModules())  # `from hvpopt.tasks import ...`, moved in 0.2, for this release
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return importlib.import_module(f"hvpopt.{name}")
-    if f"hvpopt.{name}" in _moved.MOVED:
-        new = _moved.MOVED[f"hvpopt.{name}"]
-        warnings.warn(
-            f"hvpopt.{name} is now {new}; the old name goes in the next release.", DeprecationWarning, stacklevel=2
-        )
-        return importlib.import_module(new)
-    raise AttributeError(f"module 'hvpopt' has no attribute {name!r}")
+# hvpopt.testbed and hvpopt.cli import the library, so the library imports them only when asked.
+__getattr__ = _moved.forwarding_getattr(
+    "hvpopt", {old.rpartition(".")[2]: new for old, new in _moved.MOVED.items()}, lazy=("testbed", "cli")
+)

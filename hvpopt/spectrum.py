@@ -10,8 +10,6 @@ Reference:
   of the Hessian", IEEE BigData 2020.
 """
 
-import importlib
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -19,7 +17,7 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from hvpopt import _checks
+from hvpopt import _checks, _moved
 from hvpopt.linalg.density import SpectralDensity, spectral_density
 from hvpopt.linalg.lanczos import EigshResult, eigsh
 from hvpopt.linalg.trace_estimation import TraceEstimate, trace
@@ -131,14 +129,7 @@ def summarize(report: SpectrumReport) -> dict[str, Any]:
     }
 
 
-def __getattr__(name: str):
-    """``save_density_plot`` draws for the command line and moved there in 0.2; the old name works for this release."""
-    if name == "save_density_plot":
-        warnings.warn(
-            "hvpopt.spectrum.save_density_plot is now hvpopt.cli.spectrum.save_density_plot; the old name "
-            "goes in the next release.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return importlib.import_module("hvpopt.cli.spectrum").save_density_plot
-    raise AttributeError(f"module 'hvpopt.spectrum' has no attribute {name!r}")
+# Drawn by the command line since 0.2; the old name works for this release.
+__getattr__ = _moved.forwarding_getattr(
+    "hvpopt.spectrum", {"save_density_plot": "hvpopt.cli.spectrum:save_density_plot"}
+)

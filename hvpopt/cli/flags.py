@@ -161,5 +161,6 @@ def named_as_flags(args: argparse.Namespace) -> Iterator[None]:
 
 
 def check_out_folder(path: str) -> None:
+    """Raises ValueError if ``--out`` names something that exists and is not a folder."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--out {path!r} exists and is not a folder.")

@@ -143,7 +143,7 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     """The command: ``--out`` is this run's alone, Ctrl-C stops between chunks, and a run that fails
     leaves only finished work behind (in ``OUT/.partial``, for the same command to resume)."""
-    _check_options(args)
+    flags.check_out_folder(args.out)
     work = os.path.join(args.out, chunk_store.PARTIAL)
     try:
         with interrupts.deferred_interrupts(), files.owned_folder(args.out, "--out"):
@@ -388,11 +388,6 @@ def _texts_dataset(problem: Problem, flag: str, records: list[dict]) -> Dataset:
         if first.setdefault(example_id, name) != name:
             raise ValueError(f"{name}: id {example_id!r} is already that of {first[example_id]}; ids must be unique.")
     return tasks.examples_from_texts(problem.task, [r["text"] for r in records], ids=ids, names=names)
-
-
-def _check_options(args) -> None:
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out!r} exists and is not a folder.")
 
 
 def _settings(args, problem: Problem) -> dict:

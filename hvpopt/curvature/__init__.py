@@ -9,9 +9,7 @@ work on any operator and live in :mod:`hvpopt.linalg` (and at the top level).
 ``DeprecationWarning``.
 """
 
-import importlib
-import warnings
-
+from hvpopt import _moved
 from hvpopt.curvature.averaged import average_over_batches, average_over_chunks
 from hvpopt.curvature.fisher import (
     empirical_fisher_operator,
@@ -43,17 +41,7 @@ __all__ = [
     "sandwich_operator",
 ]
 
-_MOVED_TO_LINALG = ("dense_matrix", "exact_diagonal", "hutchinson_diagonal")
-
-
-def __getattr__(name: str):
-    """The names moved to :mod:`hvpopt.linalg`, for this release only."""
-    if name in _MOVED_TO_LINALG:
-        warnings.warn(
-            f"hvpopt.curvature.{name} is now hvpopt.linalg.{name} (also hvpopt.{name}); the old name "
-            "goes in the next release.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module("hvpopt.linalg"), name)
-    raise AttributeError(f"module 'hvpopt.curvature' has no attribute {name!r}")
+__getattr__ = _moved.forwarding_getattr(
+    "hvpopt.curvature",
+    {name: f"hvpopt.linalg:{name}" for name in ("dense_matrix", "exact_diagonal", "hutchinson_diagonal")},
+)
