@@ -2,7 +2,7 @@
 
 The library, each layer importing only the ones above it:
   types, tree, losses, sharding, jacobians   shared pieces
-  curvature    Hessian, Gauss-Newton and Fisher products, operators averaged over data
+  curvature    Hessian, Gauss-Newton and Fisher products, operators averaged over data, K-FAC/EK-FAC
   linalg       cg, lissa, eigsh, trace, spectral_density, diagonals, dense matrices
   optim        Newton-CG, Hessian-free and natural gradient as optax transformations
   influence    influence scores and the protocols that validate them
@@ -26,9 +26,12 @@ __version__ = "0.2.0"
 # fmt: off
 from hvpopt import _moved
 from hvpopt import curvature, influence, jacobians, linalg, losses, optim, sharding, spectrum, tree, types
-from hvpopt.curvature import (HVP_MODES, average_over_batches, average_over_chunks, empirical_fisher_operator,
-                              empirical_fisher_vp, fisher_operator, fisher_vp, ggn_operator, ggn_vp, hessian_operator,
-                              hvp, mc_fisher_operator, mc_fisher_vp, output_hessian, sandwich_operator)
+from hvpopt.curvature import (FISHER_TARGETS, HVP_MODES, KRONECKER_KINDS, DenseLayer, KroneckerFactors, LeafTreatment,
+                              TappedModel, average_over_batches, average_over_chunks, empirical_fisher_operator,
+                              empirical_fisher_vp, find_dense_layers, fisher_operator, fisher_vp, fit_kronecker_factors,
+                              ggn_operator, ggn_vp, hessian_operator, hvp, kronecker_inverse, kronecker_operator,
+                              layer_coverage, mc_fisher_operator, mc_fisher_vp, output_hessian, sandwich_operator,
+                              tapped_model)
 from hvpopt.jacobians import SpectralNorm, jacobian, jacobian_spectral_norm
 from hvpopt.linalg import (CGResult, CGStatus, EigshResult, LanczosDecomposition, LissaResult, LissaStatus,
                            SpectralDensity, TraceEstimate, cg, dense_matrix, eigsh, exact_diagonal, flat_operator,

@@ -52,6 +52,9 @@ class Loss:
       output_hessian: ``(outputs, targets) -> (u -> H_L u)``.
       sample_targets: ``(key, outputs, targets) -> targets`` drawn from the
         model's predictive distribution (masks are kept).
+      output_hessian_factor: ``outputs -> S [..., K, K]`` with ``S S^T`` the
+        unweighted Hessian of one position's term (the columns are ``S[..., :, k]``):
+        the closed-form Fisher of K-FAC backpropagates its ``K`` columns.
     """
 
     name: str
@@ -59,6 +62,7 @@ class Loss:
     weights: Callable[[Array, Any], Array]
     output_hessian: Callable[[Array, Any], MatVec]
     sample_targets: Callable[[Array, Array, Any], Any]
+    output_hessian_factor: Callable[[Array], Array]
 
     def __call__(self, outputs: Array, targets: Any) -> Array:
         return jnp.sum(self.weights(outputs, targets) * self.per_position(outputs, targets))
@@ -131,6 +135,13 @@ def _ce_hessian(weights_fn: Callable) -> Callable:
     return lambda logits, targets: _softmax_hessian(weights_fn(logits, targets), logits)
 
 
+def _softmax_hessian_factor(logits: Array) -> Array:
+    """``S = diag(sqrt p) - p sqrt(p)^T``, so ``S S^T = diag(p) - p p^T`` (as ``sum_k p_k = 1``)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    root = jnp.sqrt(probs)
+    return root[..., None, :] * (jnp.eye(logits.shape[-1], dtype=logits.dtype) - probs[..., :, None])
+
+
 def _sample_labels(key: Array, logits: Array, labels: Array) -> Array:
     sampled = jax.random.categorical(key, jax.lax.stop_gradient(logits), axis=-1)
     return sampled.astype(jnp.asarray(labels).dtype)
@@ -151,6 +162,7 @@ softmax_cross_entropy = Loss(
     weights=_uniform_weights,
     output_hessian=_ce_hessian(_uniform_weights),
     sample_targets=_sample_labels,
+    output_hessian_factor=_softmax_hessian_factor,
 )
 
 #: Softmax cross-entropy averaged over unmasked positions.
@@ -164,6 +176,7 @@ masked_softmax_cross_entropy = Loss(
     weights=_masked_weights,
     output_hessian=_ce_hessian(_masked_weights),
     sample_targets=_sample_masked_labels,
+    output_hessian_factor=_softmax_hessian_factor,
 )
 
 
@@ -196,4 +209,7 @@ squared_error = Loss(
     weights=_uniform_weights,
     output_hessian=_se_hessian,
     sample_targets=_sample_gaussian,
+    output_hessian_factor=lambda outputs: jnp.broadcast_to(
+        jnp.eye(outputs.shape[-1], dtype=outputs.dtype), (*outputs.shape, outputs.shape[-1])
+    ),
 )

@@ -2,6 +2,10 @@
 
 Each ``*_vp`` computes one product; each ``*_operator`` fixes the point and the
 data and returns the operator ``v -> C v`` that :mod:`hvpopt.linalg` solves with.
+Beside them, structured curvature: K-FAC and EK-FAC fitted on a dataset
+(:func:`fit_kronecker_factors`) on the dense layers found in any model
+(:func:`layer_coverage`), applied by :func:`kronecker_operator` and
+:func:`kronecker_inverse` without an iterative solve.
 
 Moved in 0.2: ``dense_matrix``, ``exact_diagonal`` and ``hutchinson_diagonal``
 work on any operator and live in :mod:`hvpopt.linalg` (and at the top level).
@@ -11,6 +15,14 @@ work on any operator and live in :mod:`hvpopt.linalg` (and at the top level).
 
 from hvpopt import _moved
 from hvpopt.curvature.averaged import average_over_batches, average_over_chunks
+from hvpopt.curvature.dense_layers import (
+    DenseLayer,
+    LeafTreatment,
+    TappedModel,
+    find_dense_layers,
+    layer_coverage,
+    tapped_model,
+)
 from hvpopt.curvature.fisher import (
     empirical_fisher_operator,
     empirical_fisher_vp,
@@ -21,24 +33,44 @@ from hvpopt.curvature.fisher import (
 )
 from hvpopt.curvature.ggn import ggn_operator, ggn_vp, output_hessian
 from hvpopt.curvature.hvp import HVP_MODES, hessian_operator, hvp
+from hvpopt.curvature.kronecker import (
+    FISHER_TARGETS,
+    KRONECKER_KINDS,
+    KroneckerFactors,
+    fit_kronecker_factors,
+    kronecker_inverse,
+    kronecker_operator,
+)
 from hvpopt.curvature.sandwich import sandwich_operator
 
 __all__ = [
+    "FISHER_TARGETS",
     "HVP_MODES",
+    "KRONECKER_KINDS",
+    "DenseLayer",
+    "KroneckerFactors",
+    "LeafTreatment",
+    "TappedModel",
     "average_over_batches",
     "average_over_chunks",
     "empirical_fisher_operator",
     "empirical_fisher_vp",
+    "find_dense_layers",
     "fisher_operator",
     "fisher_vp",
+    "fit_kronecker_factors",
     "ggn_operator",
     "ggn_vp",
     "hessian_operator",
     "hvp",
+    "kronecker_inverse",
+    "kronecker_operator",
+    "layer_coverage",
     "mc_fisher_operator",
     "mc_fisher_vp",
     "output_hessian",
     "sandwich_operator",
+    "tapped_model",
 ]
 
 __getattr__ = _moved.forwarding_getattr(

@@ -1,0 +1,385 @@
+"""Kronecker-factored curvature: K-FAC and EK-FAC, fitted on a dataset, applied as operators.
+
+For a dense layer ``s = W^T a`` (inputs ``a``, with a trailing 1 when the layer
+has a bias, outputs ``s``), the layer's block of the Gauss-Newton / Fisher
+matrix of the mean loss is approximated by a Kronecker product (Martens &
+Grosse, 2015)
+
+.. math:: C_W \\approx A \\otimes G,\\qquad A = \\mathbb{E}[a a^\\top],\\quad
+   G = \\mathbb{E}_n\\Big[\\sum_p \\hat g_{n,p} \\hat g_{n,p}^\\top\\Big],
+
+with ``A`` the mean over every position (token) of every example,
+``\\hat g_{n,p}`` the gradient of example ``n``'s loss with respect to the
+layer's output at position ``p`` under a *pseudo-target* (below), and ``G`` its
+sum over positions averaged over examples: the "expand" setting of
+Eschenhagen et al. (2023). Positions whose loss weight is 0 (padding) are left
+out of ``A`` when the layer's positions are the loss's. With ``A = Q_A
+diag(a) Q_A^T`` and ``G = Q_G diag(g) Q_G^T``, K-FAC's eigenvalues are ``a_i
+g_j``; EK-FAC (George et al., 2018) keeps the eigenbasis and refits them to
+the per-example gradients projected onto it,
+
+.. math:: \\Lambda_{ij} = \\mathbb{E}_n\\big[(Q_A^\\top \\nabla_W \\hat l_n\\, Q_G)_{ij}^2\\big],
+
+the Frobenius-closest diagonal in that basis. Parameters in no dense layer get
+the diagonal ``E_n[(\\nabla \\hat l_n)^2]``.
+
+The pseudo-targets (``fisher``): ``"sampled"`` draws labels from the model
+(the true Fisher, unbiased; needs ``key``); ``"closed_form"`` backpropagates the
+``K`` columns of a square root of the output Hessian (exact, ``K`` passes per
+example; one output position per example); ``"empirical"`` uses the observed
+labels (the empirical Fisher, Kunstner et al., 2019). For the losses of
+:mod:`hvpopt.losses` the true Fisher is the Gauss-Newton matrix.
+
+References:
+  Martens, Grosse, "Optimizing neural networks with Kronecker-factored
+  approximate curvature", ICML 2015.
+  George, Laurent, Bouthillier, Ballas, Vincent, "Fast approximate natural
+  gradient descent in a Kronecker-factored eigenbasis", NeurIPS 2018.
+  Grosse et al., "Studying large language model generalization with influence
+  functions", 2023.
+  Eschenhagen, Immer, Turner, Schneider, Hennig, "Kronecker-factored
+  approximate curvature for modern neural network architectures", NeurIPS 2023.
+"""
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from hvpopt import _checks
+from hvpopt.curvature.averaged import average_over_chunks
+from hvpopt.curvature.dense_layers import DenseLayer, TappedModel, tapped_model
+from hvpopt.losses import Loss
+from hvpopt.sharding import DATA_AXIS
+from hvpopt.types import MatVec, PyTree
+
+__all__ = ["FISHER_TARGETS", "KRONECKER_KINDS", "KroneckerFactors", "fit_kronecker_factors", "kronecker_inverse",
+           "kronecker_operator"]  # fmt: skip
+
+#: How the output gradients are drawn: labels sampled from the model, the output Hessian's columns, the data's labels.
+FISHER_TARGETS = ("sampled", "closed_form", "empirical")
+#: ``"kfac"``: eigenvalues ``a_i g_j``; ``"ekfac"``: eigenvalues refitted to the per-example gradients.
+KRONECKER_KINDS = ("kfac", "ekfac")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KroneckerFactors:
+    """A fitted Kronecker-factored curvature ``C`` (a pytree: it can be saved, sharded, passed to ``jit``).
+
+    Attributes:
+      layers: the dense layers (:func:`hvpopt.find_dense_layers`).
+      input_bases: per layer, ``Q_A`` ``[in (+1), in (+1)]``, the eigenvectors of ``A`` (columns).
+      output_bases: per layer, ``Q_G`` ``[out, out]``.
+      eigenvalues: per layer, ``[in (+1), out]``: ``C``'s eigenvalues in the basis ``Q_A (x) Q_G``.
+      diagonal: per parameter leaf, the diagonal curvature of a leaf in no layer, else None.
+      kind: ``"kfac"`` or ``"ekfac"``.
+      treedef: the parameters' tree structure.
+      shapes: the parameter leaves' shapes.
+    """
+
+    input_bases: tuple[jax.Array, ...]
+    output_bases: tuple[jax.Array, ...]
+    eigenvalues: tuple[jax.Array, ...]
+    diagonal: tuple[jax.Array | None, ...]
+    layers: tuple[DenseLayer, ...] = dataclasses.field(metadata={"static": True})
+    kind: str = dataclasses.field(metadata={"static": True})
+    treedef: Any = dataclasses.field(metadata={"static": True})
+    shapes: tuple[tuple[int, ...], ...] = dataclasses.field(metadata={"static": True})
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the fitted arrays."""
+        return sum(x.nbytes for x in jax.tree.leaves(self))
+
+
+def fit_kronecker_factors(
+    model_fn: Callable,
+    loss: Loss,
+    params: PyTree,
+    data: tuple[Any, Any],
+    *,
+    kind: str = "ekfac",
+    fisher: str = "sampled",
+    key: jax.Array | None = None,
+    chunk_size: int = 64,
+    mesh: Mesh | None = None,
+) -> KroneckerFactors:
+    """Fits K-FAC or EK-FAC to the Gauss-Newton / Fisher matrix of the mean loss over ``data``.
+
+    The dataset is read in chunks (:func:`hvpopt.average_over_chunks`: memory
+    of one chunk, its per-example gradients included), every example with
+    weight ``1/N`` and every position with its loss weight; with a ``mesh`` the
+    chunks are split over its ``"data"`` axis, each device summing its share
+    and one all-reduce adding the shares. Each example draws its pseudo-labels
+    from its own key, split from ``key``, so the result does not depend on
+    ``chunk_size`` or the mesh. EK-FAC reads the data twice: once for ``A`` and
+    ``G``, once for the eigenvalues.
+
+    Args:
+      model_fn: ``model_fn(params, inputs) -> outputs [..., K]``; its dense
+        layers are found automatically (:func:`hvpopt.layer_coverage`).
+      loss: one of :mod:`hvpopt.losses`, the mean over a batch.
+      params: any pytree of floating arrays.
+      data: ``(inputs, targets)`` with a leading example axis.
+      kind: one of :data:`KRONECKER_KINDS`.
+      fisher: one of :data:`FISHER_TARGETS`.
+      key: a PRNG key for ``fisher="sampled"`` (default ``jax.random.key(0)``).
+      chunk_size: examples per chunk (per device with a ``mesh``).
+      mesh: a :class:`jax.sharding.Mesh` to split the examples over.
+
+    Returns:
+      The :class:`KroneckerFactors`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, hvpopt
+      >>> params = {"w": jnp.ones((3, 2)) / 3, "b": jnp.zeros(2)}
+      >>> model_fn = lambda p, x: x @ p["w"] + p["b"]
+      >>> x = jax.random.normal(jax.random.key(0), (16, 3)); y = jnp.arange(16) % 2
+      >>> factors = hvpopt.fit_kronecker_factors(
+      ...     model_fn, hvpopt.losses.softmax_cross_entropy, params, (x, y), fisher="closed_form")
+      >>> inverse = hvpopt.kronecker_inverse(factors, damping=1e-3)
+      >>> jax.tree.map(jnp.shape, inverse(params))
+      {'b': (2,), 'w': (3, 2)}
+    """
+    _checks.check_choice("kind", kind, KRONECKER_KINDS)
+    _checks.check_choice("fisher", fisher, FISHER_TARGETS)
+    _checks.check_positive_int("chunk_size", chunk_size)
+    _checks.check_floating("params", params)
+    if not isinstance(loss, Loss):
+        raise TypeError(
+            "loss must be one of hvpopt.losses (softmax_cross_entropy, masked_softmax_cross_entropy, "
+            f"squared_error), whose output Hessian is known; got {type(loss).__name__}."
+        )
+    if not (isinstance(data, tuple) and len(data) == 2):
+        raise TypeError(
+            f"data must be a pair (inputs, targets) with a leading example axis; got {type(data).__name__}."
+        )
+    num_examples = _checks.leading_size("data", data)
+    if num_examples == 0:
+        raise ValueError("data holds no examples; the factors are undefined.")
+    one = jax.tree.map(lambda x: x[:1], data)
+    tapped = tapped_model(model_fn, params, one[0])
+    _check_coverage(tapped, params)
+    if fisher == "closed_form":
+        outputs = jax.eval_shape(model_fn, params, one[0])
+        if math.prod(outputs.shape[:-1]) != 1:
+            raise ValueError(
+                f"fisher='closed_form' backpropagates one column per output class and position; outputs of shape "
+                f"{outputs.shape[1:]} per example have more than one position: use fisher='sampled'."
+            )
+    key = jax.random.key(0) if key is None else key
+    keys = jax.random.key_data(jax.random.split(key, num_examples))
+    factors = _fit(params, (*data, keys), model_fn=model_fn, loss=loss, kind=kind, fisher=fisher,
+                   chunk_size=min(chunk_size, num_examples), mesh=mesh)  # fmt: skip
+    _check_finite(factors)
+    return factors
+
+
+def _check_coverage(tapped: TappedModel, params: PyTree) -> None:
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    sizes = [np.size(leaf) for leaf in jax.tree.leaves(params)]
+    if not tapped.layers:
+        raise ValueError(
+            "model_fn has no dense layer (a product x @ W with W a parameter leaf) for K-FAC; use a "
+            "diagonal or an iterative curvature instead."
+        )
+    covered = {leaf for layer in tapped.layers for leaf in (layer.weight, layer.bias) if leaf is not None}
+    if sum(sizes[i] for i in covered) < 0.5 * sum(sizes):
+        left = ", ".join(paths[i] for i in range(len(paths)) if i not in covered)
+        warnings.warn(
+            f"K-FAC's dense layers cover less than half of the parameters; left to the diagonal: {left}.",
+            stacklevel=3,
+        )
+
+
+def _check_finite(factors: KroneckerFactors) -> None:
+    arrays = [*factors.eigenvalues, *factors.input_bases, *factors.output_bases, *factors.diagonal]
+    names = [layer.name for layer in factors.layers] * 3 + ["a diagonal leaf"] * len(factors.diagonal)
+    for name, array in zip(names, arrays):
+        if array is not None and not bool(jnp.all(jnp.isfinite(array))):
+            raise ValueError(
+                f"the Kronecker factors of {name} are not finite: the activations or gradients hold NaN or "
+                "inf at these parameters and data."
+            )
+
+
+@jax.jit(static_argnames=("model_fn", "loss", "kind", "fisher", "chunk_size", "mesh"))
+def _fit(params, data, *, model_fn, loss, kind, fisher, chunk_size, mesh) -> KroneckerFactors:
+    treedef = jax.tree.structure(params)
+    shapes = tuple(jnp.shape(leaf) for leaf in jax.tree.leaves(params))
+    average = lambda stats_fn, operand: average_over_chunks(
+        stats_fn, data, chunk_size=chunk_size, mesh=mesh, axis=DATA_AXIS
+    )(operand)
+    stats_fn = lambda p, chunk: _factor_statistics(model_fn, loss, fisher, p, chunk)
+    stats = average(stats_fn, params)
+    layers = _layers(model_fn, params, data)
+    covered = {leaf for layer in layers for leaf in (layer.weight, layer.bias) if leaf is not None}
+    input_bases, output_bases, eigenvalues = [], [], []
+    for a_sum, a_count, g in stats["layers"]:
+        a_values, a_basis = _eigh(a_sum / jnp.maximum(a_count, 1.0))
+        g_values, g_basis = _eigh(g)
+        input_bases.append(a_basis)
+        output_bases.append(g_basis)
+        eigenvalues.append(jnp.outer(a_values, g_values))
+    diagonal = tuple(None if leaf in covered else d for leaf, d in enumerate(stats["diagonal"]))
+    if kind == "ekfac":
+        bases = (tuple(input_bases), tuple(output_bases))
+        correct_fn = lambda operand, chunk: _eigenvalue_statistics(model_fn, loss, fisher, *operand, chunk)
+        eigenvalues = average(correct_fn, (params, bases))
+    return KroneckerFactors(
+        tuple(input_bases), tuple(output_bases), tuple(eigenvalues), diagonal, tuple(layers), kind, treedef, shapes
+    )
+
+
+def _layers(model_fn, params, data) -> tuple[DenseLayer, ...]:
+    return tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], data[0])).layers
+
+
+def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigenvalues (clipped at 0: the factors are positive semi-definite) and eigenvectors."""
+    values, vectors = jnp.linalg.eigh((matrix + matrix.T) / 2)
+    return jnp.maximum(values, 0.0), vectors
+
+
+def _example_gradients(model_fn, loss, fisher, params, chunk, *, tapped: TappedModel | None):
+    """Per example of ``chunk``, vmapped: ``(activations, output cotangents, parameter cotangents, weights)``.
+
+    Cotangents have a leading axis of pseudo-target columns (1, or ``K`` for the closed form).
+    """
+    inputs, targets, keys = chunk
+
+    def one(x, t, key_data):
+        x, t = jax.tree.map(lambda a: a[None], (x, t))
+        key = jax.random.wrap_key_data(key_data)
+        if tapped is None:
+            outputs, pullback = jax.vjp(lambda p: model_fn(p, x), params)
+            activations = ()
+        else:
+            zeros = tuple(jnp.zeros(shape, _dtype(params)) for shape in tapped.perturbation_shapes)
+            outputs, pullback, activations = jax.vjp(lambda p, e: tapped.run(p, x, e), params, zeros, has_aux=True)
+        weights = loss.weights(outputs, t)
+        columns = _pseudo_target_columns(loss, fisher, outputs, t, weights, key)
+        cotangents = jax.vmap(pullback)(columns)
+        return activations, cotangents, weights
+
+    return jax.vmap(one)(inputs, targets, keys)
+
+
+def _dtype(params) -> Any:
+    return jnp.result_type(*jax.tree.leaves(params))
+
+
+def _pseudo_target_columns(loss: Loss, fisher: str, outputs, targets, weights, key) -> jax.Array:
+    """``[S, *outputs.shape]``: the output vectors whose backpropagation gives the pseudo-gradients.
+
+    ``E[sum_s c_s c_s^T] = diag(w) H_L`` per position, ``H_L`` the unweighted output Hessian.
+    """
+    root = jnp.sqrt(weights)[..., None]
+    if fisher == "closed_form":
+        return jnp.moveaxis(loss.output_hessian_factor(outputs) * root[..., None], -1, 0)
+    labels = targets if fisher == "empirical" else loss.sample_targets(key, outputs, targets)
+    score = jax.grad(lambda o: jnp.sum(loss.per_position(o, labels)))(jax.lax.stop_gradient(outputs))
+    return (score * root)[None]
+
+
+def _factor_statistics(model_fn, loss, fisher, params, chunk) -> dict:
+    """The chunk's mean per example of ``(sum_p m_p a a^T, sum_p m_p, sum_p g g^T)`` per layer, and of
+    the squared parameter gradients (the diagonal)."""
+    tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], chunk[0]))
+    activations, (param_cot, output_cot), weights = _example_gradients(
+        model_fn, loss, fisher, params, chunk, tapped=tapped
+    )
+    size = jax.tree.leaves(weights)[0].shape[0]
+    layers = []
+    for layer, a, g, positions in zip(tapped.layers, activations, output_cot, tapped.position_shapes):
+        mask = jnp.ones(a.shape[:2], a.dtype)
+        if positions == weights.shape[1:]:  # the layer's positions are the loss's: padding is left out
+            mask = (weights > 0).reshape(size, -1).astype(a.dtype)
+        if layer.bias is not None:
+            a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), a.dtype)], axis=-1)
+        a_sum = jnp.einsum("cpi,cp,cpj->ij", a, mask, a)
+        g_sum = jnp.einsum("cspi,cspj->ij", g, g)
+        layers.append((a_sum / size, jnp.sum(mask) / size, g_sum / size))
+    diagonal = tuple(jnp.sum(x**2, axis=(0, 1)) / size for x in jax.tree.leaves(param_cot))
+    return {"layers": tuple(layers), "diagonal": diagonal}
+
+
+def _layer_matrix(layer: DenseLayer, leaves: list) -> jax.Array:
+    """A layer's weight (and bias, as a last row) of a vector's leaves, ``[in (+1), out]``."""
+    matrix = layer.matrix(leaves[layer.weight])
+    if layer.bias is not None:
+        matrix = jnp.concatenate([matrix, leaves[layer.bias].reshape(1, -1)], axis=0)
+    return matrix
+
+
+def _eigenvalue_statistics(model_fn, loss, fisher, params, bases, chunk) -> tuple:
+    """EK-FAC: the chunk's mean of ``sum_s (Q_A^T grad_W Q_G)^2`` per layer, from per-example gradients."""
+    tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], chunk[0]))
+    inputs, targets, keys = chunk
+    fresh = jax.vmap(lambda k: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(k), 1)))(keys)
+    _, cotangents, _ = _example_gradients(model_fn, loss, fisher, params, (inputs, targets, fresh), tapped=None)
+    (param_cot,) = cotangents
+    leaves = jax.tree.leaves(param_cot)  # each [c, S, *leaf]
+    size = leaves[0].shape[0]
+    out = []
+    for layer, q_a, q_g in zip(tapped.layers, *bases):
+        matrices = jax.vmap(jax.vmap(lambda *ls, layer=layer: _layer_matrix(layer, list(ls))))(*leaves)
+        projected = jnp.einsum("ia,csij,jb->csab", q_a, matrices, q_g)
+        out.append(jnp.sum(projected**2, axis=(0, 1)) / size)
+    return tuple(out)
+
+
+def _apply(factors: KroneckerFactors, v: PyTree, scale: Callable, scale_diagonal: Callable) -> PyTree:
+    """``v`` transformed per layer in its eigenbasis by ``scale(eigenvalues, coordinates)`` and per
+    diagonal leaf by ``scale_diagonal(diagonal, leaf)``."""
+    leaves = jax.tree.leaves(v)
+    if jax.tree.structure(v) != factors.treedef:
+        raise ValueError(
+            f"v must have the structure of the fitted parameters, {factors.treedef}; got {jax.tree.structure(v)}."
+        )
+    out = [None if d is None else scale_diagonal(d, leaf) for d, leaf in zip(factors.diagonal, leaves)]
+    for layer, q_a, q_g, values in zip(factors.layers, factors.input_bases, factors.output_bases, factors.eigenvalues):
+        matrix = _layer_matrix(layer, leaves).astype(q_a.dtype)
+        turned = q_a @ scale(values, q_a.T @ matrix @ q_g) @ q_g.T
+        weight_rows = turned[: layer.in_features]
+        out[layer.weight] = layer.unmatrix(weight_rows, factors.shapes[layer.weight]).astype(leaves[layer.weight].dtype)
+        if layer.bias is not None:
+            bias = turned[layer.in_features].reshape(factors.shapes[layer.bias])
+            out[layer.bias] = bias.astype(leaves[layer.bias].dtype)
+    return jax.tree.unflatten(factors.treedef, out)
+
+
+def kronecker_operator(factors: KroneckerFactors) -> MatVec:
+    """``v -> C v``, the fitted K-FAC / EK-FAC curvature as an operator on parameter pytrees.
+
+    Per layer ``C_W vec(V) = (Q_A (x) Q_G) diag(Lambda) (Q_A (x) Q_G)^T vec(V)``, computed as
+    ``Q_A (Lambda * (Q_A^T V Q_G)) Q_G^T``; per diagonal leaf ``d * v``. Jittable;
+    usable wherever an operator is (:func:`hvpopt.eigsh`, :func:`hvpopt.trace`).
+    """
+    return lambda v: _apply(factors, v, lambda values, x: values * x, lambda d, x: d * x)
+
+
+def kronecker_inverse(factors: KroneckerFactors, *, damping: float) -> MatVec:
+    """``v -> (C + damping I)^{-1} v``: two small rotations and a division per layer.
+
+    .. math:: (C_W + \\lambda I)^{-1} \\mathrm{vec}(V) = \\mathrm{vec}\\big(Q_A \\big[(Q_A^\\top V Q_G)
+       \\oslash (\\Lambda + \\lambda)\\big] Q_G^\\top\\big)
+
+    Exact for the fitted ``C`` (not the factored damping of Martens & Grosse).
+    Usable as a preconditioner (``hvpopt.cg(..., precond=kronecker_inverse(factors,
+    damping=...))``) and in influence (``method="ekfac"``).
+
+    Args:
+      factors: from :func:`fit_kronecker_factors`.
+      damping: ``> 0`` and finite (a layer's eigenvalues may be 0: unused inputs, padding).
+    """
+    if not isinstance(damping, jax.core.Tracer):  # a traced damping (an optimizer's schedule) is the caller's
+        _checks.check_number("damping", damping, "> 0 and finite", lambda x: x > 0)
+    return lambda v: _apply(factors, v, lambda values, x: x / (values + damping), lambda d, x: x / (d + damping))
