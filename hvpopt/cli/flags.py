@@ -142,21 +142,23 @@ def key_values(flag: str, items: list[str]) -> dict:
 
 
 @contextlib.contextmanager
-def named_as_flags(args: argparse.Namespace) -> Iterator[None]:
+def named_as_flags(args: argparse.Namespace, aliases: dict[str, str] | None = None) -> Iterator[None]:
     """Says ``--batch-size`` where a check of the library says ``batch_size``.
 
     A check's message begins with the name of its argument and what is wrong
     with it (``"batch_size must be ..."``, :mod:`hvpopt._checks`); where that
     name is the destination of one of the command's flags, the user typed the
-    flag, so the message names the flag instead.
+    flag, so the message names the flag instead. ``aliases`` maps an argument
+    to the destination of its flag where the names differ (``{"num_subsets": "subsets"}``).
     """
     try:
         yield
     except (ValueError, TypeError) as error:
         name = re.match(r"(\w+) (?:must|is|are|applies|\()", str(error))  # "batch_size must ...", "damping is for"
-        if type(error) not in (ValueError, TypeError) or not name or name.group(1) not in vars(args):
+        dest = name and (aliases or {}).get(name.group(1), name.group(1))
+        if type(error) not in (ValueError, TypeError) or not name or dest not in vars(args):
             raise
-        flag = "--" + name.group(1).replace("_", "-")
+        flag = "--" + dest.replace("_", "-")
         raise type(error)(flag + str(error)[len(name.group(1)) :]) from None
 
 

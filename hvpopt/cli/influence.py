@@ -34,6 +34,7 @@ from hvpopt.testbed.data import Dataset, make_dataset
 from hvpopt.testbed.progress import Progress
 
 ACTIONS = ("score", "self", "validate")
+METRICS = ("leave-one-out", "lds")  # validate --metric
 SIGN_CONVENTION = (
     "scores[q, j] ~ L_q(theta without j) - L_q(theta) = (1/n) grad L_q^T (H + damping I)^-1 "
     "grad l_j; positive: training example j helped query q (removing it would raise q's loss)"
@@ -55,6 +56,7 @@ class Problem:
     task: tasks.Task | None
     source: dict
     mesh: Mesh | None = None  # the devices the work is split over
+    train_options: dict | None = None  # the checkpoint's training.TrainOptions, as recorded (the recipe)
 
 
 def add_parser(commands) -> None:
@@ -62,7 +64,8 @@ def add_parser(commands) -> None:
         "influence",
         help="influence of training examples on queries (the main job)",
         description="Scores every training example's influence on each query (score), on its own loss "
-        "(self), or checks the scores against leave-one-out retraining (validate). With no --checkpoint "
+        "(self), or checks the scores (validate): against leave-one-out retraining, or with --metric lds by "
+        "the linear datamodeling score of models retrained on random subsets. With no --checkpoint "
         "or --task it trains the default language model once (cached) and scores five validation "
         "windows. " + SIGN_CONVENTION + ".",
     )
@@ -91,7 +94,14 @@ def add_parser(commands) -> None:
         help="with no --query or --queries: the first N validation examples (default 5)",
     )
     parser.add_argument("--out", default="influence-out", metavar="DIR", help="output folder (created)")
-    parser.add_argument("--method", choices=influence.METHODS, default="cg")
+    parser.add_argument(
+        "--method",
+        choices=influence.METHODS,
+        action="append",
+        default=None,
+        help="how the inverse curvature is applied (default cg); validate --metric lds takes it several times "
+        "to compare methods (identity is always reported beside them)",
+    )
     parser.add_argument(
         "--damping",
         type=flags.nonnegative_float,
@@ -125,7 +135,36 @@ def add_parser(commands) -> None:
         "--validate-examples",
         type=flags.positive_int,
         default=20,
-        help="validate: training examples left out and retrained",
+        help="validate --metric leave-one-out: training examples left out and retrained",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="leave-one-out",
+        help="validate: leave-one-out (the default: exact retraining without one example on a convex task, the "
+        "proximal Bregman response otherwise) or lds (the linear datamodeling score: the checkpoint's own "
+        "training run repeated on random subsets of the training examples; writes lds.json)",
+    )
+    parser.add_argument(
+        "--subsets",
+        type=flags.positive_int,
+        default=20,
+        metavar="M",
+        help="validate --metric lds: random training subsets retrained on, at least 2 (default 20)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=flags.positive_int,
+        default=1,
+        metavar="S",
+        help="validate --metric lds: trainings per subset (new initialisation and batch order), their query "
+        "losses averaged (default 1)",
+    )
+    parser.add_argument(
+        "--fraction",
+        type=flags.finite_float,
+        default=0.5,
+        help="validate --metric lds: the share of the training examples each subset keeps (default 0.5)",
     )
     parser.add_argument("--seed", type=flags.seed, default=0)
     parser.add_argument(
@@ -198,7 +237,8 @@ def _run(args) -> dict:
         file=sys.stderr,
     )
     with chunk_store.work_folder(args.out, settings) as work:
-        return {"score": _score, "self": _self, "validate": _validate}[args.action](args, problem, settings, work)
+        validate = _lds if settings["metric"] == "lds" else _validate
+        return {"score": _score, "self": _self, "validate": validate}[args.action](args, problem, settings, work)
 
 
 # ---------------------------------------------------------------- loading
@@ -230,6 +270,7 @@ def load_problem(args, mesh: Mesh | None = None) -> Problem:
                 "task": task.config,
                 "params_sha256": loaded.config["params"]["sha256"],
             },
+            train_options=loaded.config.get("train"),
         )  # checked by the load
     train = problem.train
     if args.train:
@@ -397,16 +438,20 @@ def _settings(args, problem: Problem) -> dict:
     damping = args.damping if args.damping is not None else (problem.l2 or 1e-3)
     size = sum(np.size(leaf) for leaf in jax.tree.leaves(problem.params))
     rank = min(50, size) if args.rank is None else args.rank
-    if args.method == "arnoldi" and rank > size:  # checked before any work, and named as the user typed it
+    lds = args.action == "validate" and args.metric == "lds"
+    methods = list(dict.fromkeys(args.method or ["cg"]))
+    if len(methods) > 1 and not lds:
+        raise ValueError("--method is given once, except by 'validate --metric lds', which compares several methods.")
+    if "arnoldi" in methods and rank > size:  # checked before any work, and named as the user typed it
         raise ValueError(f"--rank must be at most the model's {size} parameters; got {rank}.")
-    if args.method == "exact" and size > MAX_EXACT_PARAMETERS:
+    if "exact" in methods and size > MAX_EXACT_PARAMETERS:
         raise ValueError(
             f"--method exact builds the {size} x {size} curvature matrix; at most {MAX_EXACT_PARAMETERS} "
             "parameters fit: use --method cg or --method arnoldi."
         )
     return {
         "action": args.action,
-        "method": args.method,
+        "method": ",".join(methods),
         "curvature": curvature,
         "damping": float(damping),
         "curvature_examples": min(args.curvature_examples, problem.train.num_examples),
@@ -420,7 +465,25 @@ def _settings(args, problem: Problem) -> dict:
         "num_train": problem.train.num_examples,
         "train_sha256": chunk_store.content_sha256(problem.train),
         "queries_sha256": chunk_store.content_sha256(problem.queries),
-        "validate_examples": args.validate_examples if args.action == "validate" else None,
+        "metric": args.metric if args.action == "validate" else None,
+        "validate_examples": args.validate_examples if args.action == "validate" and not lds else None,
+        "lds": _lds_settings(args, problem, methods) if lds else None,
+    }
+
+
+def _lds_settings(args, problem: Problem, methods: list[str]) -> dict:
+    """What ``validate --metric lds`` does beyond the scores: the subsets, the seeds and the training recipe."""
+    with flags.named_as_flags(args, {"num_subsets": "subsets"}):  # checked here, before any work
+        subsets = influence.datamodel_subsets(
+            problem.train.num_examples, args.subsets, fraction=args.fraction, seed=args.seed
+        )
+    return {
+        "methods": methods,
+        "subsets": args.subsets,
+        "seeds": args.seeds,
+        "fraction": args.fraction,
+        "subset_size": int(subsets[0].sum()),
+        "recipe": problem.train_options,
     }
 
 
@@ -647,10 +710,175 @@ def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
     return _finish(args, problem, settings, {**fit, **report}, None, outputs)
 
 
+def _lds(args, problem: Problem, settings: dict, work: str) -> dict:
+    """The linear datamodeling score of each ``--method`` and of identity (Park et al. 2023).
+
+    The scores are those of the checkpoint's parameters; the subset models are
+    the checkpoint's own training run (:func:`_recipe`) on each subset's examples
+    (:func:`hvpopt.influence.datamodel_losses`), each kept in the work folder as
+    it finishes, so that Ctrl-C stops between retrainings and the same command resumes.
+    """
+    lds, n = settings["lds"], problem.train.num_examples
+    queries = problem.queries.take(range(min(args.num_queries, problem.queries.num_examples)))
+    scores, fits = {}, {}
+    for method in dict.fromkeys([*lds["methods"], "identity"]):
+        scores[method], fits[method] = _lds_scores(problem, {**settings, "method": method}, queries, work)
+    subsets = influence.datamodel_subsets(n, lds["subsets"], fraction=lds["fraction"], seed=settings["seed"])
+    bar = Progress(subsets.shape[0] * lds["seeds"], "retrain", unit="models") if not args.no_progress else None
+    query_losses = jax.jit(jax.vmap(problem.loss_fn, in_axes=(None, 0)))
+    start = time.perf_counter()
+    losses = influence.datamodel_losses(
+        _subset_training(problem, settings, work, bar),
+        lambda params: query_losses(params, _examples(queries)),
+        subsets,
+        seeds=lds["seeds"],
+    )
+    if bar:
+        bar.close()
+    results = {method: influence.linear_datamodeling_score(s, subsets, losses) for method, s in scores.items()}
+    report = {
+        "metric": "lds",
+        "subsets": lds["subsets"],
+        "seeds": lds["seeds"],
+        "fraction": lds["fraction"],
+        "subset_size": lds["subset_size"],
+        "queries": queries.num_examples,
+        "query_ids": queries.ids.tolist(),
+        "recipe": {
+            "train": dataclasses.asdict(_recipe(problem, settings)),
+            "retraining": "from the task's initialisation, on the subset's examples only; training seed s "
+            "(0 to seeds - 1) adds s to the task's seed (the initialisation) and to the batch-order seed",
+        },
+        "methods": {
+            method: {
+                "mean": result.mean,
+                "standard_error": _finite_or_none(result.standard_error),
+                "per_query": [_finite_or_none(value) for value in result.per_query],
+                "num_excluded": result.num_excluded,
+                "fit": fits[method],
+            }
+            for method, result in results.items()
+        },
+    }
+    outputs = {
+        "lds.json": lambda f: f.write(json.dumps(report, indent=2).encode()),
+        "lds_subsets.npy": lambda f: np.save(f, subsets),
+        "lds_losses.npy": lambda f: np.save(f, losses),
+    }
+    diagnostics = {key: report[key] for key in ("subsets", "seeds", "subset_size", "queries")}
+    summary = _finish(
+        args, problem, settings, {**diagnostics, "retrain_seconds": time.perf_counter() - start}, None, outputs
+    )
+    summary["lds"] = [
+        {"method": method, "mean": result.mean, "standard_error": _finite_or_none(result.standard_error)}
+        for method, result in results.items()
+    ]
+    return summary
+
+
+def _lds_scores(problem: Problem, settings: dict, queries: Dataset, work: str) -> tuple[np.ndarray, dict]:
+    """One method's scores of every training example on the queries, kept in ``work/<method>``."""
+    folder = os.path.join(work, settings["method"])
+    saved, saved_fit = os.path.join(folder, "scores.npy"), os.path.join(folder, "scores-fit.json")
+    if os.path.exists(saved):
+        return np.load(saved, allow_pickle=False), chunk_store.read_json(saved_fit)
+    os.makedirs(folder, exist_ok=True)
+    inverse, fit = _fit(problem, settings, folder)
+    scores = np.asarray(
+        influence.pairwise_scores(
+            problem.loss_fn,
+            problem.params,
+            _examples(problem.train),
+            _examples(queries),
+            inverse=inverse,
+            chunk_size=settings["chunk_size"],
+            mesh=problem.mesh,
+        )
+    )
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(
+            f"the {settings['method']} scores are not finite (the curvature solve failed); raise --damping."
+        )
+    chunk_store.write_json(saved_fit, fit)  # first: the scores mark the method as done
+    files.write_atomically(saved, lambda file: np.save(file, scores))
+    interrupts.check_interrupt()  # a safe point: the scores are saved
+    return scores, fit
+
+
+def _subset_training(problem: Problem, settings: dict, work: str, bar: Progress | None) -> Callable:
+    """``retrain(indices, seed) -> params``: the recipe's training on those examples, kept in ``work/retrained``.
+
+    A model already in the folder (an earlier run's, interrupted) is loaded, not trained again.
+    """
+    task, options = problem.task, _recipe(problem, settings)
+    options = dataclasses.replace(options, eval_every=options.steps)  # one evaluation, at the end: the same run
+    folder = os.path.join(work, "retrained")
+    os.makedirs(folder, exist_ok=True)
+    treedef = jax.tree.structure(task.params)
+    initial = {}  # training seed -> the initial parameters
+
+    def retrain(indices: np.ndarray, seed: int):
+        path = os.path.join(folder, f"subset-{chunk_store.content_sha256(indices)[:16]}-seed-{seed}.npz")
+        if not os.path.exists(path):
+            interrupts.check_interrupt()  # a safe point: between retrainings
+            if seed not in initial:
+                initial[seed] = _initial_params(task, seed)
+            subset = dataclasses.replace(task, train=problem.train.take(indices))
+            batch = options.batch_size or subset.train.num_examples
+            mesh = problem.mesh if problem.mesh is not None and batch % problem.mesh.size == 0 else None
+            shifted = dataclasses.replace(options, seed=(options.seed + seed) % _checks.SEED_LIMIT)
+            try:
+                result = training.train(subset, shifted, params=initial[seed], mesh=mesh)
+            except training.TrainingDiverged as error:
+                raise ValueError(f"retraining on a subset of {len(indices)} examples (seed {seed}): {error}") from None
+            if result.interrupted:
+                raise KeyboardInterrupt  # half a model is not kept
+            leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(result.params)]
+            files.write_atomically(path, lambda file: np.savez(file, *leaves))
+        if bar:
+            bar.update(1)
+        with np.load(path, allow_pickle=False) as saved:
+            return jax.tree.unflatten(treedef, [jnp.asarray(saved[f"arr_{i}"]) for i in range(len(saved.files))])
+
+    return retrain
+
+
+def _initial_params(task: tasks.Task, seed: int):
+    """Training seed ``seed``'s initialisation: the task's own for 0, else that of the task's seed plus ``seed``."""
+    if seed == 0:
+        return task.params
+    config = {**task.config, "seed": (task.config["seed"] + seed) % _checks.SEED_LIMIT}
+    params = tasks.make_task(**config).params
+    _checks.check_like("the re-seeded initial parameters", params, "the task's", task.params)
+    return params
+
+
+def _recipe(problem: Problem, settings: dict) -> training.TrainOptions:
+    """The training options the checkpoint records: how each subset model of ``--metric lds`` is trained."""
+    where = problem.source.get("checkpoint", "the checkpoint")
+    if settings["lds"]["recipe"] is None:
+        raise ValueError(
+            f"validate --metric lds repeats the checkpoint's own training on each subset, and {where} records no "
+            "training options: train it with 'hvpopt train'."
+        )
+    try:
+        return training.TrainOptions(**settings["lds"]["recipe"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: the training options it records do not build: {error}") from None
+
+
 def _check_validate(problem: Problem, settings: dict) -> None:
     if problem.task is None:
         raise ValueError("validate needs a checkpoint or the built-in default (it retrains or re-solves the task).")
-    if problem.task.convex:
+    if settings["metric"] == "lds":
+        options = _recipe(problem, settings)
+        lds = settings["lds"]
+        if options.batch_size is not None and options.batch_size > lds["subset_size"]:
+            raise ValueError(
+                f"--fraction {lds['fraction']:g} leaves {lds['subset_size']} training examples per subset, fewer "
+                f"than the recipe's batch size {options.batch_size}: raise --fraction or --train-examples."
+            )
+    elif problem.task.convex:
         if abs(settings["damping"] - problem.task.l2) > 1e-12:  # (Gauss-Newton = Hessian here)
             raise ValueError(
                 f"validate compares with retraining the L2-penalised objective: use --damping "
@@ -738,7 +966,11 @@ def _finish(args, problem: Problem, settings: dict, diagnostics: dict, rows, out
 def _format(summary: dict) -> str:
     lines = []
     for name, value in summary.items():
-        if name == "top":
+        if name == "lds":
+            for row in value:
+                error = "n/a" if row["standard_error"] is None else f"{row['standard_error']:.3f}"
+                lines.append(f"{'lds ' + row['method']:<30}{row['mean']:+.3f} +/- {error}")
+        elif name == "top":
             for row in value:
                 lines.append(
                     f"top {row['kind']:<10} {row['score']:+.3e}  {row['train_text']!r}  for query {row['query']!r}"
@@ -763,6 +995,11 @@ def _solver_summary(solver: dict) -> dict:
 
 def _examples(dataset: Dataset):
     return dataset.inputs, dataset.targets
+
+
+def _finite_or_none(value: float) -> float | None:
+    """``value``, or None (JSON's null) where it is NaN or infinite."""
+    return float(value) if np.isfinite(value) else None
 
 
 def _jsonable(value):

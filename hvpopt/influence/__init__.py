@@ -4,6 +4,13 @@
 """
 
 from hvpopt.influence.agreement import pearson, spearman
+from hvpopt.influence.datamodels import (
+    LinearDatamodelingScore,
+    datamodel_losses,
+    datamodel_subsets,
+    linear_datamodeling_score,
+    subset_predictions,
+)
 from hvpopt.influence.gradients import flat_example_gradients, gradient_chunks
 from hvpopt.influence.inverse_curvature import (
     CURVATURES,
@@ -35,14 +42,18 @@ __all__ = [
     "MAX_EXACT_PARAMETERS",
     "METHODS",
     "InverseCurvature",
+    "LinearDatamodelingScore",
     "agreement",
     "curvature_operator",
+    "datamodel_losses",
+    "datamodel_subsets",
     "eigen_inverse",
     "fit_inverse_curvature",
     "flat_example_gradients",
     "flipped_label_recall",
     "gradient_chunks",
     "leave_one_out_changes",
+    "linear_datamodeling_score",
     "pairwise_scores",
     "pearson",
     "proximal_bregman_changes",
@@ -53,4 +64,5 @@ __all__ = [
     "self_score_blocks",
     "self_scores",
     "spearman",
+    "subset_predictions",
 ]
