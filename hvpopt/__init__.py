@@ -29,9 +29,9 @@ from hvpopt import curvature, influence, jacobians, linalg, losses, optim, shard
 from hvpopt.curvature import (FISHER_TARGETS, HVP_MODES, KRONECKER_KINDS, DenseLayer, KroneckerFactors, LeafTreatment,
                               TappedModel, average_over_batches, average_over_chunks, empirical_fisher_operator,
                               empirical_fisher_vp, find_dense_layers, fisher_operator, fisher_vp, fit_kronecker_factors,
-                              ggn_operator, ggn_vp, hessian_operator, hvp, kronecker_inverse, kronecker_operator,
-                              layer_coverage, mc_fisher_operator, mc_fisher_vp, output_hessian, sandwich_operator,
-                              tapped_model)
+                              ggn_operator, ggn_vp, hessian_operator, hvp, kronecker_from_arrays, kronecker_inverse,
+                              kronecker_operator, kronecker_to_arrays, layer_coverage, mc_fisher_operator, mc_fisher_vp,
+                              output_hessian, sandwich_operator, tapped_model)
 from hvpopt.jacobians import SpectralNorm, jacobian, jacobian_spectral_norm
 from hvpopt.linalg import (CGResult, CGStatus, EigshResult, LanczosDecomposition, LissaResult, LissaStatus,
                            SpectralDensity, TraceEstimate, cg, dense_matrix, eigsh, exact_diagonal, flat_operator,

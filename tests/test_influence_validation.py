@@ -180,3 +180,20 @@ def test_bad_arguments_are_named(ridge):
         influence.leave_one_out_changes(squared_loss, jnp.zeros(3), (x, y), queries, [20], l2=L2)
     with pytest.raises(ValueError, match="removed must be a non-empty"):
         influence.leave_one_out_changes(squared_loss, jnp.zeros(3), (x, y), queries, [], l2=L2)
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_kronecker_factored_scores_have_the_sign_and_scale_of_leave_one_out(logistic, method):
+    params, train, queries = logistic
+    removed = np.arange(0, 60, 6)
+    changes = np.asarray(influence.leave_one_out_changes(logistic_loss, params, train, queries, removed, l2=L2))
+    model = (lambda p, x: x @ p["w"] + p["b"], losses.softmax_cross_entropy)
+    scores = influence.pairwise_scores(
+        logistic_loss, params, train, queries, method=method, curvature="ggn", model=model, damping=L2,
+        fisher="closed_form",
+    )  # fmt: skip
+    predicted = np.asarray(scores)[:, removed]
+    assert np.all(np.isfinite(scores))
+    report = influence.agreement(predicted, changes)
+    slope = np.sum(predicted * changes) / np.sum(predicted**2)  # least squares through the origin
+    assert report["pearson"] > 0.95 and 0.8 < slope < 1.25, (report, slope)

@@ -121,6 +121,18 @@ def add_parser(commands) -> None:
         metavar="N",
         help="random training examples whose mean loss gives the curvature (default 256)",
     )
+    parser.add_argument(
+        "--fisher",
+        choices=hvpopt.curvature.FISHER_TARGETS,
+        default="sampled",
+        help="kfac/ekfac: the Fisher's labels, sampled from the model (default), the closed form "
+        "(classifiers), or the data's (empirical)",
+    )
+    parser.add_argument(
+        "--factors",
+        metavar="DIR",
+        help="kfac/ekfac: reuse the factors a finished run on the same checkpoint wrote to DIR (its --out)",
+    )
     parser.add_argument("--cg-iterations", type=flags.positive_int, default=50)
     parser.add_argument(
         "--rank",
@@ -444,12 +456,19 @@ def _settings(args, problem: Problem) -> dict:
         raise ValueError("--method is given once, except by 'validate --metric lds', which compares several methods.")
     if "arnoldi" in methods and rank > size:  # checked before any work, and named as the user typed it
         raise ValueError(f"--rank must be at most the model's {size} parameters; got {rank}.")
+    factored = [m for m in methods if m in ("kfac", "ekfac")]
+    if factored and curvature != "ggn":
+        raise ValueError(f"--method {factored[0]} factors the Gauss-Newton matrix: use --curvature ggn.")
+    if factored and not damping > 0:
+        raise ValueError(f"--damping must be > 0 for --method {factored[0]} (a layer's eigenvalues may be 0).")
+    if args.factors and (len(methods) > 1 or not factored):
+        raise ValueError("--factors is for one --method kfac or --method ekfac.")
     if "exact" in methods and size > MAX_EXACT_PARAMETERS:
         raise ValueError(
             f"--method exact builds the {size} x {size} curvature matrix; at most {MAX_EXACT_PARAMETERS} "
             "parameters fit: use --method cg or --method arnoldi."
         )
-    return {
+    settings = {
         "action": args.action,
         "method": ",".join(methods),
         "curvature": curvature,
@@ -468,7 +487,36 @@ def _settings(args, problem: Problem) -> dict:
         "metric": args.metric if args.action == "validate" else None,
         "validate_examples": args.validate_examples if args.action == "validate" and not lds else None,
         "lds": _lds_settings(args, problem, methods) if lds else None,
+        "fisher": args.fisher if factored else None,
     }
+    if args.factors:
+        settings["factors"] = _check_factors_folder(args.factors, settings)
+    return settings
+
+
+FACTORS, FACTORS_FINGERPRINT = "factors.npz", "factors.json"
+
+
+def _factors_fingerprint(settings: dict) -> dict:
+    """What K-FAC factors depend on: the model and its parameters, the curvature examples, the labels' draw."""
+    keys = ("method", "fisher", "curvature_examples", "seed", "source", "params_sha256", "train_sha256")
+    return {key: settings[key] for key in keys}
+
+
+def _check_factors_folder(folder: str, settings: dict) -> str:
+    """``folder``'s factors file, if fitted with this run's fingerprint; else ValueError naming ``--factors``."""
+    saved = chunk_store.read_json(os.path.join(folder, FACTORS_FINGERPRINT))
+    if saved is None or not os.path.isfile(os.path.join(folder, FACTORS)):
+        raise ValueError(f"--factors {folder!r} holds no {FACTORS} and {FACTORS_FINGERPRINT} of a finished run.")
+    expected = json.loads(json.dumps(_factors_fingerprint(settings)))
+    differ = sorted(key for key in expected if saved.get(key) != expected[key])
+    if differ:
+        raise ValueError(
+            f"--factors {folder!r} were fitted with other inputs ({', '.join(differ)} "
+            f"{'differs' if len(differ) == 1 else 'differ'}): fit them again "
+            "without --factors."
+        )
+    return os.path.abspath(os.path.join(folder, FACTORS))
 
 
 def _lds_settings(args, problem: Problem, methods: list[str]) -> dict:
@@ -491,7 +539,10 @@ def _lds_settings(args, problem: Problem, methods: list[str]) -> dict:
 
 
 def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.InverseCurvature, dict]:
-    """The inverse curvature; exact and arnoldi keep their eigenpairs in the work folder."""
+    """The inverse curvature; exact and arnoldi keep their eigenpairs in the work folder, kfac and ekfac
+    their factors."""
+    if settings["method"] in ("kfac", "ekfac"):
+        return _fit_factors(problem, settings, work)
     cached, cached_diagnostics = os.path.join(work, "eigenpairs.npz"), os.path.join(work, "fit.json")
     if os.path.exists(cached):
         with np.load(cached, allow_pickle=False) as saved:
@@ -540,6 +591,61 @@ def _fit(problem: Problem, settings: dict, work: str) -> tuple[influence.Inverse
     return inverse, diagnostics
 
 
+def _fit_factors(problem: Problem, settings: dict, work: str) -> tuple[influence.InverseCurvature, dict]:
+    """K-FAC / EK-FAC factors: read from ``--factors``, or from the work folder, or fitted and saved there."""
+    cached = settings.get("factors") or os.path.join(work, FACTORS)
+    one = jax.tree.map(lambda x: x[:1], problem.train.inputs)
+    if os.path.exists(cached):
+        with np.load(cached, allow_pickle=False) as saved:
+            factors = hvpopt.kronecker_from_arrays(dict(saved), problem.model[0], problem.params, one)
+        diagnostics = chunk_store.read_json(os.path.join(os.path.dirname(cached), FACTORS_FINGERPRINT))["fit"]
+        if settings.get("factors"):
+            diagnostics = {**diagnostics, "factors_from": settings["factors"]}
+    else:
+        subset = _curvature_subset(problem, settings)
+        print(f"fitting {settings['method']} factors on {subset.num_examples} training examples", file=sys.stderr)
+        start = time.perf_counter()
+        factors = influence.fit_inverse_curvature(
+            problem.loss_fn,
+            problem.params,
+            (subset.inputs, subset.targets),
+            method=settings["method"],
+            damping=settings["damping"],
+            curvature="ggn",
+            model=problem.model,
+            chunk_size=settings["chunk_size"],
+            fisher=settings["fisher"],
+            key=jax.random.key(settings["seed"]),
+            mesh=problem.mesh,
+        ).factors
+        jax.block_until_ready(factors)
+        diagnostics = {
+            "fit_seconds": time.perf_counter() - start,
+            "num_layers": len(factors.layers),
+            "factor_megabytes": factors.nbytes / 2**20,
+        }
+        fingerprint = {**_factors_fingerprint(settings), "fit": diagnostics}
+        chunk_store.write_json(os.path.join(work, FACTORS_FINGERPRINT), fingerprint)  # first: the factors mark it done
+        arrays = hvpopt.kronecker_to_arrays(factors)
+        files.write_atomically(os.path.join(work, FACTORS), lambda file: np.savez(file, **arrays))
+    interrupts.check_interrupt()  # a safe point: the fit is saved
+    apply = influence.kronecker_inverse_rows(factors, settings["damping"])
+    inverse = influence.InverseCurvature(apply, settings["method"], settings["damping"], None, None, {}, factors)
+    return inverse, dict(diagnostics)
+
+
+def _factor_outputs(work: str) -> dict:
+    """The fitted factors, copied from the work folder into ``--out`` for a later ``--factors``."""
+    names = [name for name in (FACTORS_FINGERPRINT, FACTORS) if os.path.exists(os.path.join(work, name))]
+
+    def copy(name):
+        with open(os.path.join(work, name), "rb") as source:
+            content = source.read()
+        return lambda file: file.write(content)
+
+    return {name: copy(name) for name in names} if len(names) == 2 else {}
+
+
 def _curvature_subset(problem: Problem, settings: dict) -> Dataset:
     """The training examples whose mean loss gives the curvature: a seeded random subset."""
     rng = np.random.default_rng(settings["seed"])
@@ -582,7 +688,7 @@ def _score(args, problem: Problem, settings: dict, work: str) -> dict:
     if not np.all(np.isfinite(scores)):
         raise ValueError("the scores are not finite (the curvature solve failed); raise --damping.")
     rows = _top_rows(scores, problem, args.top_k)
-    outputs = {"scores.npy": lambda f: np.save(f, scores)}
+    outputs = {"scores.npy": lambda f: np.save(f, scores), **_factor_outputs(work)}
     summary = _finish(args, problem, settings, {**fit, **_solver_summary(solver)}, rows, outputs)
     summary["top"] = [
         {"query": r["query_text"], "kind": r["kind"], "train_text": r["train_text"], "score": r["score"]}
@@ -627,7 +733,8 @@ def _self(args, problem: Problem, settings: dict, work: str) -> dict:
     extra = {}
     if flipped.any():  # how many flipped labels the top 10% by self-influence holds
         extra["flipped_recall_at_10_percent"] = influence.flipped_label_recall(scores, flipped, fraction=0.1)
-    return _finish(args, problem, settings, {**fit, **extra}, rows, {"self_scores.npy": lambda f: np.save(f, scores)})
+    outputs = {"self_scores.npy": lambda f: np.save(f, scores), **_factor_outputs(work)}
+    return _finish(args, problem, settings, {**fit, **extra}, rows, outputs)
 
 
 def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
@@ -706,7 +813,10 @@ def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
         for q in range(queries.num_examples)
         for k, j in enumerate(removed)
     ]
-    outputs = {"validation.json": lambda f: f.write(json.dumps({**report, "pairs": pairs}, indent=2).encode())}
+    outputs = {
+        "validation.json": lambda f: f.write(json.dumps({**report, "pairs": pairs}, indent=2).encode()),
+        **_factor_outputs(work),
+    }
     return _finish(args, problem, settings, {**fit, **report}, None, outputs)
 
 

@@ -38,8 +38,10 @@ from hvpopt.curvature.kronecker import (
     KRONECKER_KINDS,
     KroneckerFactors,
     fit_kronecker_factors,
+    kronecker_from_arrays,
     kronecker_inverse,
     kronecker_operator,
+    kronecker_to_arrays,
 )
 from hvpopt.curvature.sandwich import sandwich_operator
 
@@ -63,8 +65,10 @@ __all__ = [
     "ggn_vp",
     "hessian_operator",
     "hvp",
+    "kronecker_from_arrays",
     "kronecker_inverse",
     "kronecker_operator",
+    "kronecker_to_arrays",
     "layer_coverage",
     "mc_fisher_operator",
     "mc_fisher_vp",

@@ -60,7 +60,7 @@ from hvpopt.sharding import DATA_AXIS
 from hvpopt.types import MatVec, PyTree
 
 __all__ = ["FISHER_TARGETS", "KRONECKER_KINDS", "KroneckerFactors", "fit_kronecker_factors", "kronecker_inverse",
-           "kronecker_operator"]  # fmt: skip
+           "kronecker_operator", "kronecker_from_arrays", "kronecker_to_arrays"]  # fmt: skip
 
 #: How the output gradients are drawn: labels sampled from the model, the output Hessian's columns, the data's labels.
 FISHER_TARGETS = ("sampled", "closed_form", "empirical")
@@ -383,3 +383,49 @@ def kronecker_inverse(factors: KroneckerFactors, *, damping: float) -> MatVec:
     if not isinstance(damping, jax.core.Tracer):  # a traced damping (an optimizer's schedule) is the caller's
         _checks.check_number("damping", damping, "> 0 and finite", lambda x: x > 0)
     return lambda v: _apply(factors, v, lambda values, x: x / (values + damping), lambda d, x: x / (d + damping))
+
+
+def kronecker_to_arrays(factors: KroneckerFactors) -> dict[str, np.ndarray]:
+    """The fitted arrays by name, for ``numpy.savez`` (no pickle); :func:`kronecker_from_arrays` reads them back."""
+    arrays = {"kind": np.array(factors.kind)}
+    for i, (q_a, q_g, values) in enumerate(zip(factors.input_bases, factors.output_bases, factors.eigenvalues)):
+        arrays |= {f"input_basis_{i}": q_a, f"output_basis_{i}": q_g, f"eigenvalues_{i}": values}
+    arrays |= {f"diagonal_{leaf}": d for leaf, d in enumerate(factors.diagonal) if d is not None}
+    return {name: np.asarray(value) for name, value in arrays.items()}
+
+
+def kronecker_from_arrays(arrays: Any, model_fn: Callable, params: PyTree, inputs: Any) -> KroneckerFactors:
+    """:class:`KroneckerFactors` from :func:`kronecker_to_arrays`' arrays, for this model and parameter structure.
+
+    The layers are found again in ``model_fn`` (at ``inputs``' shapes); ValueError if the arrays were
+    fitted on a model whose layers or shapes differ.
+    """
+    layers = tapped_model(model_fn, params, inputs).layers
+    leaves = jax.tree.leaves(params)
+    covered = {leaf for layer in layers for leaf in (layer.weight, layer.bias) if leaf is not None}
+    expected = {"kind"}
+    for i, layer in enumerate(layers):
+        size = layer.in_features + (layer.bias is not None)
+        expected |= {f"input_basis_{i}", f"output_basis_{i}", f"eigenvalues_{i}"}
+        shapes = {f"input_basis_{i}": (size, size), f"output_basis_{i}": (layer.out_features,) * 2}
+        shapes[f"eigenvalues_{i}"] = (size, layer.out_features)
+        for name, shape in shapes.items():
+            if name not in arrays or tuple(np.shape(arrays[name])) != shape:
+                raise ValueError(f"the saved factors do not fit this model: {name} should have shape {shape}.")
+    expected |= {f"diagonal_{leaf}" for leaf in range(len(leaves)) if leaf not in covered}
+    if set(arrays) != expected:
+        raise ValueError("the saved factors do not fit this model: they hold other layers or leaves.")
+    kind = str(arrays["kind"])
+    _checks.check_choice("kind", kind, KRONECKER_KINDS)
+    dtype = _dtype(params)
+    get = lambda name: jnp.asarray(arrays[name], dtype)
+    return KroneckerFactors(
+        tuple(get(f"input_basis_{i}") for i in range(len(layers))),
+        tuple(get(f"output_basis_{i}") for i in range(len(layers))),
+        tuple(get(f"eigenvalues_{i}") for i in range(len(layers))),
+        tuple(None if leaf in covered else get(f"diagonal_{leaf}") for leaf in range(len(leaves))),
+        layers,
+        kind,
+        jax.tree.structure(params),
+        tuple(jnp.shape(leaf) for leaf in leaves),
+    )

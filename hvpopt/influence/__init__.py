@@ -20,6 +20,7 @@ from hvpopt.influence.inverse_curvature import (
     curvature_operator,
     eigen_inverse,
     fit_inverse_curvature,
+    kronecker_inverse_rows,
 )
 from hvpopt.influence.proximal_bregman import proximal_bregman_response
 from hvpopt.influence.scores import (
@@ -52,6 +53,7 @@ __all__ = [
     "flat_example_gradients",
     "flipped_label_recall",
     "gradient_chunks",
+    "kronecker_inverse_rows",
     "leave_one_out_changes",
     "linear_datamodeling_score",
     "pairwise_scores",
