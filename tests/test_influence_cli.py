@@ -200,6 +200,23 @@ def test_a_user_task_module(tmp_path, monkeypatch, capsys):
     assert json.load(open(out / "metadata.json"))["curvature"] == "hessian"
 
 
+def test_ekfac_writes_its_factors_and_a_later_run_reuses_them(lm, tmp_path, capsys):
+    args = ["influence", "--checkpoint", lm, "--method", "ekfac", "--num-queries", "2", *FAST]
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    assert cli.main([*args, "--out", first]) == 0
+    assert {"factors.npz", "factors.json"} <= set(os.listdir(first))
+    capsys.readouterr()
+    assert cli.main([*args, "--factors", first, "--out", second, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["factors_from"] == os.path.join(first, "factors.npz") and "fitting" not in capsys.readouterr().err
+    scores = [np.load(os.path.join(out, "scores.npy")) for out in (first, second)]
+    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5, atol=1e-8)
+    third = tmp_path / "third"  # factors of another fit: refused before any work
+    assert cli.main([*args, "--seed", "1", "--factors", first, "--out", str(third)]) == 2
+    err = capsys.readouterr().err
+    assert "--factors" in err and "seed differs" in err and err.count("\n") == 1 and not third.exists()
+
+
 def bad_file(tmp_path, text):
     path = tmp_path / "q.jsonl"
     path.write_text(text)
@@ -222,6 +239,9 @@ def bad_file(tmp_path, text):
         (lambda lm, tmp: ["--checkpoint", lm, "--damping", "-1"], "argument --damping: must be a finite number >= 0"),
         (lambda lm, tmp: ["--task", "no_such_module:f"], "cannot be loaded"),
         (lambda lm, tmp: ["--task", "collections:OrderedDict"], "returned no loss_fn, params, train"),
+        (lambda lm, tmp: ["--checkpoint", lm, "--method", "ekfac", "--damping", "0"], "--damping must be > 0"),
+        (lambda lm, tmp: ["--checkpoint", lm, "--method", "kfac", "--curvature", "hessian"], "use --curvature ggn"),
+        (lambda lm, tmp: ["--checkpoint", lm, "--method", "ekfac", "--factors", str(tmp)], "holds no factors.npz"),
         (
             lambda lm, tmp: ["validate", "--checkpoint", lm, "--curvature", "hessian"],
             "Bregman response, which Gauss-Newton influence estimates: use --curvature ggn.",
