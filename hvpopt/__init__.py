@@ -38,7 +38,7 @@ from hvpopt.linalg import (CGResult, CGStatus, EigshResult, LanczosDecomposition
                            hutchinson_diagonal, jacobi_preconditioner, lanczos_tridiagonal, lissa, spectral_density,
                            trace, tridiagonal)
 from hvpopt.optim import (HessianFreeState, Minimum, NaturalGradientState, NewtonCGState, hessian_free,
-                          minimize_newton_cg, natural_gradient, newton_cg)
+                          kronecker_preconditioner, minimize_newton_cg, natural_gradient, newton_cg)
 from hvpopt.sharding import data_mesh, replicate, shard_batch, shard_params
 
 __all__ = [

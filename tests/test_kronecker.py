@@ -273,3 +273,25 @@ def test_bad_input_names_the_argument():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit(kind="kfac")  # full coverage: no warning
+
+
+def test_natural_gradient_and_hessian_free_take_kfac_as_their_preconditioner():
+    model_fn, params, (x, y) = single_layer_regression()  # K-FAC is the Fisher here: CG needs one iteration
+    value_fn = lambda p: SE(model_fn(p, x), y)
+    value, grad = jax.value_and_grad(value_fn)(params)
+    precond = hvpopt.kronecker_preconditioner(model_fn, SE, fisher="closed_form")
+
+    def step(tx):
+        run = lambda p, s: tx.update(grad, s, p, value=value, grad=grad, value_fn=value_fn, curvature_batch=(x, y))
+        return jax.jit(run)(params, tx.init(params))
+
+    plain, plain_state = step(hvpopt.natural_gradient(model_fn, SE, damping=1e-4, rtol=1e-10, maxiter=50))
+    fast, fast_state = step(
+        hvpopt.natural_gradient(model_fn, SE, damping=1e-4, rtol=1e-10, maxiter=50, precond=precond)
+    )
+    assert int(fast_state.cg_iterations) == 1 < int(plain_state.cg_iterations)
+    np.testing.assert_allclose(flat_of(fast), flat_of(plain), rtol=1e-7)
+    updates, state = step(hvpopt.hessian_free(model_fn, SE, precond=precond))
+    assert value_fn(jax.tree.map(jnp.add, params, updates)) < value and int(state.cg_iterations) >= 1
+    with pytest.raises(TypeError, match="precond must be a callable"):
+        hvpopt.hessian_free(model_fn, SE, precond="kfac")

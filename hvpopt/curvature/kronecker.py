@@ -113,7 +113,9 @@ def fit_kronecker_factors(
 ) -> KroneckerFactors:
     """Fits K-FAC or EK-FAC to the Gauss-Newton / Fisher matrix of the mean loss over ``data``.
 
-    The dataset is read in chunks (:func:`hvpopt.average_over_chunks`: memory
+    Jittable (the layers are found while tracing; the check that the factors
+    are finite runs only outside ``jit``). The dataset is read in chunks
+    (:func:`hvpopt.average_over_chunks`: memory
     of one chunk, its per-example gradients included), every example with
     weight ``1/N`` and every position with its loss weight; with a ``mesh`` the
     chunks are split over its ``"data"`` axis, each device summing its share
@@ -200,6 +202,8 @@ def _check_coverage(tapped: TappedModel, params: PyTree) -> None:
 
 
 def _check_finite(factors: KroneckerFactors) -> None:
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(factors)):
+        return  # fitted inside a traced function (an optimizer step): the caller's step checks its numbers
     arrays = [*factors.eigenvalues, *factors.input_bases, *factors.output_bases, *factors.diagonal]
     names = [layer.name for layer in factors.layers] * 3 + ["a diagonal leaf"] * len(factors.diagonal)
     for name, array in zip(names, arrays):

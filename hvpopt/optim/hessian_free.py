@@ -78,6 +78,7 @@ def hessian_free(
     damping_increase: float = 3 / 2,
     min_damping: float = 1e-6,
     max_linesearch_steps: int = 20,
+    precond: Callable | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Martens' Hessian-free optimizer with Gauss-Newton curvature.
 
@@ -103,7 +104,15 @@ def hessian_free(
       damping_decrease, damping_increase: factors of the Levenberg-Marquardt rule.
       min_damping: ``lambda`` never goes below this.
       max_linesearch_steps: most loss evaluations of the line search.
+      precond: None, or ``(params, curvature_batch, damping) -> (r -> M^{-1} r)``,
+        called at every step to precondition CG with ``M``, e.g.
+        :func:`hvpopt.kronecker_preconditioner` (K-FAC fitted on the
+        curvature batch, damped by the current ``lambda``).
     """
+    if precond is not None and not callable(precond):
+        raise TypeError(
+            f"precond must be a callable (params, curvature_batch, damping) -> (r -> M^-1 r); got {precond!r}."
+        )
     save_at = backtracking_iterations(maxiter)
 
     def init(params: Any) -> HessianFreeState:
@@ -157,6 +166,7 @@ def hessian_free(
                 maxiter=maxiter,
                 progress_tol=progress_tol,
                 save_at=save_at,
+                precond=None if precond is None else precond(params, curvature_batch, state.damping),
             )
             # CG-iterate backtracking: the saved iterate (or the last) with the lowest loss. Saves
             # past CG's last iteration are copies of the last iterate and are not evaluated.

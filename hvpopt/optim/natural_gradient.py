@@ -72,6 +72,7 @@ def natural_gradient(
     maxiter: int = 20,
     rtol: float = 1e-4,
     key: jax.Array | None = None,
+    precond: Callable | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Natural gradient: ``-t (F + damping I)^{-1} g``, solved by CG.
 
@@ -98,8 +99,15 @@ def natural_gradient(
       maxiter: most CG iterations per step.
       rtol: CG's relative residual tolerance.
       key: the random key of ``"monte_carlo"`` (required there).
+      precond: None, or ``(params, curvature_batch, damping) -> (r -> M^{-1} r)``,
+        called at every step to precondition CG with ``M``, e.g.
+        :func:`hvpopt.kronecker_preconditioner`.
     """
     _checks.check_choice("fisher", fisher, FISHERS)
+    if precond is not None and not callable(precond):
+        raise TypeError(
+            f"precond must be a callable (params, curvature_batch, damping) -> (r -> M^-1 r); got {precond!r}."
+        )
     if fisher == "monte_carlo" and key is None:
         raise ValueError("natural_gradient(fisher='monte_carlo') needs key=jax.random.key(seed).")
 
@@ -147,7 +155,8 @@ def natural_gradient(
                     model_fn(p, example[0][None]), jax.tree.map(lambda t: t[None], example[1])
                 )
                 matvec = empirical_fisher_operator(example_loss, params, (inputs, targets))
-            solve = cg(matvec, grad, damping=damping, rtol=rtol, maxiter=maxiter)
+            preconditioner = None if precond is None else precond(params, curvature_batch, damping)
+            solve = cg(matvec, grad, damping=damping, rtol=rtol, maxiter=maxiter, precond=preconditioner)
             direction = otu.tree_scale(-1.0, solve.x)
             if value_fn is None:
                 step_size, evaluations = jnp.asarray(learning_rate), 0
