@@ -92,6 +92,8 @@ DEFAULT_OUT = harness.results_path("bench_influence_cpu.json")
 QUICK_OUT = harness.quick_path("bench_influence")
 TARGET_SECONDS = 60.0
 TARGET_METHODS = ("cg", "arnoldi")
+#: Methods whose fit does not depend on the damping: fitted once, applied at every damping.
+FIT_ONCE = ("arnoldi", "identity", "kfac", "ekfac")
 TOP_K = 10
 
 
@@ -198,9 +200,11 @@ def worker(spec: dict) -> None:
         "cg": {"maxiter": spec.get("cg_iterations")},
         "lissa": {"depth": spec.get("lissa_depth")},
         "arnoldi": {"rank": spec.get("rank")},
+        "kfac": {},
+        "ekfac": {},
         "identity": {},
     }[method]
-    if method in ("arnoldi", "identity"):  # the fit does not depend on the damping: fit once
+    if method in FIT_ONCE:  # the fit does not depend on the damping: fit once
         with Phase(spans, "fit", shared):
             fitted = influence.fit_inverse_curvature(
                 loss_fn,
@@ -214,7 +218,7 @@ def worker(spec: dict) -> None:
                 key=jax.random.key(spec["seed"]),
                 **options,
             )
-            jax.block_until_ready((fitted.eigenvalues, fitted.eigenvectors))
+            jax.block_until_ready((fitted.eigenvalues, fitted.eigenvectors, fitted.factors))
         shared["fit_diagnostics"] = {k: np.asarray(v).tolist() for k, v in fitted.diagnostics.items()}
         if fitted.eigenvalues is not None:
             shared["fit_diagnostics"]["top_eigenvalues"] = np.asarray(fitted.eigenvalues)[::-1][:10].tolist()
@@ -222,9 +226,12 @@ def worker(spec: dict) -> None:
 
     for damping in spec["dampings"]:
         record = {"damping": damping}
-        if method in ("arnoldi", "identity"):
+        if method in FIT_ONCE:
             record.update({k: v for k, v in shared.items()})
-            if method == "arnoldi":
+            if method in ("kfac", "ekfac"):
+                apply = influence.kronecker_inverse_rows(fitted.factors, damping)
+                inverse = fitted._replace(apply=apply, damping=damping)
+            elif method == "arnoldi":
                 inverse = influence.InverseCurvature(
                     influence.eigen_inverse(fitted.eigenvalues, fitted.eigenvectors, damping),
                     method,
@@ -470,6 +477,7 @@ def _settings(args) -> dict:
             "queries": 6,
             "curvature_examples": [16],
             "solve_curvature_examples": [16],
+            "factor_examples": [16],
             "dampings": [1e-2],
             "lissa_dampings": [1e-2],
             "cg_iterations": [3],
@@ -485,6 +493,7 @@ def _settings(args) -> dict:
         "queries": args.queries,
         "curvature_examples": _int_list(args.curvature_examples),
         "solve_curvature_examples": _int_list(args.solve_curvature_examples),
+        "factor_examples": _int_list(args.factor_examples),
         "dampings": _float_list(args.dampings),
         "lissa_dampings": _float_list(args.lissa_dampings),
         "cg_iterations": _int_list(args.cg_iterations),
@@ -513,6 +522,9 @@ def _plan(methods: list[str], settings: dict) -> list[dict]:
                 }
                 for n in settings["curvature_examples"]
             ]
+        elif method in ("kfac", "ekfac"):
+            for n in settings["factor_examples"]:
+                plan.append({"method": method, "curvature_examples": n, "label": f"{method} nc={n}"})
         elif method == "cg":
             plan += [
                 {"method": "cg", "curvature_examples": n, "cg_iterations": k, "label": f"cg nc={n} maxiter={k}"}
@@ -593,12 +605,17 @@ def main(argv=None) -> int:
         default="64",
         help="comma list: curvature subsets for cg and lissa (per-query solvers)",
     )
+    parser.add_argument(
+        "--factor-examples",
+        default="256,1000",
+        help="comma list: examples kfac and ekfac fit their factors on (1000: the whole training set)",
+    )
     parser.add_argument("--dampings", default="1e-3,1e-2", help="comma list")
     parser.add_argument("--lissa-dampings", default="1e-2", help="comma list, among --dampings")
     parser.add_argument(
         "--methods",
-        default="identity,cg,arnoldi,lissa",
-        help="comma list of identity, cg, arnoldi, lissa ('exact' is impossible at this size)",
+        default="identity,cg,arnoldi,lissa,kfac,ekfac",
+        help="comma list of identity, cg, arnoldi, lissa, kfac, ekfac ('exact' is impossible at this size)",
     )
     parser.add_argument("--cg-iterations", default="10,25", help="comma list: cg's maxiter (rtol 1e-4, the default)")
     parser.add_argument("--rank", type=int, default=50)
