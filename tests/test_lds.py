@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hvpopt import influence
+from hvpopt import influence, losses
 
 L2 = 0.1
 
@@ -112,3 +112,45 @@ def test_a_query_whose_loss_does_not_vary_is_left_out_and_counted(lds_problem):
 def test_bad_input_names_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_ekfac_has_a_clearly_higher_lds_than_identity_on_a_small_mlp(float64):
+    """A tanh MLP on blobs whose features differ in scale (so that curvature matters), retrained by
+    Newton-CG on each of 16 half subsets from the full optimum (L2 1e-2): identity 0.35, EK-FAC 0.71 here
+    (data seeds 1 and 2: 0.25 and 0.42 against 0.74 and 0.60)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 4)) * 1.5
+    labels = rng.integers(0, 3, size=90)
+    x = jnp.asarray((centres[labels] + rng.normal(size=(90, 4))) * np.array([4, 1, 0.3, 0.1]))
+    train, queries = (x[:60], jnp.asarray(labels[:60])), (x[60:], jnp.asarray(labels[60:]))
+    model_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+    ce = losses.softmax_cross_entropy
+    loss = lambda p, example: ce(model_fn(p, example[0][None]), example[1][None])
+    keys = jax.random.split(jax.random.key(0), 2)
+    start = {"w1": jax.random.normal(keys[0], (4, 8)) / 2, "b1": jnp.zeros(8)}
+    start |= {"w2": jax.random.normal(keys[1], (8, 3)) / 2, "b2": jnp.zeros(3)}
+    theta = influence.retrain(loss, start, train, l2=1e-2, steps=60).params
+
+    def retrain(indices, seed):
+        weights = np.zeros(60)
+        weights[indices] = 60 / len(indices)  # the mean loss over the subset
+        return influence.retrain(loss, theta, train, weights=jnp.asarray(weights), l2=1e-2, steps=20).params
+
+    subsets = influence.datamodel_subsets(60, 16, seed=0)
+    query_losses = jax.jit(jax.vmap(loss, in_axes=(None, 0)))
+    actual = influence.datamodel_losses(retrain, lambda p: query_losses(p, queries), subsets)
+    lds = {
+        method: influence.linear_datamodeling_score(
+            np.asarray(
+                influence.pairwise_scores(
+                    loss, theta, train, queries, method=method, damping=1e-2, curvature="ggn", model=(model_fn, ce),
+                    **({"fisher": "closed_form"} if method == "ekfac" else {}),
+                )
+            ),
+            subsets,
+            actual,
+        )
+        for method in ("identity", "ekfac")
+    }  # fmt: skip
+    ekfac, identity = lds["ekfac"], lds["identity"]
+    assert ekfac.mean > 0.6 and ekfac.mean - identity.mean > 3 * max(ekfac.standard_error, identity.standard_error), lds
