@@ -49,7 +49,8 @@ def test_scores_files_and_numbers_match_the_library(lm, tmp_path, capsys):
     queries = tmp_path / "queries.jsonl"
     queries.write_text(json.dumps({"text": "ROMEO:\nI", "id": "romeo"}) + "\n\n")
     out = str(tmp_path / "out")
-    args = ["influence", "--checkpoint", lm, "--query", "First Ci", "--queries", str(queries), "--out", out, *FAST]
+    args = ["influence", "--checkpoint", lm, "--query", "First Ci", "--queries", str(queries), "--out", out]
+    args += ["--method", "cg", *FAST]
     assert cli.main([*args, "--json"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
@@ -142,6 +143,8 @@ def test_validate_on_a_transformer_compares_with_the_proximal_bregman_response(l
         "validate",
         "--checkpoint",
         lm,
+        "--method",
+        "cg",
         "--train-examples",
         "500",
         "--damping",
@@ -200,8 +203,8 @@ def test_a_user_task_module(tmp_path, monkeypatch, capsys):
     assert json.load(open(out / "metadata.json"))["curvature"] == "hessian"
 
 
-def test_ekfac_writes_its_factors_and_a_later_run_reuses_them(lm, tmp_path, capsys):
-    args = ["influence", "--checkpoint", lm, "--method", "ekfac", "--num-queries", "2", *FAST]
+def test_ekfac_writes_its_factors_and_a_later_run_reuses_them(blobs, tmp_path, capsys):
+    args = ["influence", "--checkpoint", blobs, "--method", "ekfac", "--num-queries", "2", *FAST]
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     assert cli.main([*args, "--out", first]) == 0
     assert {"factors.npz", "factors.json"} <= set(os.listdir(first))
