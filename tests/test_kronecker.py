@@ -58,6 +58,20 @@ def single_layer_regression():
     return (lambda p, x: x @ p["w"] + p["b"]), params, (x, y)
 
 
+@pytest.fixture(scope="module")
+def mlp():
+    """One MLP problem for the module: its model_fn is the jit key, so fits at the same options compile once."""
+    return make_mlp()
+
+
+@pytest.fixture(scope="module")
+def mlp_closed_form(mlp):
+    """K-FAC and EK-FAC with the closed-form Fisher on the MLP."""
+    data = (mlp.inputs, mlp.targets)
+    fit = lambda kind: hvpopt.fit_kronecker_factors(mlp.model_fn, CE, mlp.params, data, kind=kind, fisher="closed_form")
+    return {kind: fit(kind) for kind in ("kfac", "ekfac")}
+
+
 def tiny_classifier():
     config = TransformerConfig(vocab_size=6, d_model=4, num_layers=1, num_heads=2, context_length=5, mlp_ratio=1)
     model_fn, params = transformer_classifier(config, 3, pad_id=0, seed=3)
@@ -164,18 +178,16 @@ def test_kfac_is_exact_for_one_dense_layer_with_squared_error_and_one_output():
 
 
 @pytest.mark.parametrize("model", ["mlp", "transformer classifier"])
-def test_ekfac_is_at_least_as_close_to_the_ggn_as_kfac_and_its_eigenvalues_are_the_blocks_diagonal(model):
+def test_ekfac_is_at_least_as_close_to_the_ggn_as_kfac_and_its_eigenvalues_are_the_blocks_diagonal(
+    model, mlp, mlp_closed_form
+):
     if model == "mlp":
-        problem = make_mlp()
-        model_fn, params, x, y = problem.model_fn, problem.params, problem.inputs, problem.targets
-        ggn = dense_ggn(problem)
+        params, ggn, fitted = mlp.params, dense_ggn(mlp), mlp_closed_form
     else:
         model_fn, params, x, y = tiny_classifier()
         ggn = dense(lambda v: hvpopt.ggn_vp(model_fn, CE, params, v, x, y), params)
-    fitted = {
-        kind: hvpopt.fit_kronecker_factors(model_fn, CE, params, (x, y), kind=kind, fisher="closed_form", chunk_size=10)
-        for kind in ("kfac", "ekfac")
-    }
+        fit = lambda kind: hvpopt.fit_kronecker_factors(model_fn, CE, params, (x, y), kind=kind, fisher="closed_form")
+        fitted = {kind: fit(kind) for kind in ("kfac", "ekfac")}
     error = {kind: np.linalg.norm(kronecker_matrix(f, params) - ggn) for kind, f in fitted.items()}
     assert error["ekfac"] <= error["kfac"] * (1 + 1e-12), error
     ekfac = fitted["ekfac"]
@@ -186,26 +198,20 @@ def test_ekfac_is_at_least_as_close_to_the_ggn_as_kfac_and_its_eigenvalues_are_t
         np.testing.assert_allclose(np.diag(basis.T @ block @ basis), np.ravel(values), atol=1e-12)
 
 
-def test_the_ekfac_inverse_solves_the_dense_ekfac_matrix():
-    problem = make_mlp()
-    factors = hvpopt.fit_kronecker_factors(
-        problem.model_fn, CE, problem.params, (problem.inputs, problem.targets), key=jax.random.key(3)
-    )
-    matrix = kronecker_matrix(factors, problem.params)
-    b = random_like(jax.random.key(4), problem.params)
+def test_the_ekfac_inverse_solves_the_dense_ekfac_matrix(mlp, mlp_closed_form):
+    factors = mlp_closed_form["ekfac"]
+    matrix = kronecker_matrix(factors, mlp.params)
+    b = random_like(jax.random.key(4), mlp.params)
     solved = hvpopt.kronecker_inverse(factors, damping=0.05)(b)
     expected = np.linalg.solve(matrix + 0.05 * np.eye(len(matrix)), ravel_pytree(b)[0])
     np.testing.assert_allclose(ravel_pytree(solved)[0], expected, rtol=1e-9, atol=1e-12)
 
 
-def test_sampled_factors_converge_to_the_closed_form():
-    problem = make_mlp()
-    data = (problem.inputs, problem.targets)
-    closed = hvpopt.fit_kronecker_factors(problem.model_fn, CE, problem.params, data, kind="kfac", fisher="closed_form")
-    copies = jax.tree.map(lambda a: jnp.concatenate([a] * 500), data)  # 4,000 samples: the error is ~ 1/sqrt(500)
-    sampled = hvpopt.fit_kronecker_factors(problem.model_fn, CE, problem.params, copies, kind="kfac", chunk_size=500)
-    truth = kronecker_matrix(closed, problem.params)
-    estimate = kronecker_matrix(sampled, problem.params)
+def test_sampled_factors_converge_to_the_closed_form(mlp, mlp_closed_form):
+    copies = jax.tree.map(lambda a: jnp.concatenate([a] * 500), (mlp.inputs, mlp.targets))  # error ~ 1/sqrt(500)
+    sampled = hvpopt.fit_kronecker_factors(mlp.model_fn, CE, mlp.params, copies, kind="kfac", chunk_size=500)
+    truth = kronecker_matrix(mlp_closed_form["kfac"], mlp.params)
+    estimate = kronecker_matrix(sampled, mlp.params)
     assert np.linalg.norm(estimate - truth) / np.linalg.norm(truth) < 0.1
 
 
@@ -252,9 +258,8 @@ def flat_of(tree) -> np.ndarray:
 # ---------------------------------------------------------------- bad input
 
 
-def test_bad_input_names_the_argument():
-    problem = make_mlp()
-    data = (problem.inputs, problem.targets)
+def test_bad_input_names_the_argument(mlp, mlp_closed_form):
+    problem, data = mlp, (mlp.inputs, mlp.targets)
     fit = lambda **options: hvpopt.fit_kronecker_factors(problem.model_fn, CE, problem.params, data, **options)
     with pytest.raises(ValueError, match="kind must be one of"):
         fit(kind="shampoo")
@@ -264,15 +269,15 @@ def test_bad_input_names_the_argument():
         hvpopt.fit_kronecker_factors(problem.model_fn, lambda o, t: jnp.mean(o), problem.params, data)
     bad = jax.tree.map(lambda a: a * jnp.nan, problem.params)
     with pytest.raises(ValueError, match="not finite"):
-        hvpopt.fit_kronecker_factors(problem.model_fn, CE, bad, data)
+        hvpopt.fit_kronecker_factors(problem.model_fn, CE, bad, data, kind="kfac", fisher="closed_form")
     with pytest.raises(ValueError, match="damping must be > 0"):
-        hvpopt.kronecker_inverse(fit(kind="kfac"), damping=0.0)
+        hvpopt.kronecker_inverse(mlp_closed_form["kfac"], damping=0.0)
     lm = make_transformer()
     with pytest.raises(ValueError, match="fisher='closed_form'.*more than one position"):
         hvpopt.fit_kronecker_factors(lm.model_fn, CE, lm.params, (lm.inputs, lm.targets), fisher="closed_form")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fit(kind="kfac")  # full coverage: no warning
+        fit(kind="kfac", fisher="closed_form")  # full coverage: no warning (and compiled already)
 
 
 def test_natural_gradient_and_hessian_free_take_kfac_as_their_preconditioner():

@@ -303,7 +303,7 @@ def test_kronecker_factors_on_a_mesh_are_the_one_device_factors(mesh):
     problem = mlp_problem(14)  # 3 per device, the two left over averaged on every device
     data = (problem.inputs, problem.targets)
     fit = lambda mesh: hvpopt.fit_kronecker_factors(
-        problem.model_fn, problem.loss, problem.params, data, chunk_size=2, mesh=mesh
+        problem.model_fn, problem.loss, problem.params, data, kind="kfac", chunk_size=2, mesh=mesh
     )
     v = random_like(jax.random.key(3), problem.params)
     assert_same(hvpopt.kronecker_operator(fit(mesh))(v), hvpopt.kronecker_operator(fit(None))(v), rtol=1e-9)
