@@ -253,9 +253,11 @@ def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _example_gradients(model_fn, loss, fisher, params, chunk, *, tapped: TappedModel | None):
-    """Per example of ``chunk``, vmapped: ``(activations, output cotangents, parameter cotangents, weights)``.
+    """Per example of ``chunk``, vmapped: ``(activations, cotangents, weights)``.
 
-    Cotangents have a leading axis of pseudo-target columns (1, or ``K`` for the closed form).
+    ``cotangents`` is ``(parameter cotangents, output cotangents)`` with ``tapped``, else
+    ``(parameter cotangents,)``; each has a leading axis of pseudo-target columns (1, or ``K``
+    for the closed form).
     """
     inputs, targets, keys = chunk
 

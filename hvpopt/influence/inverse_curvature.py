@@ -32,13 +32,11 @@ References:
   Grosse et al., "Studying large language model generalization with influence functions", 2023.
 """
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
@@ -328,15 +326,10 @@ def kronecker_inverse_rows(factors: KroneckerFactors, damping: float) -> Callabl
 
 @jax.jit
 def _kronecker_rows(factors: KroneckerFactors, rows: jax.Array, damping) -> jax.Array:
-    sizes = [math.prod(shape) for shape in factors.shapes]
+    like = jax.tree.unflatten(factors.treedef, [jnp.zeros(shape, rows.dtype) for shape in factors.shapes])
+    unravel = ravel_pytree(like)[1]
     inverse = kronecker_inverse(factors, damping=damping)
-
-    def one(row):
-        pieces = jnp.split(row, np.cumsum(sizes)[:-1])
-        tree = jax.tree.unflatten(factors.treedef, [x.reshape(shape) for x, shape in zip(pieces, factors.shapes)])
-        return jnp.concatenate([leaf.reshape(-1) for leaf in jax.tree.leaves(inverse(tree))])
-
-    return jax.vmap(one)(rows)
+    return jax.vmap(lambda row: ravel_pytree(inverse(unravel(row)))[0])(rows)
 
 
 def eigen_inverse(eigenvalues: jax.Array, eigenvectors: jax.Array, damping: float) -> Callable:
