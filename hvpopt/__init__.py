@@ -26,19 +26,23 @@ __version__ = "0.2.0"
 # fmt: off
 from hvpopt import _moved
 from hvpopt import curvature, influence, jacobians, linalg, losses, optim, sharding, spectrum, tree, types
-from hvpopt.curvature import (FISHER_TARGETS, HVP_MODES, KRONECKER_KINDS, DenseLayer, KroneckerFactors, LeafTreatment,
-                              TappedModel, average_over_batches, average_over_chunks, empirical_fisher_operator,
-                              empirical_fisher_vp, find_dense_layers, fisher_operator, fisher_vp, fit_kronecker_factors,
-                              ggn_operator, ggn_vp, hessian_operator, hvp, kronecker_from_arrays, kronecker_inverse,
-                              kronecker_operator, kronecker_to_arrays, layer_coverage, mc_fisher_operator, mc_fisher_vp,
-                              output_hessian, sandwich_operator, tapped_model)
+from hvpopt.curvature import (FISHER_TARGETS, HVP_MODES, KRONECKER_KINDS, DenseLayer, KroneckerFactors,
+                              KroneckerStatistics, LeafTreatment, TappedModel, average_over_batches,
+                              average_over_chunks, empirical_fisher_operator, empirical_fisher_vp, find_dense_layers,
+                              fisher_operator, fisher_vp, fit_kronecker_factors, ggn_operator, ggn_vp,
+                              hessian_operator, hvp, kronecker_factors, kronecker_from_arrays, kronecker_inverse,
+                              kronecker_operator, kronecker_statistics, kronecker_to_arrays, layer_coverage,
+                              mc_fisher_operator, mc_fisher_vp, output_hessian, sampled_gradient, sandwich_operator,
+                              tapped_model)
 from hvpopt.jacobians import SpectralNorm, jacobian, jacobian_spectral_norm
 from hvpopt.linalg import (CGResult, CGStatus, EigshResult, LanczosDecomposition, LissaResult, LissaStatus,
                            SpectralDensity, TraceEstimate, cg, dense_matrix, eigsh, exact_diagonal, flat_operator,
                            hutchinson_diagonal, jacobi_preconditioner, lanczos_tridiagonal, lissa, spectral_density,
                            trace, tridiagonal)
-from hvpopt.optim import (HessianFreeState, Minimum, NaturalGradientState, NewtonCGState, hessian_free,
-                          kronecker_preconditioner, minimize_newton_cg, natural_gradient, newton_cg)
+from hvpopt.optim import (KFAC_STEP_RULES, DiagonalEstimatorState, HessianFreeState, KFACState, Minimum,
+                          NaturalGradientState, NewtonCGState, gauss_newton_bartlett, hessian_free, hutchinson_hessian,
+                          kfac, kronecker_preconditioner, minimize_newton_cg, natural_gradient, newton_cg,
+                          sophia_win_rate)
 from hvpopt.sharding import data_mesh, replicate, shard_batch, shard_params
 
 __all__ = [

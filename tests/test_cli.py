@@ -126,15 +126,42 @@ def test_train_with_a_second_order_optimizer_records_its_diagnostics(tmp_path, c
 
 
 @pytest.mark.parametrize(
+    "optimizer, knobs, diagnostics",
+    [
+        ("kfac", ["--damping", "0.05", "--inverse-every", "3"], ("optimizer_damping", "optimizer_num_inversions")),
+        ("sophia_g", ["--gamma", "0.05", "--curvature-every", "2"], ("optimizer_win_rate", "optimizer_num_estimates")),
+        ("sophia_h", ["--curvature-every", "2"], ("optimizer_win_rate", "optimizer_num_estimates")),
+    ],
+)
+def test_train_with_kfac_or_sophia_records_their_diagnostics(tmp_path, capsys, optimizer, knobs, diagnostics):
+    out = str(tmp_path / optimizer)
+    args = ["train", "--out", out, "--task", "blobs", "--optimizer", optimizer, "--batch-size", "64", *knobs,
+            "--learning-rate", "0.3" if optimizer == "kfac" else "0.03", "--steps", "6", "--eval-every", "3",
+            "--no-progress"]  # fmt: skip
+    assert cli.main(args) == 0
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert records[-1]["validation_loss"] < records[0]["validation_loss"]
+    for name in diagnostics:
+        assert name in records[-1], records[-1]
+    if optimizer == "kfac":
+        assert records[-1]["optimizer_num_inversions"] == 2 and records[-1]["optimizer_skipped_steps"] == 0
+    else:
+        assert records[-1]["optimizer_num_estimates"] == 3 and 0 <= records[-1]["optimizer_win_rate"] <= 1
+
+
+@pytest.mark.parametrize(
     "extra, message",
     [
+        (["--optimizer", "kfac", "--gamma", "0.1"], "--gamma is for the optimizers sophia_g, sophia_h"),
+        (["--optimizer", "sophia_g", "--inverse-every", "2"], "--inverse-every is for the optimizers kfac"),
+        (["--optimizer", "kfac", "--curvature-every", "0"], "argument --curvature-every: must be a positive"),
         (["--data", "modulos=7"], "no data option 'modulos'"),
         (["--model", "d_model"], "--model takes KEY=VALUE"),
         (["--batch-size", "500"], "--batch-size (500) exceeds the 25 training examples"),
         (["--flip-fraction", "1.5"], "argument --flip-fraction: must be a number in [0, 1)"),
         (["--learning-rate", "-1"], "argument --learning-rate: must be a finite number > 0"),
-        (["--damping", "0.1"], "--damping is for the second-order optimizers"),
-        (["--cg-iterations", "3"], "--cg-iterations is for the second-order optimizers"),
+        (["--damping", "0.1"], "--damping is for the optimizers"),
+        (["--cg-iterations", "3"], "--cg-iterations is for the optimizers"),
     ],
 )
 def test_train_refuses_bad_options_before_writing_anything(tmp_path, capsys, extra, message):

@@ -93,7 +93,7 @@ def test_second_order_optimizers_train_logistic_regression_to_its_minimum(optimi
 def test_learning_rate_defaults_and_second_order_options_are_checked():
     assert training.TrainOptions().learning_rate == 3e-3
     assert training.TrainOptions(optimizer="newton_cg").learning_rate == 1.0
-    with pytest.raises(ValueError, match="damping is for the second-order optimizers"):
+    with pytest.raises(ValueError, match="damping is for the optimizers"):
         training.TrainOptions(damping=0.1)
     with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
         training.TrainOptions(optimizer="hessian_free", damping=-1.0)

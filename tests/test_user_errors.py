@@ -392,8 +392,8 @@ def test_a_folder_given_for_a_file_is_called_a_folder(blobs, tmp_path, capsys, f
 @pytest.mark.parametrize(
     "extra, named",
     [
-        (["--damping", "0.1"], "error: --damping is for the second-order optimizers"),
-        (["--cg-iterations", "3"], "error: --cg-iterations is for the second-order optimizers"),
+        (["--damping", "0.1"], "error: --damping is for the optimizers"),
+        (["--cg-iterations", "3"], "error: --cg-iterations is for the optimizers"),
         (["--batch-size", "5000"], "error: --batch-size (5000) exceeds the 480 training examples"),
         (["--task", "shakespeare", "--flip-fraction", "0.1"], "error: --flip-fraction applies to the classification"),
         (["--data", "num_examples=2"], "error: num_examples must be an integer of at least 4"),  # not a flag: as it is
@@ -468,7 +468,7 @@ def test_a_run_that_diverges_after_a_checkpoint_keeps_it_and_says_so(tmp_path, c
     monkeypatch.setattr(
         training,
         "_record",
-        lambda *args: {**real(*args), **({"validation_loss": float("nan")} if args[3] == 20 else {})},
+        lambda *args: {**real(*args), **({"validation_loss": float("nan")} if args[4] == 20 else {})},
     )
     out = tmp_path / "out"
     status = cli.main(

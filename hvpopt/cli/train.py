@@ -36,8 +36,9 @@ def add_parser(commands) -> None:
         "--learning-rate",
         type=flags.positive_float,
         default=None,
-        help="peak learning rate of adamw, adam and sgd (default 3e-3); for newton_cg and "
-        "hessian_free the first step the line search tries, for natural_gradient the step (default 1)",
+        help="peak learning rate of adamw, adam, sgd, muon, sophia_g and sophia_h (default 3e-3) and of kfac "
+        "(a multiplier of its step, default 1); for newton_cg and hessian_free the first step the line search "
+        "tries, for natural_gradient the step (default 1)",
     )
     train.add_argument(
         "--weight-decay", type=flags.nonnegative_float, default=defaults.weight_decay, help="AdamW's weight decay"
@@ -46,13 +47,29 @@ def add_parser(commands) -> None:
         "--damping",
         type=flags.nonnegative_float,
         default=None,
-        help="second-order optimizers: damping (hessian_free: the initial damping)",
+        help="second-order optimizers and kfac: damping (hessian_free and kfac: the initial damping)",
     )
     train.add_argument(
         "--cg-iterations",
         type=flags.positive_int,
         default=None,
         help="second-order optimizers: most CG iterations per step",
+    )
+    train.add_argument(
+        "--curvature-every",
+        type=flags.positive_int,
+        default=None,
+        help="kfac: steps between refreshes of its factors (default 1); sophia_g, sophia_h: steps between "
+        "curvature-diagonal estimates (default 10)",
+    )
+    train.add_argument(
+        "--inverse-every",
+        type=flags.positive_int,
+        default=None,
+        help="kfac: steps between eigendecompositions of its factors (default 10)",
+    )
+    train.add_argument(
+        "--gamma", type=flags.positive_float, default=None, help="sophia_g, sophia_h: Sophia's gamma (default 0.01)"
     )
     train.add_argument("--eval-every", type=flags.positive_int, default=defaults.eval_every)
     train.add_argument(
@@ -134,6 +151,9 @@ def _train_into_out(args) -> int:
             weight_decay=args.weight_decay,
             damping=args.damping,
             cg_iterations=args.cg_iterations,
+            curvature_every=args.curvature_every,
+            inverse_every=args.inverse_every,
+            gamma=args.gamma,
             eval_every=args.eval_every,
             seed=args.seed,
         )

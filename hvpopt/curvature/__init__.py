@@ -30,6 +30,7 @@ from hvpopt.curvature.fisher import (
     fisher_vp,
     mc_fisher_operator,
     mc_fisher_vp,
+    sampled_gradient,
 )
 from hvpopt.curvature.ggn import ggn_operator, ggn_vp, output_hessian
 from hvpopt.curvature.hvp import HVP_MODES, hessian_operator, hvp
@@ -37,10 +38,13 @@ from hvpopt.curvature.kronecker import (
     FISHER_TARGETS,
     KRONECKER_KINDS,
     KroneckerFactors,
+    KroneckerStatistics,
     fit_kronecker_factors,
+    kronecker_factors,
     kronecker_from_arrays,
     kronecker_inverse,
     kronecker_operator,
+    kronecker_statistics,
     kronecker_to_arrays,
 )
 from hvpopt.curvature.sandwich import sandwich_operator
@@ -51,6 +55,7 @@ __all__ = [
     "KRONECKER_KINDS",
     "DenseLayer",
     "KroneckerFactors",
+    "KroneckerStatistics",
     "LeafTreatment",
     "TappedModel",
     "average_over_batches",
@@ -61,6 +66,7 @@ __all__ = [
     "fisher_operator",
     "fisher_vp",
     "fit_kronecker_factors",
+    "kronecker_factors",
     "ggn_operator",
     "ggn_vp",
     "hessian_operator",
@@ -68,11 +74,13 @@ __all__ = [
     "kronecker_from_arrays",
     "kronecker_inverse",
     "kronecker_operator",
+    "kronecker_statistics",
     "kronecker_to_arrays",
     "layer_coverage",
     "mc_fisher_operator",
     "mc_fisher_vp",
     "output_hessian",
+    "sampled_gradient",
     "sandwich_operator",
     "tapped_model",
 ]

@@ -10,6 +10,8 @@ mean negative log-likelihood, the Fisher information is
   losses in :mod:`hvpopt.losses` it equals the Gauss-Newton matrix.
 * :func:`mc_fisher_vp` replaces the expectation by targets sampled from the
   model (an unbiased estimate of ``F``), one outer product per output position.
+* :func:`sampled_gradient` is one backpropagation whose outer product is an
+  unbiased estimate of ``F`` (Sophia-G's Gauss-Newton-Bartlett estimator).
 * :func:`empirical_fisher_vp` uses the observed labels:
   ``(1/N) sum_i g_i g_i^T`` with ``g_i`` the gradient of example ``i``'s loss.
   It is computed as ``J_l^T J_l v / N`` with ``J_l`` the Jacobian of the vector
@@ -185,6 +187,54 @@ def empirical_fisher_vp(
     """
     _checks.check_like("v", v, "params", params)
     return empirical_fisher_operator(loss_fn, params, batch, chunk_size=chunk_size)(v)
+
+
+def sampled_gradient(
+    model_fn: Callable, loss: Loss, params: PyTree, inputs: Any, targets: Any, *, key: jax.Array
+) -> PyTree:
+    """A gradient ``g_hat`` with ``E[g_hat g_hat^T] = F``: one backpropagation of labels drawn from the model.
+
+    .. math:: \\hat g = \\sum_i \\sqrt{w_i}\\, J_i^\\top \\nabla_{f_i} \\ell(f_i, \\hat y_i),\\quad
+       \\hat y_i \\sim p(\\cdot | f_i),\\qquad \\mathbb{E}[\\hat g \\hat g^\\top] = \\sum_i w_i J_i^\\top H_i J_i = F
+
+    with ``w_i`` the loss's position weights (summing to one): the scores of
+    different positions are independent with mean zero, so their cross terms
+    vanish in expectation. ``g_hat ** 2`` is an unbiased estimate of the
+    Fisher's (here the Gauss-Newton matrix's) diagonal; with uniform weights
+    over ``B`` positions it is the ``B * grad^2`` of the Gauss-Newton-Bartlett
+    estimator of Sophia-G (Liu et al., 2023).
+
+    Args:
+      model_fn: ``model_fn(params, inputs) -> outputs``.
+      loss: one of :mod:`hvpopt.losses`.
+      params: any pytree of floating arrays.
+      inputs: the model's inputs.
+      targets: the observed targets (only masks and shapes are used).
+      key: a JAX PRNG key for the sampled labels.
+
+    Returns:
+      ``g_hat``, with the structure of ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, hvpopt
+      >>> x, y = jnp.eye(3), jnp.array([0, 1, 2])
+      >>> g = hvpopt.sampled_gradient(lambda w, x: x @ w, hvpopt.losses.softmax_cross_entropy,
+      ...                             jnp.zeros((3, 3)), x, y, key=jax.random.key(0))
+      >>> g.shape
+      (3, 3)
+    """
+    _check_loss(loss, "sampled_gradient")
+    _checks.check_floating("params", params)
+    outputs, pullback = jax.vjp(lambda p: model_fn(p, inputs), params)
+    labels = loss.sample_targets(key, outputs, targets)
+    return pullback(weighted_score(loss, outputs, targets, labels))[0]
+
+
+def weighted_score(loss: Loss, outputs: jax.Array, targets: Any, labels: Any) -> jax.Array:
+    """``sqrt(w) * d l(outputs, labels) / d outputs`` per position, ``w`` the loss's weights at ``targets``."""
+    outputs = jax.lax.stop_gradient(outputs)
+    score = jax.grad(lambda o: jnp.sum(loss.per_position(o, labels)))(outputs)
+    return score * jnp.sqrt(loss.weights(outputs, targets))[..., None]
 
 
 def _check_loss(loss: Any, caller: str) -> None:

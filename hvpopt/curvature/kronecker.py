@@ -52,15 +52,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from hvpopt import _checks
+from hvpopt import _checks, sharding
 from hvpopt.curvature.averaged import average_over_chunks
 from hvpopt.curvature.dense_layers import DenseLayer, TappedModel, tapped_model
+from hvpopt.curvature.fisher import weighted_score
 from hvpopt.losses import Loss
 from hvpopt.sharding import DATA_AXIS
 from hvpopt.types import MatVec, PyTree
 
-__all__ = ["FISHER_TARGETS", "KRONECKER_KINDS", "KroneckerFactors", "fit_kronecker_factors", "kronecker_inverse",
-           "kronecker_operator", "kronecker_from_arrays", "kronecker_to_arrays"]  # fmt: skip
+__all__ = ["FISHER_TARGETS", "KRONECKER_KINDS", "KroneckerFactors", "KroneckerStatistics", "fit_kronecker_factors",
+           "kronecker_factors", "kronecker_from_arrays", "kronecker_inverse", "kronecker_operator",
+           "kronecker_statistics", "kronecker_to_arrays"]  # fmt: skip
 
 #: How the output gradients are drawn: labels sampled from the model, the output Hessian's columns, the data's labels.
 FISHER_TARGETS = ("sampled", "closed_form", "empirical")
@@ -99,6 +101,32 @@ class KroneckerFactors:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KroneckerStatistics:
+    """The second moments K-FAC is made of, before their eigendecomposition (a pytree).
+
+    Means over a dataset (:func:`kronecker_statistics`) that can be averaged
+    further, e.g. as the exponential moving averages of :func:`hvpopt.kfac`;
+    :func:`kronecker_factors` turns them into :class:`KroneckerFactors`.
+
+    Attributes:
+      layers: the dense layers (:func:`hvpopt.find_dense_layers`).
+      input_moments: per layer, ``A = E[a a^T]`` ``[in (+1), in (+1)]``.
+      output_moments: per layer, ``G = E_n[sum_p g g^T]`` ``[out, out]``.
+      diagonal: per parameter leaf, ``E_n[(grad l_n)^2]`` of a leaf in no layer, else None.
+      treedef: the parameters' tree structure.
+      shapes: the parameter leaves' shapes.
+    """
+
+    input_moments: tuple[jax.Array, ...]
+    output_moments: tuple[jax.Array, ...]
+    diagonal: tuple[jax.Array | None, ...]
+    layers: tuple[DenseLayer, ...] = dataclasses.field(metadata={"static": True})
+    treedef: Any = dataclasses.field(metadata={"static": True})
+    shapes: tuple[tuple[int, ...], ...] = dataclasses.field(metadata={"static": True})
+
+
 def fit_kronecker_factors(
     model_fn: Callable,
     loss: Loss,
@@ -133,7 +161,8 @@ def fit_kronecker_factors(
       kind: one of :data:`KRONECKER_KINDS`.
       fisher: one of :data:`FISHER_TARGETS`.
       key: a PRNG key for ``fisher="sampled"`` (default ``jax.random.key(0)``).
-      chunk_size: examples per chunk (per device with a ``mesh``).
+      chunk_size: examples per chunk (per device with a ``mesh``); the chunks
+        are evened out (100 examples in chunks of at most 64 are two chunks of 50).
       mesh: a :class:`jax.sharding.Mesh` to split the examples over.
 
     Returns:
@@ -151,6 +180,68 @@ def fit_kronecker_factors(
       {'b': (2,), 'w': (3, 2)}
     """
     _checks.check_choice("kind", kind, KRONECKER_KINDS)
+    data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh)
+    factors = _fit(params, data, model_fn=model_fn, loss=loss, kind=kind, fisher=fisher, chunk_size=chunk_size,
+                   mesh=mesh)  # fmt: skip
+    _check_finite(factors)
+    return factors
+
+
+def kronecker_statistics(
+    model_fn: Callable,
+    loss: Loss,
+    params: PyTree,
+    data: tuple[Any, Any],
+    *,
+    fisher: str = "sampled",
+    key: jax.Array | None = None,
+    chunk_size: int = 64,
+    mesh: Mesh | None = None,
+) -> KroneckerStatistics:
+    """K-FAC's second moments ``A`` and ``G`` per layer (and the diagonal elsewhere) over ``data``.
+
+    The first half of :func:`fit_kronecker_factors`, with the same arguments
+    and math; jittable. Means of several batches are means again, so an
+    optimizer can keep moving averages of them and decompose only every few
+    steps (:func:`kronecker_factors`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, hvpopt
+      >>> params = {"w": jnp.ones((3, 2)) / 3, "b": jnp.zeros(2)}
+      >>> model_fn = lambda p, x: x @ p["w"] + p["b"]
+      >>> x = jax.random.normal(jax.random.key(0), (16, 3)); y = jnp.arange(16) % 2
+      >>> stats = hvpopt.kronecker_statistics(model_fn, hvpopt.losses.softmax_cross_entropy, params, (x, y))
+      >>> [a.shape for a in stats.input_moments], [g.shape for g in stats.output_moments]
+      ([(4, 4)], [(2, 2)])
+    """
+    data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh)
+    return _statistics(params, data, model_fn=model_fn, loss=loss, fisher=fisher, chunk_size=chunk_size, mesh=mesh)
+
+
+def kronecker_factors(statistics: KroneckerStatistics) -> KroneckerFactors:
+    """K-FAC from its second moments: ``A = Q_A diag(a) Q_A^T``, ``G = Q_G diag(g) Q_G^T``, eigenvalues ``a g^T``.
+
+    Jittable; one ``eigh`` of each factor (eigenvalues clipped at 0).
+    """
+    input_bases, output_bases, eigenvalues = [], [], []
+    for a, g in zip(statistics.input_moments, statistics.output_moments):
+        a_values, a_basis = _eigh(a)
+        g_values, g_basis = _eigh(g)
+        input_bases.append(a_basis)
+        output_bases.append(g_basis)
+        eigenvalues.append(jnp.outer(a_values, g_values))
+    return KroneckerFactors(
+        tuple(input_bases), tuple(output_bases), tuple(eigenvalues), statistics.diagonal, statistics.layers, "kfac",
+        statistics.treedef, statistics.shapes,
+    )  # fmt: skip
+
+
+def _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh) -> tuple[tuple, int]:
+    """Checks the arguments; ``(inputs, targets, keys, example weights)`` padded to whole chunks, and the chunk size.
+
+    Chunks of equal size, as many as ``chunk_size`` asks for, padded with weight-0 copies of the
+    first example: :func:`average_over_chunks` then traces its chunk once, with no remainder.
+    """
     _checks.check_choice("fisher", fisher, FISHER_TARGETS)
     _checks.check_positive_int("chunk_size", chunk_size)
     _checks.check_floating("params", params)
@@ -167,8 +258,7 @@ def fit_kronecker_factors(
     if num_examples == 0:
         raise ValueError("data holds no examples; the factors are undefined.")
     one = jax.tree.map(lambda x: x[:1], data)
-    tapped = tapped_model(model_fn, params, one[0])
-    _check_coverage(tapped, params)
+    _check_coverage(tapped_model(model_fn, params, one[0]), params)
     if fisher == "closed_form":
         outputs = jax.eval_shape(model_fn, params, one[0])
         if math.prod(outputs.shape[:-1]) != 1:
@@ -178,10 +268,14 @@ def fit_kronecker_factors(
             )
     key = jax.random.key(0) if key is None else key
     keys = jax.random.key_data(jax.random.split(key, num_examples))
-    factors = _fit(params, (*data, keys), model_fn=model_fn, loss=loss, kind=kind, fisher=fisher,
-                   chunk_size=min(chunk_size, num_examples), mesh=mesh)  # fmt: skip
-    _check_finite(factors)
-    return factors
+    devices = 1 if mesh is None else sharding.axis_size(mesh, DATA_AXIS)
+    per_device = -(-num_examples // devices)
+    num_chunks = -(-per_device // chunk_size)
+    chunk_size = -(-per_device // num_chunks)
+    padding = devices * num_chunks * chunk_size - num_examples
+    weights = jnp.concatenate([jnp.ones(num_examples), jnp.zeros(padding)]).astype(_dtype(params))
+    pad = lambda x: jnp.concatenate([x, jnp.repeat(x[:1], padding, axis=0)]) if padding else x
+    return (*jax.tree.map(pad, (*data, keys)), weights), chunk_size
 
 
 def _check_coverage(tapped: TappedModel, params: PyTree) -> None:
@@ -214,32 +308,40 @@ def _check_finite(factors: KroneckerFactors) -> None:
             )
 
 
-@jax.jit(static_argnames=("model_fn", "loss", "kind", "fisher", "chunk_size", "mesh"))
-def _fit(params, data, *, model_fn, loss, kind, fisher, chunk_size, mesh) -> KroneckerFactors:
-    treedef = jax.tree.structure(params)
-    shapes = tuple(jnp.shape(leaf) for leaf in jax.tree.leaves(params))
-    average = lambda stats_fn, operand: average_over_chunks(
-        stats_fn, data, chunk_size=chunk_size, mesh=mesh, axis=DATA_AXIS
-    )(operand)
+@jax.jit(static_argnames=("model_fn", "loss", "fisher", "chunk_size", "mesh"))
+def _statistics(params, data, *, model_fn, loss, fisher, chunk_size, mesh) -> KroneckerStatistics:
     stats_fn = lambda p, chunk: _factor_statistics(model_fn, loss, fisher, p, chunk)
-    stats = average(stats_fn, params)
+    stats = _average(stats_fn, params, data, chunk_size, mesh)
     layers = _layers(model_fn, params, data)
     covered = {leaf for layer in layers for leaf in (layer.weight, layer.bias) if leaf is not None}
-    input_bases, output_bases, eigenvalues = [], [], []
-    for a_sum, a_count, g in stats["layers"]:
-        a_values, a_basis = _eigh(a_sum / jnp.maximum(a_count, 1.0))
-        g_values, g_basis = _eigh(g)
-        input_bases.append(a_basis)
-        output_bases.append(g_basis)
-        eigenvalues.append(jnp.outer(a_values, g_values))
-    diagonal = tuple(None if leaf in covered else d for leaf, d in enumerate(stats["diagonal"]))
-    if kind == "ekfac":
-        bases = (tuple(input_bases), tuple(output_bases))
-        correct_fn = lambda operand, chunk: _eigenvalue_statistics(model_fn, loss, fisher, *operand, chunk)
-        eigenvalues = average(correct_fn, (params, bases))
-    return KroneckerFactors(
-        tuple(input_bases), tuple(output_bases), tuple(eigenvalues), diagonal, tuple(layers), kind, treedef, shapes
+    return KroneckerStatistics(
+        tuple(a_sum / jnp.maximum(a_count, 1.0) for a_sum, a_count, _ in stats["layers"]),
+        tuple(g for _, _, g in stats["layers"]),
+        tuple(None if leaf in covered else d for leaf, d in enumerate(stats["diagonal"])),
+        layers,
+        jax.tree.structure(params),
+        tuple(jnp.shape(leaf) for leaf in jax.tree.leaves(params)),
     )
+
+
+def _average(stats_fn: Callable, operand: PyTree, data: tuple, chunk_size: int, mesh: Mesh | None) -> PyTree:
+    """The mean of ``stats_fn(operand, chunk)`` over the real examples of the padded ``data``."""
+    total = average_over_chunks(stats_fn, data, chunk_size=chunk_size, mesh=mesh, axis=DATA_AXIS)(operand)
+    weights = data[-1]
+    return jax.tree.map(lambda x: x * (weights.shape[0] / jnp.sum(weights)), total)
+
+
+@jax.jit(static_argnames=("model_fn", "loss", "kind", "fisher", "chunk_size", "mesh"))
+def _fit(params, data, *, model_fn, loss, kind, fisher, chunk_size, mesh) -> KroneckerFactors:
+    factors = kronecker_factors(
+        _statistics(params, data, model_fn=model_fn, loss=loss, fisher=fisher, chunk_size=chunk_size, mesh=mesh)
+    )
+    if kind == "kfac":
+        return factors
+    bases = (factors.input_bases, factors.output_bases)
+    correct_fn = lambda operand, chunk: _eigenvalue_statistics(model_fn, loss, fisher, *operand, chunk)
+    eigenvalues = _average(correct_fn, (params, bases), data, chunk_size, mesh)
+    return dataclasses.replace(factors, eigenvalues=tuple(eigenvalues), kind="ekfac")
 
 
 def _layers(model_fn, params, data) -> tuple[DenseLayer, ...]:
@@ -287,34 +389,41 @@ def _pseudo_target_columns(loss: Loss, fisher: str, outputs, targets, weights, k
 
     ``E[sum_s c_s c_s^T] = diag(w) H_L`` per position, ``H_L`` the unweighted output Hessian.
     """
-    root = jnp.sqrt(weights)[..., None]
     if fisher == "closed_form":
-        return jnp.moveaxis(loss.output_hessian_factor(outputs) * root[..., None], -1, 0)
+        root = jnp.sqrt(weights)[..., None, None]
+        return jnp.moveaxis(loss.output_hessian_factor(outputs) * root, -1, 0)
     labels = targets if fisher == "empirical" else loss.sample_targets(key, outputs, targets)
-    score = jax.grad(lambda o: jnp.sum(loss.per_position(o, labels)))(jax.lax.stop_gradient(outputs))
-    return (score * root)[None]
+    return weighted_score(loss, outputs, targets, labels)[None]
 
 
 def _factor_statistics(model_fn, loss, fisher, params, chunk) -> dict:
     """The chunk's mean per example of ``(sum_p m_p a a^T, sum_p m_p, sum_p g g^T)`` per layer, and of
-    the squared parameter gradients (the diagonal)."""
+    the squared parameter gradients (the diagonal); a padding example (weight 0) adds nothing."""
+    *chunk, example_weights = chunk
     tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], chunk[0]))
     activations, (param_cot, output_cot), weights = _example_gradients(
         model_fn, loss, fisher, params, chunk, tapped=tapped
     )
-    size = jax.tree.leaves(weights)[0].shape[0]
+    size = example_weights.shape[0]
     layers = []
     for layer, a, g, positions in zip(tapped.layers, activations, output_cot, tapped.position_shapes):
         mask = jnp.ones(a.shape[:2], a.dtype)
         if positions == weights.shape[1:]:  # the layer's positions are the loss's: padding is left out
             mask = (weights > 0).reshape(size, -1).astype(a.dtype)
+        mask = mask * example_weights[:, None].astype(a.dtype)
         if layer.bias is not None:
             a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), a.dtype)], axis=-1)
         a_sum = jnp.einsum("cpi,cp,cpj->ij", a, mask, a)
-        g_sum = jnp.einsum("cspi,cspj->ij", g, g)
+        g_sum = jnp.einsum("c,cspi,cspj->ij", example_weights.astype(g.dtype), g, g)
         layers.append((a_sum / size, jnp.sum(mask) / size, g_sum / size))
-    diagonal = tuple(jnp.sum(x**2, axis=(0, 1)) / size for x in jax.tree.leaves(param_cot))
+    diagonal = tuple(_weighted_mean(example_weights, x**2, (0, 1)) for x in jax.tree.leaves(param_cot))
     return {"layers": tuple(layers), "diagonal": diagonal}
+
+
+def _weighted_mean(example_weights: jax.Array, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``sum_c w_c x_c / C``, summed over ``axes`` (the first is the example axis)."""
+    weighted = x * example_weights.reshape(-1, *([1] * (x.ndim - 1))).astype(x.dtype)
+    return jnp.sum(weighted, axis=axes) / example_weights.shape[0]
 
 
 def _layer_matrix(layer: DenseLayer, leaves: list) -> jax.Array:
@@ -328,17 +437,16 @@ def _layer_matrix(layer: DenseLayer, leaves: list) -> jax.Array:
 def _eigenvalue_statistics(model_fn, loss, fisher, params, bases, chunk) -> tuple:
     """EK-FAC: the chunk's mean of ``sum_s (Q_A^T grad_W Q_G)^2`` per layer, from per-example gradients."""
     tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], chunk[0]))
-    inputs, targets, keys = chunk
+    inputs, targets, keys, example_weights = chunk
     fresh = jax.vmap(lambda k: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(k), 1)))(keys)
     _, cotangents, _ = _example_gradients(model_fn, loss, fisher, params, (inputs, targets, fresh), tapped=None)
     (param_cot,) = cotangents
     leaves = jax.tree.leaves(param_cot)  # each [c, S, *leaf]
-    size = leaves[0].shape[0]
     out = []
     for layer, q_a, q_g in zip(tapped.layers, *bases):
         matrices = jax.vmap(jax.vmap(lambda *ls, layer=layer: _layer_matrix(layer, list(ls))))(*leaves)
         projected = jnp.einsum("ia,csij,jb->csab", q_a, matrices, q_g)
-        out.append(jnp.sum(projected**2, axis=(0, 1)) / size)
+        out.append(_weighted_mean(example_weights, projected**2, (0, 1)))
     return tuple(out)
 
 

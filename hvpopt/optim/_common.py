@@ -21,12 +21,12 @@ def step_or_skip(ok: jax.Array, step: Callable[[], tuple], skip: Callable[[], tu
 
 
 def skip_step(grad: Any, state: Any, **changes) -> tuple:
-    """Zero updates, and ``state`` with this step counted as skipped (plus ``changes``)."""
+    """Zero updates, and ``state`` with this step counted as skipped (plus ``changes``; a last step's CG
+    iterations, if the state counts them, set to 0)."""
+    if "cg_iterations" in state._fields:
+        changes = {"cg_iterations": jnp.zeros_like(state.cg_iterations), **changes}
     return jax.tree.map(jnp.zeros_like, grad), state._replace(
-        count=state.count + 1,
-        cg_iterations=jnp.zeros_like(state.cg_iterations),
-        skipped_steps=state.skipped_steps + 1,
-        **changes,
+        count=state.count + 1, skipped_steps=state.skipped_steps + 1, **changes
     )
 
 

@@ -23,7 +23,16 @@ import optax
 from jax.sharding import Mesh
 
 from hvpopt import _checks, sharding
-from hvpopt.optim import hessian_free, natural_gradient, newton_cg
+from hvpopt.optim import (
+    gauss_newton_bartlett,
+    hessian_free,
+    hutchinson_hessian,
+    kfac,
+    kronecker_preconditioner,
+    natural_gradient,
+    newton_cg,
+    sophia_win_rate,
+)
 from hvpopt.testbed import interrupts
 from hvpopt.testbed.data import Dataset
 from hvpopt.testbed.progress import Progress
@@ -53,10 +62,58 @@ def _hessian_free(task, options, learning_rate):
     return hessian_free(task.model_fn, task.loss, learning_rate=learning_rate, min_damping=max(1e-6, task.l2), **knobs)
 
 
+def _hessian_free_kfac(task, options, learning_rate):
+    # Hessian-free whose CG is preconditioned by K-FAC fitted on each step's curvature batch.
+    knobs = _second_order_knobs(options, damping="initial_damping")
+    precond = kronecker_preconditioner(task.model_fn, task.loss, key=jax.random.key(options.seed))
+    return hessian_free(
+        task.model_fn, task.loss, learning_rate=learning_rate, min_damping=max(1e-6, task.l2), precond=precond, **knobs
+    )
+
+
 def _natural_gradient(task, options, learning_rate):
     knobs = _second_order_knobs(options, damping="damping")
     damping = knobs.pop("damping", 1e-3) + task.l2  # F + l2 I is the Fisher of the objective
     return natural_gradient(task.model_fn, task.loss, learning_rate=learning_rate, damping=damping, **knobs)
+
+
+def _muon(task, options, learning_rate):
+    # Muon on the matrices, AdamW on every other leaf (optax's default split), both with the weight decay.
+    return optax.contrib.muon(learning_rate, weight_decay=options.weight_decay, adam_weight_decay=options.weight_decay)
+
+
+def _kfac(task, options, learning_rate):
+    # As for natural gradient: the curvature of the objective is the Fisher plus l2 I.
+    example = jax.tree.map(lambda x: x[:1], (task.train.inputs, task.train.targets))
+    damping = (0.1 if options.damping is None else options.damping) + task.l2
+    return kfac(
+        task.model_fn,
+        task.loss,
+        example_batch=example,
+        learning_rate=learning_rate,
+        damping=max(damping, 1e-8),
+        min_damping=max(task.l2, 1e-8),
+        curvature_every=options.curvature_every or 1,
+        inverse_every=options.inverse_every or 10,
+        key=jax.random.key(options.seed),
+    )
+
+
+def _sophia(estimator: Callable) -> Callable:
+    def make(task, options, learning_rate):
+        return optax.contrib.sophia(
+            learning_rate,
+            weight_decay=options.weight_decay,
+            gamma=_sophia_gamma(options),
+            update_interval=options.curvature_every or 10,
+            hessian_diagonal_fn=estimator(task, jax.random.key(options.seed)),
+        )
+
+    return make
+
+
+def _sophia_gamma(options) -> float:
+    return 0.01 if options.gamma is None else options.gamma
 
 
 def _second_order_knobs(options, *, damping: str) -> dict:
@@ -71,12 +128,25 @@ OPTIMIZERS: dict[str, Callable] = {
     "sgd": _sgd,
     "newton_cg": _newton_cg,
     "hessian_free": _hessian_free,
+    "hessian_free_kfac": _hessian_free_kfac,
     "natural_gradient": _natural_gradient,
+    "muon": _muon,
+    "kfac": _kfac,
+    "sophia_g": _sophia(lambda task, key: gauss_newton_bartlett(task.model_fn, task.loss, key=key)),
+    "sophia_h": _sophia(lambda task, key: hutchinson_hessian(key=key)),
 }
 #: Optimizers whose ``learning_rate`` is a constant first step (the line search
 #: or the curvature sets the scale): no schedule, no gradient clipping.
-SECOND_ORDER = ("newton_cg", "hessian_free", "natural_gradient")
-_DEFAULT_LEARNING_RATE = {"adamw": 3e-3, "adam": 3e-3, "sgd": 3e-3}
+SECOND_ORDER = ("newton_cg", "hessian_free", "hessian_free_kfac", "natural_gradient")
+#: The optimizers each knob of :class:`TrainOptions` beyond the learning rate is for.
+KNOBS = {
+    "damping": (*SECOND_ORDER, "kfac"),
+    "cg_iterations": SECOND_ORDER,
+    "curvature_every": ("kfac", "sophia_g", "sophia_h"),
+    "inverse_every": ("kfac",),
+    "gamma": ("sophia_g", "sophia_h"),
+}
+_DEFAULT_LEARNING_RATE = {"adamw": 3e-3, "adam": 3e-3, "sgd": 3e-3, "muon": 3e-3, "sophia_g": 3e-3, "sophia_h": 3e-3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,18 +157,24 @@ class TrainOptions:
       steps: optimizer steps.
       batch_size: examples per step (None: the whole training set, every step).
       optimizer: a name in :data:`OPTIMIZERS`.
-      learning_rate: first-order optimizers: the peak learning rate, reached
-        after a linear warm-up over the first 5% of steps and decayed to a
-        tenth by a cosine (default 3e-3). Second-order ones: a constant, the
-        first step the line search tries or the natural-gradient step
-        (default 1.0).
-      weight_decay: decoupled weight decay (AdamW only).
-      clip_norm: first-order gradients are clipped to this global norm (None:
-        no clipping).
-      damping: second-order only: Newton-CG's and natural gradient's
-        ``damping``, Hessian-free's ``initial_damping`` (None: their defaults).
+      learning_rate: first-order optimizers (and ``kfac``, ``sophia_g``,
+        ``sophia_h``): the peak learning rate, reached after a linear warm-up
+        over the first 5% of steps and decayed to a tenth by a cosine
+        (default 3e-3; ``kfac`` 1.0, a multiplier of its quadratic model's
+        step). Second-order ones: a constant, the first step the line search
+        tries or the natural-gradient step (default 1.0).
+      weight_decay: decoupled weight decay (AdamW, Muon, Sophia).
+      clip_norm: scheduled optimizers' gradients are clipped to this global
+        norm (None: no clipping).
+      damping: Newton-CG's, natural gradient's and K-FAC's ``damping``
+        (K-FAC's initial one, default 0.1), Hessian-free's
+        ``initial_damping`` (None: their defaults).
       cg_iterations: second-order only: most CG iterations per step (None: the
         optimizer's default).
+      curvature_every: K-FAC: steps between refreshes of its statistics (1);
+        Sophia: steps between curvature-diagonal estimates (10).
+      inverse_every: K-FAC: steps between eigendecompositions (10).
+      gamma: Sophia's ``gamma``, the scale of its clipped ratio (0.01).
       eval_every: steps between validation evaluations (and checkpoints).
       seed: seed of the batch order.
     """
@@ -111,6 +187,9 @@ class TrainOptions:
     clip_norm: float | None = 1.0
     damping: float | None = None
     cg_iterations: int | None = None
+    curvature_every: int | None = None
+    inverse_every: int | None = None
+    gamma: float | None = None
     eval_every: int = 500
     seed: int = 0
 
@@ -127,16 +206,18 @@ class TrainOptions:
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive; got {value!r}.")
         _checks.check_nonnegative("weight_decay", self.weight_decay)
-        for name in ("damping", "cg_iterations"):
-            if getattr(self, name) is not None and self.optimizer not in SECOND_ORDER:
+        for name, optimizers in KNOBS.items():
+            if getattr(self, name) is not None and self.optimizer not in optimizers:
                 raise ValueError(
-                    f"{name} is for the second-order optimizers ({', '.join(SECOND_ORDER)}); "
-                    f"optimizer {self.optimizer!r} has none."
+                    f"{name} is for the optimizers {', '.join(optimizers)}; optimizer {self.optimizer!r} has none."
                 )
         if self.damping is not None:
             _checks.check_nonnegative("damping", self.damping, finite=True)
-        if self.cg_iterations is not None:
-            _checks.check_positive_int("cg_iterations", self.cg_iterations)
+        for name in ("cg_iterations", "curvature_every", "inverse_every"):
+            if getattr(self, name) is not None:
+                _checks.check_positive_int(name, getattr(self, name))
+        if self.gamma is not None:
+            _checks.check_number("gamma", self.gamma, "> 0 and finite", lambda x: x > 0)
 
 
 class TrainingDiverged(ValueError):
@@ -277,7 +358,9 @@ def _train(
                 jax.block_until_ready(params)  # the steps' time is not the evaluation's
                 evaluation_start = time.perf_counter()
                 history.append(
-                    _finite(_record(task, params, opt_state, done, losses, evaluation_start - start, mesh), options)
+                    _finite(
+                        _record(task, options, params, opt_state, done, losses, evaluation_start - start, mesh), options
+                    )
                 )
                 losses = []
                 if on_evaluation:
@@ -346,6 +429,7 @@ def _make_step(task: Task, optimizer: optax.GradientTransformationExtraArgs) -> 
             value=loss,
             grad=grads,
             value_fn=objective,
+            obj_fn=objective,
             curvature_batch=(inputs, targets),
         )
         return optax.apply_updates(params, updates), opt_state, loss
@@ -353,13 +437,15 @@ def _make_step(task: Task, optimizer: optax.GradientTransformationExtraArgs) -> 
     return step
 
 
-def _record(task: Task, params, opt_state, step: int, losses: list, seconds: float, mesh: Mesh | None) -> dict:
+def _record(
+    task: Task, options: TrainOptions, params, opt_state, step: int, losses: list, seconds: float, mesh: Mesh | None
+) -> dict:
     validation = evaluate(task, params, task.validation, mesh=mesh)
     return {
         "step": step,
         "train_loss": float(np.mean(jax.device_get(losses))),
         **{f"validation_{name}": value for name, value in validation.items()},
-        **optimizer_diagnostics(opt_state),
+        **optimizer_diagnostics(opt_state, options),
         "elapsed_seconds": seconds,
     }
 
@@ -373,22 +459,31 @@ def _finite(record: dict, options: TrainOptions) -> dict:
     return record
 
 
-def optimizer_diagnostics(opt_state) -> dict[str, float | int]:
-    """The scalar diagnostics of a second-order optimizer's state, as ``optimizer_<field>``.
+def optimizer_diagnostics(opt_state, options: TrainOptions | None = None) -> dict[str, float | int]:
+    """The scalar diagnostics of hvpopt's optimizer states in ``opt_state`` (chained or not), as ``optimizer_<field>``.
 
     CG iterations, curvature products and loss evaluations so far, damping,
-    step size, ...; empty for optax's own (chained) states.
+    step size, ...; for Sophia (given ``options``) its win rate
+    (:func:`hvpopt.sophia_win_rate`) and the curvature estimates drawn; empty
+    for optax's own states.
     """
-    if not hasattr(opt_state, "_fields"):
-        return {}
-    return {
-        f"optimizer_{name}": value.item()
-        for name, value in zip(opt_state._fields, opt_state)
-        if name != "count"
-        and isinstance(value, jax.Array)
-        and value.ndim == 0
-        and jnp.issubdtype(value.dtype, jnp.number)
-    }
+    found = {}
+    for state in _hvpopt_states(opt_state):
+        for name, value in zip(state._fields, state):
+            if name not in ("count", "key") and isinstance(value, jax.Array) and value.ndim == 0:
+                if jnp.issubdtype(value.dtype, jnp.number):
+                    found[f"optimizer_{name}"] = value.item()
+    if options is not None and options.optimizer in KNOBS["gamma"]:
+        found["optimizer_win_rate"] = float(sophia_win_rate(opt_state, gamma=_sophia_gamma(options)))
+    return found
+
+
+def _hvpopt_states(state) -> list:
+    """The NamedTuple states defined by hvpopt inside ``state``, searched through tuples and NamedTuples."""
+    if not isinstance(state, tuple):
+        return []
+    own = [state] if hasattr(state, "_fields") and type(state).__module__.startswith("hvpopt.") else []
+    return own + [inner for part in state for inner in _hvpopt_states(part)]
 
 
 def _batch_indices(num_examples: int, batch_size: int, seed: int):

@@ -152,7 +152,7 @@ def test_cg_on_parameters_split_over_the_devices(mesh):
     assert found["all-reduce"] >= 1 and found["all-gather"] >= 1, found
 
 
-@pytest.mark.parametrize("name", ["newton_cg", "hessian_free", "natural_gradient"])
+@pytest.mark.parametrize("name", ["newton_cg", "hessian_free", "natural_gradient", "kfac"])
 def test_an_optimizer_step_runs_data_parallel_under_one_jit(name, mesh):
     """CG runs to convergence: stopped early, it would amplify the different rounding."""
     problem = mlp_problem()
@@ -161,6 +161,9 @@ def test_an_optimizer_step_runs_data_parallel_under_one_jit(name, mesh):
         "hessian_free": lambda: hvpopt.hessian_free(problem.model_fn, problem.loss, maxiter=10),
         "natural_gradient": lambda: hvpopt.natural_gradient(
             problem.model_fn, problem.loss, damping=0.1, maxiter=100, rtol=1e-10
+        ),
+        "kfac": lambda: hvpopt.kfac(
+            problem.model_fn, problem.loss, example_batch=(problem.inputs, problem.targets), damping=0.1
         ),
     }[name]()
 
