@@ -299,10 +299,11 @@ def kfac(
             both = jnp.array([damped[1, 1] * -slope[0] + damped[0, 1] * slope[1],
                               damped[0, 1] * slope[0] - damped[0, 0] * slope[1]]) / jnp.maximum(det, tiny)  # fmt: skip
             well_posed = det > 1e-12 * damped[0, 0] * damped[1, 1]  # the first step (u_prev = 0) is not
-            coefficients = eta * jnp.where(well_posed, both, only_d)
+            optimum = jnp.where(well_posed, both, only_d)
+            coefficients = eta * optimum
             step_updates = otu.tree_add_scale(otu.tree_scale(coefficients[0], d), coefficients[1], previous)
             change = lambda: slope @ coefficients + 0.5 * coefficients @ curv @ coefficients
-            return step_updates, coefficients[0] / eta, coefficients[1] / eta, change
+            return step_updates, optimum[0], optimum[1], change
 
         def _model_change(params, batch, step_updates):
             """``g^T u + u^T G u / 2``: the undamped Gauss-Newton model's change, one forward-mode product."""
@@ -328,12 +329,14 @@ def kfac(
             def adapt():
                 before = value_fn(params) if value is None else value
                 after = value_fn(optax.apply_updates(params, step_updates))
-                tiny = jnp.finfo(state.damping.dtype).tiny
-                rho = (after - before) / jnp.minimum(model_change(), -tiny)
+                change = model_change()
+                predicted = change < -jnp.finfo(state.damping.dtype).tiny  # else no decrease to compare with
+                rho = (after - before) / jnp.where(predicted, change, -1.0)
                 rho = jnp.where(jnp.isfinite(rho), rho, -1.0).astype(state.damping.dtype)  # a blow-up: damp more
                 lam = jnp.where(rho > 0.75, state.damping * omega, state.damping)
                 lam = jnp.where(rho < 0.25, state.damping / omega, lam)
-                return jnp.clip(lam, min_damping, max_damping), rho
+                lam = jnp.where(predicted, jnp.clip(lam, min_damping, max_damping), state.damping)
+                return lam, jnp.where(predicted, rho, state.reduction_ratio)
 
             keep = lambda: (state.damping, state.reduction_ratio)
             return jax.lax.cond(state.count % adapt_damping_every == 0, adapt, keep)
