@@ -56,10 +56,14 @@ def spd_quadratic(n, condition, seed=0):
     return q @ np.diag(np.geomspace(1, condition, n)) @ q.T, rng.standard_normal(n)
 
 
-def scipy_newton_cg(f, grad, hessp, start):
-    """scipy's Newton-CG from ``start``: its iterations, Hessian products and final gradient norm."""
+def scipy_newton_cg(f, grad, hessp, start, *, expect_success=True):
+    """scipy's Newton-CG from ``start``: its iterations, Hessian products and final gradient norm.
+
+    ``expect_success=False``: scipy may stop where it is (on a quadratic of condition 1e8 it reports
+    precision loss or a non-positive-definite Hessian, from rounding); its gradient norm there is the bar.
+    """
     result = scipy.optimize.minimize(f, start, jac=grad, hessp=hessp, method="Newton-CG")
-    assert result.success, result.message
+    assert result.success or not expect_success, result.message
     return result.nit, result.nhev, np.linalg.norm(grad(result.x))
 
 
@@ -118,8 +122,9 @@ def test_newton_cg_needs_no_more_steps_than_scipy_newton_cg():
     for n, condition, options in QUADRATICS:
         a, b = spd_quadratic(n, condition)
         nit, nhev, scipy_grad = scipy_newton_cg(
-            lambda x: quadratic_loss(x, a, b), lambda x: a @ x - b, lambda x, p: a @ p, np.zeros(n)
-        )
+            lambda x: quadratic_loss(x, a, b), lambda x: a @ x - b, lambda x, p: a @ p, np.zeros(n),
+            expect_success=condition < 1e8,
+        )  # fmt: skip
         stop = max(scipy_grad, 1e-8)
         taken, x, state = newton_cg_steps_to(
             stop, quadratic_loss, jnp.zeros(n), (jnp.asarray(a), jnp.asarray(b)), **options
