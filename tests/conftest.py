@@ -1,5 +1,9 @@
 """Shared small problems. Every test in this suite runs in float64."""
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -13,6 +17,16 @@ import hvpopt
 from hvpopt.testbed.models import TransformerConfig
 
 jax.config.update("jax_enable_x64", True)
+
+# Tests, xdist workers and the command-line subprocesses compile many identical
+# programs (the same small models, the same training step): one compilation
+# cache for the session compiles each once. The first process to get here makes
+# it; the workers and subprocesses it starts inherit it through the environment.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hvpopt-test-compilations-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 # The sharded tests need several devices; with fewer, tests/test_multi_device.py
 # runs them in a process of their own.

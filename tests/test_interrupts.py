@@ -24,7 +24,11 @@ BLOBS_TRAIN = ["train", "--task", "blobs", "--batch-size", "8", "--no-progress"]
 
 
 def start(*args):
-    return subprocess.Popen([*HVPOPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """The command in a child that takes Ctrl-C (a shell's background job would start it ignoring SIGINT)."""
+    return subprocess.Popen(
+        [*HVPOPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def wait_for_line(process, text, timeout=120):
