@@ -201,6 +201,10 @@ def main(argv=None) -> None:
         "--models", nargs="+", choices=tuple(MODELS), default=tuple(MODELS),
         help="the models to run; the runs of the others already in the results file are kept",
     )  # fmt: skip
+    parser.add_argument(
+        "--optimizers", nargs="+", choices=("adamw", "muon", *HVPOPT), default=None,
+        help="rerun only these optimizers of the chosen models; the results file keeps the others' runs",
+    )  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="recompute the verdicts and plots of the results")
     args = parser.parse_args(argv)
     steps = 60 if args.quick else args.steps
@@ -209,7 +213,8 @@ def main(argv=None) -> None:
     out = args.out_dir / ("lm_optimizers_quick.json" if args.quick else "lm_optimizers.json")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     kept = json.loads(out.read_text())["runs"] if out.exists() and not args.quick else []
-    runs = [r for r in kept if r["model"] not in args.models or args.report_only]
+    rerun = lambda r: r["model"] in args.models and (args.optimizers is None or r["optimizer"] in args.optimizers)
+    runs = [r for r in kept if args.report_only or not rerun(r)]
 
     def save():
         results = {
@@ -240,6 +245,8 @@ def main(argv=None) -> None:
         if not grid or model not in args.models:
             continue
         for optimizer, settings in grid.items():
+            if args.optimizers is not None and optimizer not in args.optimizers:
+                continue
             for knobs in settings:
                 runs.append(run_one(model, optimizer, knobs, steps=steps, seed=0))
                 r = runs[-1]
@@ -248,6 +255,8 @@ def main(argv=None) -> None:
                 save()
         if not args.quick and model == "default":
             for optimizer in SEEDED:
+                if args.optimizers is not None and optimizer not in args.optimizers:
+                    continue
                 chosen = best(runs, model, optimizer)
                 if chosen is None:
                     continue

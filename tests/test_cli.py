@@ -128,7 +128,8 @@ def test_train_with_a_second_order_optimizer_records_its_diagnostics(tmp_path, c
 @pytest.mark.parametrize(
     "optimizer, knobs, diagnostics",
     [
-        ("kfac", ["--damping", "0.05", "--inverse-every", "3"], ("optimizer_damping", "optimizer_num_inversions")),
+        ("kfac", ["--damping", "0.05", "--inverse-every", "3", "--step-rule", "kl_clip"],
+         ("optimizer_damping", "optimizer_num_inversions", "optimizer_kl_scale")),
         ("sophia_g", ["--gamma", "0.05", "--curvature-every", "2"], ("optimizer_win_rate", "optimizer_num_estimates")),
         ("sophia_h", ["--curvature-every", "2"], ("optimizer_win_rate", "optimizer_num_estimates")),
     ],
@@ -145,6 +146,8 @@ def test_train_with_kfac_or_sophia_records_their_diagnostics(tmp_path, capsys, o
         assert name in records[-1], records[-1]
     if optimizer == "kfac":
         assert records[-1]["optimizer_num_inversions"] == 2 and records[-1]["optimizer_skipped_steps"] == 0
+        assert json.load(open(os.path.join(out, "config.json")))["train"]["step_rule"] == "kl_clip"
+        assert 0 < records[-1]["optimizer_kl_scale"] <= 1
     else:
         assert records[-1]["optimizer_num_estimates"] == 3 and 0 <= records[-1]["optimizer_win_rate"] <= 1
 
@@ -154,6 +157,7 @@ def test_train_with_kfac_or_sophia_records_their_diagnostics(tmp_path, capsys, o
     [
         (["--optimizer", "kfac", "--gamma", "0.1"], "--gamma is for the optimizers sophia_g, sophia_h"),
         (["--optimizer", "sophia_g", "--inverse-every", "2"], "--inverse-every is for the optimizers kfac"),
+        (["--optimizer", "adamw", "--step-rule", "kl_clip"], "--step-rule is for the optimizers kfac"),
         (["--optimizer", "kfac", "--curvature-every", "0"], "argument --curvature-every: must be a positive"),
         (["--data", "modulos=7"], "no data option 'modulos'"),
         (["--model", "d_model"], "--model takes KEY=VALUE"),

@@ -69,6 +69,12 @@ def add_parser(commands) -> None:
         help="kfac: steps between eigendecompositions of its factors (default 10)",
     )
     train.add_argument(
+        "--step-rule",
+        choices=hvpopt.KFAC_STEP_RULES,
+        default=None,
+        help="kfac: its step length: the quadratic model's (default) or the KL-clipped learning rate",
+    )
+    train.add_argument(
         "--gamma", type=flags.positive_float, default=None, help="sophia_g, sophia_h: Sophia's gamma (default 0.01)"
     )
     train.add_argument("--eval-every", type=flags.positive_int, default=defaults.eval_every)
@@ -154,6 +160,7 @@ def _train_into_out(args) -> int:
             curvature_every=args.curvature_every,
             inverse_every=args.inverse_every,
             gamma=args.gamma,
+            step_rule=args.step_rule,
             eval_every=args.eval_every,
             seed=args.seed,
         )

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from hvpopt import _checks, sharding
 from hvpopt.optim import (
+    KFAC_STEP_RULES,
     gauss_newton_bartlett,
     hessian_free,
     hutchinson_hessian,
@@ -95,6 +96,7 @@ def _kfac(task, options, learning_rate):
         min_damping=max(task.l2, 1e-8),
         curvature_every=options.curvature_every or 1,
         inverse_every=options.inverse_every or 10,
+        step_rule=options.step_rule or "quadratic",
         key=jax.random.key(options.seed),
     )
 
@@ -145,6 +147,7 @@ KNOBS = {
     "curvature_every": ("kfac", "sophia_g", "sophia_h"),
     "inverse_every": ("kfac",),
     "gamma": ("sophia_g", "sophia_h"),
+    "step_rule": ("kfac",),
 }
 _DEFAULT_LEARNING_RATE = {"adamw": 3e-3, "adam": 3e-3, "sgd": 3e-3, "muon": 3e-3, "sophia_g": 3e-3, "sophia_h": 3e-3}
 
@@ -174,6 +177,7 @@ class TrainOptions:
       curvature_every: K-FAC: steps between refreshes of its statistics (1);
         Sophia: steps between curvature-diagonal estimates (10).
       inverse_every: K-FAC: steps between eigendecompositions (10).
+      step_rule: K-FAC: one of :data:`hvpopt.KFAC_STEP_RULES` (``"quadratic"``).
       gamma: Sophia's ``gamma``, the scale of its clipped ratio (0.01).
       eval_every: steps between validation evaluations (and checkpoints).
       seed: seed of the batch order.
@@ -190,6 +194,7 @@ class TrainOptions:
     curvature_every: int | None = None
     inverse_every: int | None = None
     gamma: float | None = None
+    step_rule: str | None = None
     eval_every: int = 500
     seed: int = 0
 
@@ -218,6 +223,8 @@ class TrainOptions:
                 _checks.check_positive_int(name, getattr(self, name))
         if self.gamma is not None:
             _checks.check_number("gamma", self.gamma, "> 0 and finite", lambda x: x > 0)
+        if self.step_rule is not None:
+            _checks.check_choice("step_rule", self.step_rule, KFAC_STEP_RULES)
 
 
 class TrainingDiverged(ValueError):
