@@ -128,8 +128,11 @@ def test_train_with_a_second_order_optimizer_records_its_diagnostics(tmp_path, c
 @pytest.mark.parametrize(
     "optimizer, knobs, diagnostics",
     [
-        ("kfac", ["--damping", "0.05", "--inverse-every", "3", "--step-rule", "kl_clip"],
-         ("optimizer_damping", "optimizer_num_inversions", "optimizer_kl_scale")),
+        (
+            "kfac",
+            ["--damping", "0.05", "--inverse-every", "3", "--step-rule", "kl_clip"],
+            ("optimizer_damping", "optimizer_num_inversions", "optimizer_kl_scale"),
+        ),
         ("sophia_g", ["--gamma", "0.05", "--curvature-every", "2"], ("optimizer_win_rate", "optimizer_num_estimates")),
         ("sophia_h", ["--curvature-every", "2"], ("optimizer_win_rate", "optimizer_num_estimates")),
     ],
