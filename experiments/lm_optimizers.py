@@ -213,8 +213,8 @@ def main(argv=None) -> None:
     out = args.out_dir / ("lm_optimizers_quick.json" if args.quick else "lm_optimizers.json")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     kept = json.loads(out.read_text())["runs"] if out.exists() and not args.quick else []
-    rerun = lambda r: r["model"] in args.models and (args.optimizers is None or r["optimizer"] in args.optimizers)
-    runs = [r for r in kept if args.report_only or not rerun(r)]
+    selected = lambda optimizer: args.optimizers is None or optimizer in args.optimizers
+    runs = [r for r in kept if args.report_only or r["model"] not in args.models or not selected(r["optimizer"])]
 
     def save():
         results = {
@@ -245,7 +245,7 @@ def main(argv=None) -> None:
         if not grid or model not in args.models:
             continue
         for optimizer, settings in grid.items():
-            if args.optimizers is not None and optimizer not in args.optimizers:
+            if not selected(optimizer):
                 continue
             for knobs in settings:
                 runs.append(run_one(model, optimizer, knobs, steps=steps, seed=0))
@@ -254,9 +254,7 @@ def main(argv=None) -> None:
                       f"{r['total_seconds']:.0f} s", flush=True)  # fmt: skip
                 save()
         if not args.quick and model == "default":
-            for optimizer in SEEDED:
-                if args.optimizers is not None and optimizer not in args.optimizers:
-                    continue
+            for optimizer in filter(selected, SEEDED):
                 chosen = best(runs, model, optimizer)
                 if chosen is None:
                     continue

@@ -35,23 +35,21 @@ def make_step(tx, model_fn, loss, x, y):
     return f, step
 
 
-def train(tx, model_fn, params, x, y, steps, loss=CE, state=None, step=None):
-    f, step = make_step(tx, model_fn, loss, x, y) if step is None else (lambda p: loss(model_fn(p, x), y), step)
-    state = tx.init(params) if state is None else state
+def train(step, params, state, steps):
     for _ in range(steps):
         params, state, _ = step(params, state, 0.0)  # poison passed always: one compile with the NaN step below
-    return float(f(params)), params, state, step
+    return params, state
 
 
 def best_adamw(model_fn, params, x, y, steps, learning_rates=(3e-2, 1e-1)):
     """The lowest loss of AdamW over ``learning_rates``, all through one compiled step."""
     tx = optax.inject_hyperparams(optax.adamw)(learning_rate=learning_rates[0], weight_decay=0.0)
-    finals, step = [], None
+    f, step = make_step(tx, model_fn, CE, x, y)
+    finals = []
     for lr in learning_rates:
         state = tx.init(params)
         state.hyperparams["learning_rate"] = jnp.asarray(lr, state.hyperparams["learning_rate"].dtype)
-        final, _, _, step = train(tx, model_fn, params, x, y, steps, state=state, step=step)
-        finals.append(final)
+        finals.append(float(f(train(step, params, state, steps)[0])))
     return min(finals)
 
 
@@ -101,7 +99,9 @@ def test_the_loss_falls_faster_per_step_than_adamws_best_and_a_nan_step_is_skipp
     steps = 20
     adamw = best_adamw(model_fn, params, x, y, steps)
     tx = hvpopt.kfac(model_fn, CE, example_batch=(x, y), damping=0.1)
-    final, trained, state, step = train(tx, model_fn, params, x, y, steps)
+    f, step = make_step(tx, model_fn, CE, x, y)
+    trained, state = train(step, params, tx.init(params), steps)
+    final = float(f(trained))
     assert final < 0.7 * adamw, (final, adamw)
     assert int(state.num_inversions) == 2 and int(state.num_curvature_updates) == steps  # every 10, every step
     assert int(state.skipped_steps) == 0 and float(state.damping) > 0
