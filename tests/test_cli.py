@@ -130,7 +130,7 @@ def test_train_with_a_second_order_optimizer_records_its_diagnostics(tmp_path, c
     [
         (
             "kfac",
-            ["--damping", "0.05", "--inverse-every", "3", "--step-rule", "kl_clip"],
+            "--damping 0.05 --inverse-every 3 --step-rule kl_clip --kl-clip 0.01 --curvature-batch-size 16".split(),
             ("optimizer_damping", "optimizer_num_inversions", "optimizer_kl_scale"),
         ),
         ("sophia_g", ["--gamma", "0.05", "--curvature-every", "2"], ("optimizer_win_rate", "optimizer_num_estimates")),
@@ -149,7 +149,8 @@ def test_train_with_kfac_or_sophia_records_their_diagnostics(tmp_path, capsys, o
         assert name in records[-1], records[-1]
     if optimizer == "kfac":
         assert records[-1]["optimizer_num_inversions"] == 2 and records[-1]["optimizer_skipped_steps"] == 0
-        assert json.load(open(os.path.join(out, "config.json")))["train"]["step_rule"] == "kl_clip"
+        config = json.load(open(os.path.join(out, "config.json")))["train"]
+        assert config["step_rule"] == "kl_clip" and config["kl_clip"] == 0.01 and config["curvature_batch_size"] == 16
         assert 0 < records[-1]["optimizer_kl_scale"] <= 1
     else:
         assert records[-1]["optimizer_num_estimates"] == 3 and 0 <= records[-1]["optimizer_win_rate"] <= 1
@@ -161,6 +162,7 @@ def test_train_with_kfac_or_sophia_records_their_diagnostics(tmp_path, capsys, o
         (["--optimizer", "kfac", "--gamma", "0.1"], "--gamma is for the optimizers sophia_g, sophia_h"),
         (["--optimizer", "sophia_g", "--inverse-every", "2"], "--inverse-every is for the optimizers kfac"),
         (["--optimizer", "adamw", "--step-rule", "kl_clip"], "--step-rule is for the optimizers kfac"),
+        (["--optimizer", "kfac", "--kl-clip", "0.01"], "--kl-clip is for K-FAC's KL-clipped step"),
         (["--optimizer", "kfac", "--curvature-every", "0"], "argument --curvature-every: must be a positive"),
         (["--data", "modulos=7"], "no data option 'modulos'"),
         (["--model", "d_model"], "--model takes KEY=VALUE"),
@@ -169,6 +171,10 @@ def test_train_with_kfac_or_sophia_records_their_diagnostics(tmp_path, capsys, o
         (["--learning-rate", "-1"], "argument --learning-rate: must be a finite number > 0"),
         (["--damping", "0.1"], "--damping is for the optimizers"),
         (["--cg-iterations", "3"], "--cg-iterations is for the optimizers"),
+        (
+            ["--optimizer", "kfac", "--batch-size", "8", "--curvature-batch-size", "9"],
+            "--curvature-batch-size (9) exceeds the batch size (8)",
+        ),
     ],
 )
 def test_train_refuses_bad_options_before_writing_anything(tmp_path, capsys, extra, message):

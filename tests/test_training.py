@@ -1,5 +1,6 @@
 """Training, evaluation and checkpoints: loss goes down, runs repeat, files round-trip or are refused."""
 
+import dataclasses
 import json
 import os
 
@@ -99,6 +100,27 @@ def test_learning_rate_defaults_and_second_order_options_are_checked():
         training.TrainOptions(optimizer="hessian_free", damping=-1.0)
     with pytest.raises(ValueError, match="cg_iterations must be a positive integer"):
         training.TrainOptions(optimizer="natural_gradient", cg_iterations=0)
+
+
+def test_the_curvature_batch_is_the_first_examples_of_each_batch():
+    task = make_task("blobs", data_options={"num_examples": 40})
+    options = training.TrainOptions(steps=1, batch_size=None, optimizer="kfac", curvature_batch_size=8, eval_every=1)
+    trained = training.train(task, options).params
+    x, y = task.train.inputs, task.train.targets  # a full batch is the training set in order
+    objective = lambda p: task.objective(p, x, y)
+    value, grads = jax.value_and_grad(objective)(task.params)
+    tx = training.make_optimizer(task, options)
+    updates, _ = tx.update(grads, tx.init(task.params), task.params, value=value, value_fn=objective,
+                           curvature_batch=(x[:8], y[:8]))  # fmt: skip
+    by_hand = optax.apply_updates(task.params, updates)
+    whole = training.train(task, dataclasses.replace(options, curvature_batch_size=None)).params
+    for a, b, c in zip(jax.tree.leaves(trained), jax.tree.leaves(by_hand), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(a, c, rtol=1e-3, atol=0) or a.size == 0
+    with pytest.raises(ValueError, match=r"curvature_batch_size \(33\) exceeds the batch size \(32\)"):
+        training.train(task, dataclasses.replace(options, curvature_batch_size=33))
+    with pytest.raises(ValueError, match="curvature_batch_size is for the optimizers kfac, sophia_g"):
+        training.TrainOptions(curvature_batch_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,19 @@ def add_parser(commands) -> None:
         help="kfac: its step length: the quadratic model's (default) or the KL-clipped learning rate",
     )
     train.add_argument(
+        "--kl-clip",
+        type=flags.positive_float,
+        default=None,
+        help="kfac --step-rule kl_clip: the KL trust region of each step (default 1e-3)",
+    )
+    train.add_argument(
+        "--curvature-batch-size",
+        type=flags.positive_int,
+        default=None,
+        help="kfac, sophia_g, hessian_free, hessian_free_kfac, natural_gradient: the first this many examples "
+        "of each batch estimate the curvature (default: the whole batch)",
+    )
+    train.add_argument(
         "--gamma", type=flags.positive_float, default=None, help="sophia_g, sophia_h: Sophia's gamma (default 0.01)"
     )
     train.add_argument("--eval-every", type=flags.positive_int, default=defaults.eval_every)
@@ -161,10 +174,12 @@ def _train_into_out(args) -> int:
             inverse_every=args.inverse_every,
             gamma=args.gamma,
             step_rule=args.step_rule,
+            kl_clip=args.kl_clip,
+            curvature_batch_size=args.curvature_batch_size,
             eval_every=args.eval_every,
             seed=args.seed,
         )
-        batch_size = tasks.check_batch_size(task, options.batch_size or task.train.num_examples)
+        batch_size = training.batch_size_of(task, options)
     mesh = hvpopt.data_mesh(args.devices)
     if batch_size % mesh.size:
         given = f"--batch-size {batch_size}" if args.batch_size else f"--batch-size full ({batch_size} examples)"

@@ -97,6 +97,7 @@ def _kfac(task, options, learning_rate):
         curvature_every=options.curvature_every or 1,
         inverse_every=options.inverse_every or 10,
         step_rule=options.step_rule or "quadratic",
+        **({} if options.kl_clip is None else {"kl_clip": options.kl_clip}),
         key=jax.random.key(options.seed),
     )
 
@@ -148,6 +149,8 @@ KNOBS = {
     "inverse_every": ("kfac",),
     "gamma": ("sophia_g", "sophia_h"),
     "step_rule": ("kfac",),
+    "kl_clip": ("kfac",),
+    "curvature_batch_size": ("kfac", "sophia_g", "hessian_free", "hessian_free_kfac", "natural_gradient"),
 }
 _DEFAULT_LEARNING_RATE = {"adamw": 3e-3, "adam": 3e-3, "sgd": 3e-3, "muon": 3e-3, "sophia_g": 3e-3, "sophia_h": 3e-3}
 
@@ -178,6 +181,11 @@ class TrainOptions:
         Sophia: steps between curvature-diagonal estimates (10).
       inverse_every: K-FAC: steps between eigendecompositions (10).
       step_rule: K-FAC: one of :data:`hvpopt.KFAC_STEP_RULES` (``"quadratic"``).
+      kl_clip: K-FAC with ``step_rule="kl_clip"``: the KL trust region (1e-3).
+      curvature_batch_size: the optimizers that take a ``curvature_batch``:
+        its examples, the first of each batch (None: the whole batch). K-FAC's
+        statistics cost more than the gradient; a quarter of the batch
+        estimates them for a quarter of that.
       gamma: Sophia's ``gamma``, the scale of its clipped ratio (0.01).
       eval_every: steps between validation evaluations (and checkpoints).
       seed: seed of the batch order.
@@ -195,6 +203,8 @@ class TrainOptions:
     inverse_every: int | None = None
     gamma: float | None = None
     step_rule: str | None = None
+    kl_clip: float | None = None
+    curvature_batch_size: int | None = None
     eval_every: int = 500
     seed: int = 0
 
@@ -218,13 +228,18 @@ class TrainOptions:
                 )
         if self.damping is not None:
             _checks.check_nonnegative("damping", self.damping, finite=True)
-        for name in ("cg_iterations", "curvature_every", "inverse_every"):
+        for name in ("cg_iterations", "curvature_every", "inverse_every", "curvature_batch_size"):
             if getattr(self, name) is not None:
                 _checks.check_positive_int(name, getattr(self, name))
-        if self.gamma is not None:
-            _checks.check_number("gamma", self.gamma, "> 0 and finite", lambda x: x > 0)
+        for name in ("gamma", "kl_clip"):
+            if getattr(self, name) is not None:
+                _checks.check_number(name, getattr(self, name), "> 0 and finite", lambda x: x > 0)
         if self.step_rule is not None:
             _checks.check_choice("step_rule", self.step_rule, KFAC_STEP_RULES)
+        if self.kl_clip is not None and self.step_rule != "kl_clip":
+            raise ValueError(
+                "kl_clip is for K-FAC's KL-clipped step (step rule kl_clip); the quadratic rule sets its own length."
+            )
 
 
 class TrainingDiverged(ValueError):
@@ -287,6 +302,17 @@ def make_optimizer(task: Task, options: TrainOptions) -> optax.GradientTransform
     return optax.chain(*clip, optimizer)
 
 
+def batch_size_of(task: Task, options: TrainOptions) -> int:
+    """The examples of each step's batch; ValueError if ``task`` has fewer, or fewer than the curvature batch."""
+    batch_size = check_batch_size(task, options.batch_size or task.train.num_examples)
+    if options.curvature_batch_size is not None and options.curvature_batch_size > batch_size:
+        raise ValueError(
+            f"curvature_batch_size ({options.curvature_batch_size}) exceeds the batch size ({batch_size}); "
+            "the curvature batch is the first examples of each batch."
+        )
+    return batch_size
+
+
 def train(
     task: Task,
     options: TrainOptions = TrainOptions(),
@@ -326,7 +352,7 @@ def train(
 def _train(
     task: Task, options: TrainOptions, params: Any, on_evaluation: Callable | None, progress: bool, mesh: Mesh | None
 ) -> TrainResult:
-    batch_size = check_batch_size(task, options.batch_size or task.train.num_examples)
+    batch_size = batch_size_of(task, options)
     place = lambda batch: batch
     if mesh is not None:
         devices = sharding.axis_size(mesh)
@@ -339,7 +365,7 @@ def _train(
         params = sharding.replicate(params, mesh)
         place = lambda batch: sharding.shard_batch(batch, mesh)
     optimizer = make_optimizer(task, options)
-    step = _make_step(task, optimizer)
+    step = _make_step(task, optimizer, options.curvature_batch_size)
     opt_state = optimizer.init(params)
     if mesh is not None:
         opt_state = sharding.replicate(opt_state, mesh)
@@ -424,10 +450,13 @@ def _batch_sums(task: Task, params, inputs, targets, weights):
     return jnp.stack([jnp.sum(weights * loss), jnp.sum(weights * hits), jnp.sum(weights * count)])
 
 
-def _make_step(task: Task, optimizer: optax.GradientTransformationExtraArgs) -> Callable:
+def _make_step(
+    task: Task, optimizer: optax.GradientTransformationExtraArgs, curvature_batch_size: int | None = None
+) -> Callable:
     @jax.jit
     def step(params, opt_state, inputs, targets):
         objective = lambda p: task.objective(p, inputs, targets)
+        head = lambda x: x if curvature_batch_size is None else x[:curvature_batch_size]
         loss, grads = jax.value_and_grad(objective)(params)
         updates, opt_state = optimizer.update(
             grads,
@@ -437,7 +466,7 @@ def _make_step(task: Task, optimizer: optax.GradientTransformationExtraArgs) -> 
             grad=grads,
             value_fn=objective,
             obj_fn=objective,
-            curvature_batch=(inputs, targets),
+            curvature_batch=jax.tree.map(head, (inputs, targets)),
         )
         return optax.apply_updates(params, updates), opt_state, loss
 
