@@ -77,6 +77,33 @@ def test_where_kfac_is_exact_its_step_is_the_damped_newton_step(step_rule):
         np.testing.assert_allclose(float(state.kl_scale), nu, rtol=1e-9)
 
 
+@pytest.mark.parametrize("momentum", [0.9, 0.05, 0.0])
+def test_the_quadratic_rules_second_step_is_its_models_optimum_with_mu_in_0_momentum(momentum):
+    model_fn, params, x, y = classification_mlp()  # K-FAC is not exact here, so mu is not 0
+    damping, few = 0.1, (x[:16], y[:16])
+    tx = hvpopt.kfac(model_fn, CE, example_batch=few, damping=damping, momentum=momentum, adapt_damping_every=None,
+                     fisher="closed_form")  # fmt: skip
+    f = lambda p: CE(model_fn(p, x), y)
+    step = jax.jit(lambda p, s: tx.update(jax.grad(f)(p), s, p, curvature_batch=few))
+    first, state = step(params, tx.init(params))
+    at = optax.apply_updates(params, first)
+    second, state = step(at, state)
+    flat, unravel = ravel_pytree(at)
+    outputs, linear = jax.linearize(lambda p: model_fn(p, few[0]), at)
+    gauss_newton = jax.hessian(lambda v: CE(outputs + linear(jax.tree.map(jnp.subtract, unravel(v), at)), few[1]))
+    curvature = np.array(gauss_newton(flat)) + damping * np.eye(len(flat))  # the damped model's, at the second step
+    grads = jax.grad(f)(at)
+    d = -np.asarray(ravel_pytree(hvpopt.kronecker_inverse(state.factors, damping=damping)(grads))[0])
+    basis = np.stack([d, np.asarray(ravel_pytree(first)[0])], 1)  # (d, u_prev)
+    model, slope = basis.T @ curvature @ basis, basis.T @ np.asarray(ravel_pytree(grads)[0])  # in (alpha, mu)
+    free_mu = -np.linalg.solve(model, slope)[1]
+    mu = np.clip(free_mu, 0.0, momentum)
+    alpha = -(slope[0] + model[0, 1] * mu) / model[0, 0]
+    np.testing.assert_allclose(ravel_pytree(second)[0], basis @ [alpha, mu], rtol=1e-7)
+    np.testing.assert_allclose(float(state.momentum), mu, atol=1e-9)
+    assert 0.05 < free_mu < 0.9  # so the cap binds at 0.05 and 0, not at 0.9
+
+
 def classification_mlp():
     problem = make_mlp()
     x = jax.random.normal(jax.random.key(7), (64, 4), jnp.float64)

@@ -19,7 +19,9 @@ approximation, so changing ``lambda`` costs nothing. Then:
   minimising the exact damped Gauss-Newton model
   ``g^T u + u^T (G + lambda I) u / 2`` on the curvature batch (a 2 x 2
   system from two forward-mode products: no learning rate to tune,
-  ``eta = 1``, and no fixed momentum); ``"kl_clip"`` (Ba, Grosse & Martens,
+  ``eta = 1``) over ``0 <= mu <= momentum`` (the model's optimum ``mu``
+  clipped, then the best ``alpha`` for it: a model from a few examples can
+  otherwise choose ``mu = 6`` and diverge); ``"kl_clip"`` (Ba, Grosse & Martens,
   2017) takes ``nu = min(1, sqrt(kl_clip / (eta^2 Delta^T g)))``, which bounds
   the predicted change ``eta^2 Delta^T C Delta ~ eta^2 Delta^T g`` of the
   model's predictions (a trust region in KL divergence), heavy-ball momentum
@@ -146,7 +148,7 @@ def kfac(
       damping: the initial ``lambda > 0`` (the L2 coefficient of the
         objective, if any, belongs in ``min_damping``).
       step_rule: one of :data:`KFAC_STEP_RULES`.
-      momentum: ``"kl_clip"``: ``mu`` in ``[0, 1)``.
+      momentum: in ``[0, 1)``: ``"kl_clip"``'s ``mu``; the largest ``mu`` ``"quadratic"`` may choose.
       kl_clip: ``"kl_clip"``: the KL trust region ``> 0``.
       ema_decay: the moving averages' decay in ``[0, 1)`` (the first refresh
         takes the statistics as they are).
@@ -293,13 +295,14 @@ def kfac(
             curv, gram = curv.astype(eta.dtype), gram.astype(eta.dtype)
             damped = curv + state.damping * gram
             slope = jnp.array([otu.tree_vdot(grad, d), otu.tree_vdot(grad, previous)]).astype(eta.dtype)
-            tiny = jnp.finfo(eta.dtype).tiny
-            only_d = jnp.array([-slope[0] / jnp.maximum(damped[0, 0], tiny), 0.0], eta.dtype)
+            finfo = jnp.finfo(eta.dtype)
             det = damped[0, 0] * damped[1, 1] - damped[0, 1] ** 2
-            both = jnp.array([damped[1, 1] * -slope[0] + damped[0, 1] * slope[1],
-                              damped[0, 1] * slope[0] - damped[0, 0] * slope[1]]) / jnp.maximum(det, tiny)  # fmt: skip
-            well_posed = det > 1e-12 * damped[0, 0] * damped[1, 1]  # the first step (u_prev = 0) is not
-            optimum = jnp.where(well_posed, both, only_d)
+            # Collinear d and u_prev (the first step, u_prev = 0, among them) leave mu undetermined: 0.
+            well_posed = det > jnp.sqrt(finfo.eps) * damped[0, 0] * damped[1, 1]
+            free_mu = (damped[0, 1] * slope[0] - damped[0, 0] * slope[1]) / jnp.maximum(det, finfo.tiny)
+            mu = jnp.clip(jnp.where(well_posed, free_mu, 0.0), 0.0, momentum)  # the model's optimum on [0, momentum]
+            alpha = -(slope[0] + damped[0, 1] * mu) / jnp.maximum(damped[0, 0], finfo.tiny)  # the best alpha given mu
+            optimum = jnp.stack([alpha, mu])
             coefficients = eta * optimum
             step_updates = otu.tree_add_scale(otu.tree_scale(coefficients[0], d), coefficients[1], previous)
             change = lambda: slope @ coefficients + 0.5 * coefficients @ curv @ coefficients
