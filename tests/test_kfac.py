@@ -140,6 +140,21 @@ def test_the_loss_falls_faster_per_step_than_adamws_best_and_a_nan_step_is_skipp
     assert int(skipped.skipped_steps) == 1 and int(skipped.count) == steps + 1
 
 
+def test_without_l2_the_adapted_damping_falls_to_the_default_floor_and_stays():
+    # The MLP's cross-entropy has no L2: the quadratic step predicts well, rho > 3/4, and lambda shrinks
+    # by 19/20 at each adaptation until min_damping (1e-4 by default) holds it.
+    model_fn, params, x, y = classification_mlp()
+    tx = hvpopt.kfac(model_fn, CE, example_batch=(x, y), damping=3e-4, adapt_damping_every=1)
+    _, step = make_step(tx, model_fn, CE, x, y)
+    dampings = []
+    state = tx.init(params)
+    for _ in range(30):
+        params, state, _ = step(params, state, 0.0)
+        dampings.append(float(state.damping))
+    assert dampings[0] == pytest.approx(3e-4 * 0.95)
+    assert min(dampings) == pytest.approx(1e-4) and dampings[-1] == pytest.approx(1e-4)
+
+
 def test_bad_arguments_are_named():
     model_fn, params, x, y = linear_regression()
     make = lambda **kw: hvpopt.kfac(model_fn, SE, example_batch=(x, y), **kw)

@@ -30,7 +30,15 @@ approximation, so changing ``lambda`` costs nothing. Then:
   steps from the reduction ratio ``rho = (f(x + u) - f(x)) / (g^T u + u^T G u / 2)``
   of the step ``u`` against the undamped Gauss-Newton model on the curvature
   batch: ``lambda <- omega lambda`` when ``rho > 3/4``, ``lambda / omega``
-  when ``rho < 1/4``, ``omega = (19/20)^T`` (Martens & Grosse, section 6.5).
+  when ``rho < 1/4``, ``omega = (19/20)^T`` (Martens & Grosse, section 6.5),
+  kept in ``[min_damping, max_damping]``. On an objective without L2 the
+  ratio stays above 3/4 and ``lambda`` falls to its floor; the floor then
+  bounds the step ``g_i / (c_i + lambda)`` of the coordinates a small
+  curvature batch barely sees (``c_i ~ 0``: the embedding rows of
+  characters it lacks). Its default, ``1e-4``, is measured: on the
+  Shakespeare LM with 8-example curvature batches a floor of ``1e-8`` let
+  the validation loss jump from 2.05 to 3.45 at step 200, ``1e-4`` trained
+  smoothly to 1.67, ``1e-2`` damped it to 1.82.
 
 References:
   Martens, Grosse, "Optimizing neural networks with Kronecker-factored
@@ -115,7 +123,7 @@ def kfac(
     curvature_every: int = 1,
     inverse_every: int = 10,
     adapt_damping_every: int | None = 5,
-    min_damping: float = 1e-8,
+    min_damping: float = 1e-4,
     max_damping: float = 1e4,
     fisher: str = "sampled",
     key: jax.Array | None = None,
@@ -157,7 +165,8 @@ def kfac(
       adapt_damping_every: steps ``T`` between Levenberg-Marquardt adaptations
         (one loss evaluation and one Gauss-Newton product each), or None for
         a fixed ``damping``.
-      min_damping: the lowest ``lambda`` the adaptation goes to.
+      min_damping: the lowest ``lambda`` the adaptation goes to (at least
+        the objective's L2 coefficient).
       max_damping: the highest.
       fisher: one of :data:`hvpopt.curvature.FISHER_TARGETS`.
       key: the key of the sampled labels (default ``jax.random.key(0)``);

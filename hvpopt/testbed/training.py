@@ -86,14 +86,14 @@ def _muon(task, options, learning_rate):
 def _kfac(task, options, learning_rate):
     # As for natural gradient: the curvature of the objective is the Fisher plus l2 I.
     example = jax.tree.map(lambda x: x[:1], (task.train.inputs, task.train.targets))
-    damping = (0.1 if options.damping is None else options.damping) + task.l2
+    damping = max((0.1 if options.damping is None else options.damping) + task.l2, 1e-8)
     return kfac(
         task.model_fn,
         task.loss,
         example_batch=example,
         learning_rate=learning_rate,
-        damping=max(damping, 1e-8),
-        min_damping=max(task.l2, 1e-8),
+        damping=damping,
+        min_damping=max(task.l2, min(1e-4, damping)),  # kfac's floor, or a smaller initial damping asked for
         curvature_every=options.curvature_every or 1,
         inverse_every=options.inverse_every or 10,
         step_rule=options.step_rule or "quadratic",
