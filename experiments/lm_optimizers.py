@@ -6,9 +6,10 @@ with the same warm-up and cosine schedule (decayed to a tenth; the
 second-order Newton-CG and Hessian-free take a constant first step and a line
 search instead). Each optimizer's learning rate (and, where it has one, its
 main knob) is swept over the grid of :func:`sweep` (cut to what 2 CPU cores
-run in about 90 minutes: fewer settings on the ~1M-parameter model); the best
-settings by final validation loss of the optimizers in :data:`SEEDED` are
-rerun over two more seeds (data order and initialisation). Divergences (a
+run in about 2 hours); the best
+settings of the optimizers in :data:`SEEDED`, by final validation loss and by
+seconds to AdamW's best loss, are rerun over two more seeds (data order and
+initialisation). Divergences (a
 non-finite training or validation loss) are counted, never plotted.
 
 The target, set before the runs: at least one hvpopt optimizer reaches AdamW's
@@ -42,6 +43,7 @@ MODELS = {
     "large": {"d_model": 128, "num_layers": 5},  # about 1M parameters
 }
 TARGET_STEPS, TARGET_SECONDS = 0.7, 1.0
+BATCH_SIZE = 64  # as `hvpopt train`'s default
 HVPOPT = ("kfac", "sophia_g", "sophia_h", "hessian_free", "hessian_free_kfac", "newton_cg")  # what the target is of
 
 
@@ -59,7 +61,7 @@ def sweep(quick: bool) -> dict:
             *lrs(3e-3, 1e-2, gamma=0.2),
             *lrs(1e-2, gamma=1.0),
         ],
-        "sophia_h": lrs(1e-3, 3e-3),
+        "sophia_h": lrs(3e-4, 1e-3, 3e-3, 1e-2),
         "kfac": [
             *lrs(0.5, 1.0, 2.0, 3.0, **cheap_kfac),
             {"learning_rate": 1.0, "curvature_every": 1, "curvature_batch_size": 16},
@@ -72,13 +74,13 @@ def sweep(quick: bool) -> dict:
     }
     large = {
         "adamw": lrs(1e-3, 2e-3, 3e-3, 5e-3),
-        "muon": lrs(1e-2, 3e-2),
-        "sophia_g": lrs(3e-4, 1e-3),
-        "sophia_h": lrs(1e-3),
-        "kfac": [*lrs(1.0, 2.0, **cheap_kfac), {"learning_rate": 1.0, "curvature_every": 10}],
-        "hessian_free": dampings(1.0),
-        "hessian_free_kfac": dampings(1.0),
-        "newton_cg": dampings(1.0),
+        "muon": lrs(3e-3, 1e-2, 3e-2, 1e-1),
+        "sophia_g": lrs(3e-4, 1e-3, 3e-3, 1e-2),
+        "sophia_h": lrs(3e-4, 1e-3, 3e-3, 1e-2),
+        "kfac": [*lrs(0.5, 1.0, 2.0, 3.0, **cheap_kfac), {"learning_rate": 1.0, "curvature_every": 10}],
+        "hessian_free": dampings(0.3, 1.0, 3.0, 10.0),
+        "hessian_free_kfac": dampings(0.3, 1.0, 3.0, 10.0),
+        "newton_cg": dampings(0.3, 1.0, 3.0, 10.0),
     }
     if quick:
         default = {name: grid[:1] for name, grid in default.items()}
@@ -96,7 +98,7 @@ def run_one(model: str, optimizer: str, knobs: dict, *, steps: int, seed: int) -
     second_order_steps = max(steps // 10, 10)  # a Hessian-free step costs tens of gradients
     options = training.TrainOptions(
         steps=second_order_steps if is_second_order else steps,
-        batch_size=64,
+        batch_size=BATCH_SIZE,
         optimizer=optimizer,
         eval_every=max((second_order_steps if is_second_order else steps) // 10, 1),
         seed=seed,
@@ -128,47 +130,85 @@ def best(runs: list[dict], model: str, optimizer: str) -> dict | None:
     return min(finished, key=lambda r: r["final_validation_loss"]) if finished else None
 
 
-def first_reaching(run: dict, level: float) -> tuple[float, float] | None:
-    """``(steps, seconds)`` of the first evaluation at or below ``level``; seconds are steps x seconds per step."""
-    for h in run["history"]:
-        if h["validation_loss"] <= level:
-            return h["step"], h["step"] * run["seconds_per_step"]
-    return None
+def reseeded(runs: list[dict], model: str, optimizer: str) -> list[dict]:
+    """The seed-0 runs whose settings are rerun over more seeds: the best by final loss and, if another,
+    the fastest to AdamW's best final loss."""
+    chosen, reference = best(runs, model, optimizer), best(runs, model, "adamw")
+    if chosen is None or reference is None or optimizer == "adamw":
+        return [chosen] if chosen is not None else []
+    quickest = fastest(runs, model, optimizer, reference["final_validation_loss"])
+    return [chosen] if quickest is None or quickest["knobs"] == chosen["knobs"] else [chosen, quickest]
+
+
+def first_reaching(steps: list[int], losses, level: float) -> int | None:
+    """The first evaluated step at or below ``level``."""
+    return next((step for step, loss in zip(steps, losses) if loss <= level), None)
+
+
+def reaching(steps: list[int], losses, level: float, adam_steps: int, cost_ratio: float) -> dict:
+    """When the validation losses ``losses`` evaluated at ``steps`` first reach ``level``, against AdamW's
+    steps and seconds (``cost_ratio``: seconds per step over AdamW's); ``holds``: still at or below it at
+    the end (a reach followed by a blow-up is no win)."""
+    step = first_reaching(steps, losses, level)
+    if step is None:
+        return {"reached": False, "met": False}
+    ratio = step / adam_steps
+    seconds_ratio = ratio * cost_ratio
+    holds = bool(losses[-1] <= level)
+    met = ratio <= TARGET_STEPS and seconds_ratio <= TARGET_SECONDS and holds
+    return {"reached": True, "steps_ratio": ratio, "seconds_ratio": seconds_ratio, "holds": holds, "met": met}
 
 
 def verdict(runs: list[dict], model: str) -> dict:
+    """Each optimizer against AdamW's best final validation loss, at two settings: its best by final loss,
+    and its fastest to AdamW's loss in seconds (seed 0). Each is judged on seed 0 and, where both it and
+    AdamW were reseeded, on the mean curve over seeds against AdamW's mean final loss (both must meet the
+    target); seconds are steps x the median seconds per step of the setting's seeds."""
     reference = best(runs, model, "adamw")
     if reference is None:
         return {"model": model, "met": False, "why": "AdamW did not finish"}
     level = reference["final_validation_loss"]
-    adam_steps, adam_seconds = reference["steps"], reference["steps"] * reference["seconds_per_step"]
+    adam_seeds, adam_seconds_per_step = setting_curves(runs, reference)
+    adam_steps = reference["steps"]
+
+    def judged(run: dict) -> dict:
+        losses, seconds_per_step = setting_curves(runs, run)
+        steps, cost = [h["step"] for h in run["history"]], seconds_per_step / adam_seconds_per_step
+        row = {"knobs": run["knobs"], "final_validation_loss": run["final_validation_loss"],
+               "seconds_per_step_ratio": cost,
+               **reaching(steps, [h["validation_loss"] for h in run["history"]], level, adam_steps, cost)}  # fmt: skip
+        if len(losses) > 1 and len(adam_seeds) > 1:
+            mean_level = float(adam_seeds[:, -1].mean())
+            row["over_seeds"] = {"seeds": len(losses), "adamw_mean_final": mean_level,
+                                 **reaching(steps, losses.mean(axis=0), mean_level, adam_steps, cost)}  # fmt: skip
+            row["met"] = row["met"] and row["over_seeds"]["met"]
+        return row
+
     rows = []
     for optimizer in sorted({r["optimizer"] for r in runs if r["model"] == model} - {"adamw"}):
-        run = best(runs, model, optimizer)
-        if run is None:
-            rows.append({"optimizer": optimizer, "reached": False, "why": "every setting diverged"})
+        chosen = best(runs, model, optimizer)
+        if chosen is None:
+            rows.append({"optimizer": optimizer, "reached": False, "met": False, "why": "every setting diverged"})
             continue
-        hit = first_reaching(run, level)
-        row = {"optimizer": optimizer, "knobs": run["knobs"], "final_validation_loss": run["final_validation_loss"],
-               "seconds_per_step_ratio": run["seconds_per_step"] / reference["seconds_per_step"]}  # fmt: skip
-        if hit is None:
-            rows.append({**row, "reached": False})
-        else:
-            steps_ratio, seconds_ratio = hit[0] / adam_steps, hit[1] / adam_seconds
-            met = steps_ratio <= TARGET_STEPS and seconds_ratio <= TARGET_SECONDS
-            rows.append(
-                {**row, "reached": True, "steps_ratio": steps_ratio, "seconds_ratio": seconds_ratio, "met": met}
-            )
+        row = {"optimizer": optimizer, **judged(chosen)}
+        quickest = fastest(runs, model, optimizer, level)
+        if quickest is not None and quickest["knobs"] != chosen["knobs"]:
+            row["fastest"] = judged(quickest)
+        rows.append(row)
     return {
         "model": model,
         "adamw_best": {
             "knobs": reference["knobs"],
             "final_validation_loss": level,
             "steps": adam_steps,
-            "seconds": adam_seconds,
+            "seconds": adam_steps * adam_seconds_per_step,
+            "seeds": len(adam_seeds),
         },  # fmt: skip
         "rows": rows,
-        "met": any(row.get("met") for row in rows if row["optimizer"] in HVPOPT),  # Muon is optax's: a reference
+        # Muon is optax's: a reference, not an hvpopt optimizer.
+        "met": any(
+            row["met"] or row.get("fastest", {}).get("met", False) for row in rows if row["optimizer"] in HVPOPT
+        ),
     }
 
 
@@ -181,29 +221,58 @@ def seed_spread(runs: list[dict], model: str, optimizer: str) -> dict | None:
     return {"mean": float(np.mean(finals)), "std": float(np.std(finals)), "seeds": len(finals), "diverged": diverged}
 
 
+def setting_curves(runs: list[dict], chosen: dict) -> tuple[np.ndarray, float]:
+    """The validation losses of ``chosen``'s setting (one row per finished seed; one row if not reseeded)
+    and the median of their seconds per step (one process per core: the machine's noise is 10-30%)."""
+    same = [r for r in runs if (r["model"], r["optimizer"], r["knobs"]) == (chosen["model"], chosen["optimizer"],
+            chosen["knobs"]) and not r["diverged"] and (r.get("repeat") or r is chosen)]  # fmt: skip
+    losses = np.array([[h["validation_loss"] for h in r["history"]] for r in same])
+    return losses, float(np.median([r["seconds_per_step"] for r in same]))
+
+
+def fastest(runs: list[dict], model: str, optimizer: str, level: float) -> dict | None:
+    """The setting (seed 0) that first reaches ``level`` in the fewest seconds; None if none reaches it."""
+    reached = []
+    for r in runs:
+        if (r["model"], r["optimizer"], r["seed"]) == (model, optimizer, 0) and not r["diverged"]:
+            step = first_reaching([h["step"] for h in r["history"]], [h["validation_loss"] for h in r["history"]],
+                                  level)  # fmt: skip
+            if step is not None:
+                reached.append((step * setting_curves(runs, r)[1], r))
+    return min(reached, key=lambda pair: pair[0])[1] if reached else None
+
+
 def plot(runs: list[dict], model: str, path: Path) -> None:
+    """Validation loss against steps (tokens on the top axis) and seconds: the mean over seeds, their range shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    task = tasks.make_task("shakespeare", model_options=MODELS[model])
+    tokens_per_step = BATCH_SIZE * task.train.inputs.shape[1]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for optimizer in sorted({r["optimizer"] for r in runs if r["model"] == model}):
         run = best(runs, model, optimizer)
         if run is None:
             continue
-        steps = [h["step"] for h in run["history"]]
-        losses = [h["validation_loss"] for h in run["history"]]
-        label = f"{optimizer} {run['knobs']}"
-        axes[0].plot(steps, losses, marker=".", label=label)
-        axes[1].plot([s * run["seconds_per_step"] for s in steps], losses, marker=".", label=label)
-    for ax, xlabel in zip(axes, ("steps (batch 64)", "seconds (one CPU core, compilation excluded)")):
+        losses, seconds_per_step = setting_curves(runs, run)
+        steps = np.array([h["step"] for h in run["history"]])
+        label = f"{optimizer} {run['knobs']}" + (f", {len(losses)} seeds" if len(losses) > 1 else "")
+        for ax, x in zip(axes, (steps, steps * seconds_per_step)):
+            (line,) = ax.plot(x, losses.mean(axis=0), marker=".", label=label)
+            if len(losses) > 1:
+                ax.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
+    millions = tokens_per_step / 1e6
+    tokens = axes[0].secondary_xaxis("top", functions=(lambda s: s * millions, lambda t: t / millions))
+    tokens.set_xlabel("training tokens (millions)")
+    for ax, xlabel in zip(axes, (f"steps (batch {BATCH_SIZE})", "seconds (one CPU core, compilation excluded)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
-    figure.suptitle(f"Shakespeare LM, {model} model: the best setting of each optimizer")
+    figure.suptitle(f"Shakespeare LM, {model} model: the best setting of each optimizer (seed range shaded)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -271,13 +340,12 @@ def main(argv=None) -> None:
                 save()
         if not args.quick:
             for optimizer in filter(selected, SEEDED[model]):
-                chosen = best(runs, model, optimizer)
-                if chosen is None:
-                    continue
-                chosen["repeat"] = True
-                for seed in (1, 2):
-                    runs.append({**run_one(model, optimizer, chosen["knobs"], steps=steps, seed=seed), "repeat": True})
-                    save()
+                for chosen in reseeded(runs, model, optimizer):
+                    chosen["repeat"] = True
+                    for seed in (1, 2):
+                        run = run_one(model, optimizer, chosen["knobs"], steps=steps, seed=seed)
+                        runs.append({**run, "repeat": True})
+                        save()
         plot(runs, model, args.out_dir / f"lm_optimizers_{model}{'_quick' if args.quick else ''}.png")
     results = save()
     for v in results["verdicts"]:
