@@ -17,6 +17,11 @@ best final validation loss in <= 0.7x AdamW's steps and <= 1.0x its wall-clock
 seconds, on both models. Written: ``results/lm_optimizers.json`` and one PNG of
 validation loss against steps and seconds per model.
 
+The time half of the target uses the step costs measured by
+:func:`paired_seconds_per_step`: AdamW and each setting that reaches its loss,
+compiled in one process and timed in alternating blocks (``--time-only``
+redoes just that).
+
 Run: ``python experiments/lm_optimizers.py`` (about 3 hours on one CPU core;
 ``--models`` and ``--optimizers`` split the grid over processes, each with its
 own ``--out-dir``; ``--quick`` is a smoke run of a few minutes, written to the
@@ -123,6 +128,50 @@ def run_one(model: str, optimizer: str, knobs: dict, *, steps: int, seed: int) -
     }
 
 
+def paired_seconds_per_step(
+    model: str, settings: list[tuple[str, dict]], *, blocks: int = 7, steps: int = 10, warmup: int = 2
+) -> list:
+    """Each ``(optimizer, knobs)``'s median seconds per step, timed in one process: compiled first, then
+    ``blocks`` rounds of each in turn on one batch, ``warmup`` untimed steps (the caches the previous
+    optimizer left cold) and ``steps`` timed ones (a multiple of the refresh intervals, so every block
+    holds the same refreshes and inversions). Separate processes at different times differ by 10-30%
+    on a shared machine; alternating blocks cancel that drift."""
+    task = tasks.make_task("shakespeare", model_options=MODELS[model])
+    first = task.train.take(np.arange(BATCH_SIZE))
+    batch = (first.inputs, first.targets)
+    compiled = []
+    for optimizer, knobs in settings:
+        options = training.TrainOptions(steps=1000, batch_size=BATCH_SIZE, optimizer=optimizer, **knobs)
+        tx = training.make_optimizer(task, options)
+        step = training.make_step(task, tx, options.curvature_batch_size)
+        carry = jax.block_until_ready(step(task.params, tx.init(task.params), *batch)[:2])  # compiles
+        compiled.append([step, carry, []])
+    for _ in range(blocks):
+        for entry in compiled:
+            step, (params, opt_state), times = entry
+            for _ in range(warmup):
+                params, opt_state, _ = step(params, opt_state, *batch)
+            jax.block_until_ready((params, opt_state))
+            start = time.perf_counter()
+            for _ in range(steps):
+                params, opt_state, _ = step(params, opt_state, *batch)
+            jax.block_until_ready((params, opt_state))
+            times.append((time.perf_counter() - start) / steps)
+            entry[1] = (params, opt_state)
+    return [{"optimizer": optimizer, "knobs": knobs, "seconds_per_step": float(np.median(times)), "blocks": blocks}
+            for (optimizer, knobs), (_, _, times) in zip(settings, compiled)]  # fmt: skip
+
+
+def timed_settings(runs: list[dict], model: str) -> list[tuple[str, dict]]:
+    """AdamW's best setting and every other setting the verdict judges that reaches AdamW's loss."""
+    settings = [("adamw", best(runs, model, "adamw")["knobs"])]
+    for row in verdict(runs, model, [])["rows"]:
+        for judged in (row, row.get("fastest", {})):
+            if judged.get("reached") and row["optimizer"] not in training.SECOND_ORDER:
+                settings.append((row["optimizer"], judged["knobs"]))
+    return settings
+
+
 def best(runs: list[dict], model: str, optimizer: str) -> dict | None:
     """The sweep's best setting (seed 0) by final validation loss; None if every setting diverged."""
     finished = [r for r in runs if r["model"] == model and r["optimizer"] == optimizer and not r["diverged"]
@@ -159,23 +208,31 @@ def reaching(steps: list[int], losses, level: float, adam_steps: int, cost_ratio
     return {"reached": True, "steps_ratio": ratio, "seconds_ratio": seconds_ratio, "holds": holds, "met": met}
 
 
-def verdict(runs: list[dict], model: str) -> dict:
+def verdict(runs: list[dict], model: str, paired: list[dict]) -> dict:
     """Each optimizer against AdamW's best final validation loss, at two settings: its best by final loss,
     and its fastest to AdamW's loss in seconds (seed 0). Each is judged on seed 0 and, where both it and
     AdamW were reseeded, on the mean curve over seeds against AdamW's mean final loss (both must meet the
-    target); seconds are steps x the median seconds per step of the setting's seeds."""
+    target); seconds are steps x the setting's seconds per step from ``paired`` (one process's alternating
+    blocks, :func:`paired_seconds_per_step`) where timed there, else the median over its seeds' runs."""
     reference = best(runs, model, "adamw")
     if reference is None:
         return {"model": model, "met": False, "why": "AdamW did not finish"}
     level = reference["final_validation_loss"]
     adam_seeds, adam_seconds_per_step = setting_curves(runs, reference)
     adam_steps = reference["steps"]
+    timed = lambda run: next((t["seconds_per_step"] for t in paired if t["optimizer"] == run["optimizer"]
+                              and t["knobs"] == run["knobs"]), None)  # fmt: skip
+    paired_adamw = timed(reference)
 
     def judged(run: dict) -> dict:
         losses, seconds_per_step = setting_curves(runs, run)
-        steps, cost = [h["step"] for h in run["history"]], seconds_per_step / adam_seconds_per_step
+        cost, source = seconds_per_step / adam_seconds_per_step, "the runs' median"
+        if paired_adamw is not None and timed(run) is not None:
+            cost, source = timed(run) / paired_adamw, "paired timing"
+        steps = [h["step"] for h in run["history"]]
         row = {"knobs": run["knobs"], "final_validation_loss": run["final_validation_loss"],
-               "seconds_per_step_ratio": cost,
+               "seconds_per_step_ratio": cost, "seconds_per_step_ratio_from": source,
+               "runs_seconds_per_step_ratio": seconds_per_step / adam_seconds_per_step,
                **reaching(steps, [h["validation_loss"] for h in run["history"]], level, adam_steps, cost)}  # fmt: skip
         if len(losses) > 1 and len(adam_seeds) > 1:
             mean_level = float(adam_seeds[:, -1].mean())
@@ -213,12 +270,18 @@ def verdict(runs: list[dict], model: str) -> dict:
 
 
 def seed_spread(runs: list[dict], model: str, optimizer: str) -> dict | None:
-    finals = [r["final_validation_loss"] for r in runs if r["model"] == model and r["optimizer"] == optimizer
-              and r.get("repeat") and not r["diverged"]]  # fmt: skip
-    diverged = sum(1 for r in runs if r["model"] == model and r["optimizer"] == optimizer and r["diverged"])
-    if not finals:
+    """The final validation losses of each reseeded setting (mean, std, seeds) and the divergences of all."""
+    mine = [r for r in runs if r["model"] == model and r["optimizer"] == optimizer]
+    settings = []
+    for r in mine:
+        if r.get("repeat") and r["seed"] == 0:
+            finals = [o["final_validation_loss"] for o in mine if o["knobs"] == r["knobs"] and o.get("repeat")
+                      and not o["diverged"]]  # fmt: skip
+            settings.append({"knobs": r["knobs"], "mean": float(np.mean(finals)), "std": float(np.std(finals)),
+                             "seeds": len(finals)})  # fmt: skip
+    if not settings:
         return None
-    return {"mean": float(np.mean(finals)), "std": float(np.std(finals)), "seeds": len(finals), "diverged": diverged}
+    return {"settings": settings, "diverged": sum(r["diverged"] for r in mine)}
 
 
 def setting_curves(runs: list[dict], chosen: dict) -> tuple[np.ndarray, float]:
@@ -291,15 +354,21 @@ def main(argv=None) -> None:
         help="rerun only these optimizers of the chosen models; the results file keeps the others' runs",
     )  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="recompute the verdicts and plots of the results")
+    parser.add_argument(
+        "--time-only", action="store_true",
+        help="only time the settings that reach AdamW's loss against AdamW, in one process, and report",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     steps = 60 if args.quick else args.steps
     if args.quick:  # a smoke run never writes over the committed results
         args.out_dir = Path(tempfile.gettempdir())
     out = args.out_dir / ("lm_optimizers_quick.json" if args.quick else "lm_optimizers.json")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    kept = json.loads(out.read_text())["runs"] if out.exists() and not args.quick else []
+    previous = json.loads(out.read_text()) if out.exists() and not args.quick else {}
+    kept, paired = previous.get("runs", []), previous.get("paired_timing", {})
     selected = lambda optimizer: args.optimizers is None or optimizer in args.optimizers
-    runs = [r for r in kept if args.report_only or r["model"] not in args.models or not selected(r["optimizer"])]
+    keep_all = args.report_only or args.time_only
+    runs = [r for r in kept if keep_all or r["model"] not in args.models or not selected(r["optimizer"])]
 
     def save():
         results = {
@@ -314,15 +383,24 @@ def main(argv=None) -> None:
             "steps": steps,
             "target": {"steps_ratio": TARGET_STEPS, "seconds_ratio": TARGET_SECONDS},
             "runs": runs,
+            "paired_timing": paired,
         }
         models = sorted({r["model"] for r in runs})
-        results["verdicts"] = [verdict(runs, m) for m in models]
+        results["verdicts"] = [verdict(runs, m, paired.get(m, [])) for m in models]
         results["seeds"] = {m: {o: seed_spread(runs, m, o) for o in sorted({r["optimizer"] for r in runs})}
                             for m in models}  # fmt: skip
         out.write_text(json.dumps(results, indent=1))
         return results
 
+    def time_paired(model):
+        if any(r["model"] == model for r in runs):
+            paired[model] = paired_seconds_per_step(model, timed_settings(runs, model))
+            save()
+
     for model, grid in sweep(args.quick).items():
+        if args.time_only:
+            time_paired(model)
+            continue
         if args.report_only:
             if any(r["model"] == model for r in runs):
                 plot(runs, model, args.out_dir / f"lm_optimizers_{model}.png")
@@ -346,6 +424,7 @@ def main(argv=None) -> None:
                         run = run_one(model, optimizer, chosen["knobs"], steps=steps, seed=seed)
                         runs.append({**run, "repeat": True})
                         save()
+        time_paired(model)
         plot(runs, model, args.out_dir / f"lm_optimizers_{model}{'_quick' if args.quick else ''}.png")
     results = save()
     for v in results["verdicts"]:

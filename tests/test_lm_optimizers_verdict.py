@@ -37,7 +37,7 @@ ADAMW = [3.0, 2.5, 2.2, 2.0, 1.9]  # 200 steps, final 1.9
 
 
 def row_of(lm, runs, optimizer="kfac"):
-    (row,) = [r for r in lm.verdict(runs, "default")["rows"] if r["optimizer"] == optimizer]
+    (row,) = [r for r in lm.verdict(runs, "default", [])["rows"] if r["optimizer"] == optimizer]
     return row
 
 
@@ -47,7 +47,7 @@ def test_a_reach_at_half_the_steps_and_time_that_holds_is_met(lm):
     assert row["steps_ratio"] == pytest.approx(80 / 200)
     assert row["seconds_ratio"] == pytest.approx(0.4 * 1.5)
     assert row["holds"] and row["met"]
-    assert lm.verdict(runs, "default")["met"]
+    assert lm.verdict(runs, "default", [])["met"]
 
 
 def test_a_reach_that_blows_up_later_is_not_met(lm):
@@ -86,7 +86,7 @@ def test_a_quicker_setting_with_a_worse_final_loss_is_judged_and_reseeded_too(lm
     row = row_of(lm, runs)
     assert row["knobs"] == {"learning_rate": 1.0} and not row["met"]
     assert row["fastest"]["knobs"] == {"learning_rate": 2.0} and row["fastest"]["met"]
-    assert lm.verdict(runs, "default")["met"]
+    assert lm.verdict(runs, "default", [])["met"]
     assert lm.reseeded(runs, "default", "kfac") == [best_final, quick]
 
 
@@ -97,3 +97,29 @@ def test_the_time_is_the_median_over_the_seeds(lm):
     row = row_of(lm, [*adamw, *kfac])
     assert row["seconds_per_step_ratio"] == pytest.approx(0.11 / 0.07)
     assert row["seconds_ratio"] == pytest.approx(0.4 * 0.11 / 0.07)
+
+
+def test_a_paired_timing_replaces_the_runs_seconds_per_step(lm):
+    runs = [run("adamw", ADAMW, seconds_per_step=0.1), run("kfac", [2.5, 1.85, 1.8, 1.7, 1.6], seconds_per_step=0.3)]
+    paired = [{"optimizer": "adamw", "knobs": {"learning_rate": 1.0}, "seconds_per_step": 0.05},
+              {"optimizer": "kfac", "knobs": {"learning_rate": 1.0}, "seconds_per_step": 0.1}]  # fmt: skip
+    (row,) = [r for r in lm.verdict(runs, "default", paired)["rows"] if r["optimizer"] == "kfac"]
+    assert row["seconds_per_step_ratio"] == pytest.approx(2.0) and row["runs_seconds_per_step_ratio"] == pytest.approx(
+        3
+    )
+    assert row["seconds_ratio"] == pytest.approx(0.8) and row["met"]
+    assert lm.timed_settings(runs, "default") == [("adamw", {"learning_rate": 1.0}), ("kfac", {"learning_rate": 1.0})]
+
+
+def test_the_seed_spread_is_per_reseeded_setting(lm):
+    quick = {"learning_rate": 2.0}
+    runs = [run("kfac", [2.0, 1.7], repeat=True), run("kfac", [2.0, 1.9], seed=1, repeat=True)]
+    runs += [
+        run("kfac", [2.0, 1.5], knobs=quick, repeat=True),
+        run("kfac", [2.0, 1.6], knobs=quick, seed=1, repeat=True),
+    ]
+    runs += [{**run("kfac", [2.0, 1.0], knobs={"learning_rate": 9.0}), "diverged": True}]
+    spread = lm.seed_spread(runs, "default", "kfac")
+    assert [(s["knobs"], s["seeds"]) for s in spread["settings"]] == [({"learning_rate": 1.0}, 2), (quick, 2)]
+    assert [s["mean"] for s in spread["settings"]] == pytest.approx([1.8, 1.55])
+    assert spread["diverged"] == 1

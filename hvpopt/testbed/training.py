@@ -365,7 +365,7 @@ def _train(
         params = sharding.replicate(params, mesh)
         place = lambda batch: sharding.shard_batch(batch, mesh)
     optimizer = make_optimizer(task, options)
-    step = _make_step(task, optimizer, options.curvature_batch_size)
+    step = make_step(task, optimizer, options.curvature_batch_size)
     opt_state = optimizer.init(params)
     if mesh is not None:
         opt_state = sharding.replicate(opt_state, mesh)
@@ -450,9 +450,15 @@ def _batch_sums(task: Task, params, inputs, targets, weights):
     return jnp.stack([jnp.sum(weights * loss), jnp.sum(weights * hits), jnp.sum(weights * count)])
 
 
-def _make_step(
+def make_step(
     task: Task, optimizer: optax.GradientTransformationExtraArgs, curvature_batch_size: int | None = None
 ) -> Callable:
+    """The jitted step of :func:`train`: ``(params, opt_state, inputs, targets) -> (params, opt_state, loss)``.
+
+    ``optimizer`` (from :func:`make_optimizer`) gets the batch's loss, gradient and objective, and the
+    first ``curvature_batch_size`` examples (None: all) as ``curvature_batch``.
+    """
+
     @jax.jit
     def step(params, opt_state, inputs, targets):
         objective = lambda p: task.objective(p, inputs, targets)
