@@ -5,17 +5,17 @@ behind ``hvpopt train``) on the shipped Shakespeare characters, mini-batch 64,
 with the same warm-up and cosine schedule (decayed to a tenth; the
 second-order Newton-CG and Hessian-free take a constant first step and a line
 search instead). Each optimizer's learning rate (and, where it has one, its
-main knob) is swept over the grid of :func:`sweep` (cut to what 2 CPU cores
-run in about 2 hours); the best
-settings of the optimizers in :data:`SEEDED`, by final validation loss and by
-seconds to AdamW's best loss, are rerun over two more seeds (data order and
-initialisation). Divergences (a
-non-finite training or validation loss) are counted, never plotted.
+main knob) is swept over the grid of :func:`sweep`; the best settings of the
+optimizers in :data:`SEEDED`, by final validation loss and by seconds to
+AdamW's best loss, are rerun over two more seeds (data order and
+initialisation). Divergences (a non-finite training or validation loss) are
+counted, never plotted.
 
 The target, set before the runs: at least one hvpopt optimizer reaches AdamW's
 best final validation loss in <= 0.7x AdamW's steps and <= 1.0x its wall-clock
-seconds, on both models. Written: ``results/lm_optimizers.json`` and one PNG of
-validation loss against steps and seconds per model.
+seconds, on both models. Written: ``results/lm_optimizers.json`` and one PNG
+per model of validation loss against steps (and tokens) and seconds, the mean
+over seeds with their range shaded.
 
 The time half of the target uses the step costs measured by
 :func:`paired_seconds_per_step`: AdamW and each setting that reaches its loss,
@@ -220,8 +220,7 @@ def verdict(runs: list[dict], model: str, paired: list[dict]) -> dict:
     level = reference["final_validation_loss"]
     adam_seeds, adam_seconds_per_step = setting_curves(runs, reference)
     adam_steps = reference["steps"]
-    timed = lambda run: next((t["seconds_per_step"] for t in paired if t["optimizer"] == run["optimizer"]
-                              and t["knobs"] == run["knobs"]), None)  # fmt: skip
+    timed = lambda run: paired_time(paired, run)
     paired_adamw = timed(reference)
 
     def judged(run: dict) -> dict:
@@ -305,8 +304,15 @@ def fastest(runs: list[dict], model: str, optimizer: str, level: float) -> dict 
     return min(reached, key=lambda pair: pair[0])[1] if reached else None
 
 
-def plot(runs: list[dict], model: str, path: Path) -> None:
-    """Validation loss against steps (tokens on the top axis) and seconds: the mean over seeds, their range shaded."""
+def paired_time(paired: list[dict], run: dict) -> float | None:
+    """``run``'s setting's seconds per step in the paired timing ``paired``; None if it was not timed there."""
+    return next((t["seconds_per_step"] for t in paired if (t["optimizer"], t["knobs"]) == (run["optimizer"],
+                 run["knobs"])), None)  # fmt: skip
+
+
+def plot(runs: list[dict], model: str, path: Path, paired: list[dict]) -> None:
+    """Validation loss against steps (tokens on the top axis) and seconds of each optimizer's best setting and,
+    dashed, its fastest to AdamW's loss: the mean over seeds, their range shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,26 +322,28 @@ def plot(runs: list[dict], model: str, path: Path) -> None:
     tokens_per_step = BATCH_SIZE * task.train.inputs.shape[1]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for optimizer in sorted({r["optimizer"] for r in runs if r["model"] == model}):
-        run = best(runs, model, optimizer)
-        if run is None:
-            continue
-        losses, seconds_per_step = setting_curves(runs, run)
-        steps = np.array([h["step"] for h in run["history"]])
-        label = f"{optimizer} {run['knobs']}" + (f", {len(losses)} seeds" if len(losses) > 1 else "")
-        for ax, x in zip(axes, (steps, steps * seconds_per_step)):
-            (line,) = ax.plot(x, losses.mean(axis=0), marker=".", label=label)
-            if len(losses) > 1:
-                ax.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
+        color = None
+        for run, style in zip(reseeded(runs, model, optimizer), ("-", "--")):  # best final, then fastest
+            losses, seconds_per_step = setting_curves(runs, run)
+            seconds_per_step = paired_time(paired, run) or seconds_per_step  # the verdict's step cost
+            steps = np.array([h["step"] for h in run["history"]])
+            label = f"{optimizer} {run['knobs']}" + (f", {len(losses)} seeds" if len(losses) > 1 else "")
+            for ax, x in zip(axes, (steps, steps * seconds_per_step)):
+                (line,) = ax.plot(x, losses.mean(axis=0), style, marker=".", label=label, color=color)
+                color = line.get_color()
+                if len(losses) > 1:
+                    ax.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=color, alpha=0.2)
     millions = tokens_per_step / 1e6
     tokens = axes[0].secondary_xaxis("top", functions=(lambda s: s * millions, lambda t: t / millions))
     tokens.set_xlabel("training tokens (millions)")
-    for ax, xlabel in zip(axes, (f"steps (batch {BATCH_SIZE})", "seconds (one CPU core, compilation excluded)")):
+    seconds = "seconds (one core; paired step timings where measured)"
+    for ax, xlabel in zip(axes, (f"steps (batch {BATCH_SIZE})", seconds)):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
-    figure.suptitle(f"Shakespeare LM, {model} model: the best setting of each optimizer (seed range shaded)")
+    figure.suptitle(f"Shakespeare LM, {model} model: each optimizer's best setting (dashed: its fastest to AdamW's)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -403,7 +411,7 @@ def main(argv=None) -> None:
             continue
         if args.report_only:
             if any(r["model"] == model for r in runs):
-                plot(runs, model, args.out_dir / f"lm_optimizers_{model}.png")
+                plot(runs, model, args.out_dir / f"lm_optimizers_{model}.png", paired.get(model, []))
             continue
         if not grid or model not in args.models:
             continue
@@ -425,7 +433,8 @@ def main(argv=None) -> None:
                         runs.append({**run, "repeat": True})
                         save()
         time_paired(model)
-        plot(runs, model, args.out_dir / f"lm_optimizers_{model}{'_quick' if args.quick else ''}.png")
+        plot(runs, model, args.out_dir / f"lm_optimizers_{model}{'_quick' if args.quick else ''}.png",
+             paired.get(model, []))  # fmt: skip
     results = save()
     for v in results["verdicts"]:
         print(json.dumps(v, indent=1))
