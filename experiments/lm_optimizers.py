@@ -93,7 +93,7 @@ def sweep(quick: bool) -> dict:
     return {"default": default, "large": large}
 
 
-#: Rerun at their best setting over two more seeds, per model.
+#: Rerun at their best and fastest settings (:func:`reseeded`) over two more seeds, per model.
 SEEDED = {"default": ("adamw", "kfac", "sophia_g"), "large": ("adamw", "kfac")}
 
 
@@ -163,8 +163,12 @@ def paired_seconds_per_step(
 
 
 def timed_settings(runs: list[dict], model: str) -> list[tuple[str, dict]]:
-    """AdamW's best setting and every other setting the verdict judges that reaches AdamW's loss."""
-    settings = [("adamw", best(runs, model, "adamw")["knobs"])]
+    """AdamW's best setting and every other setting the verdict judges that reaches AdamW's loss (none
+    without AdamW's runs)."""
+    reference = best(runs, model, "adamw")
+    if reference is None:
+        return []
+    settings = [("adamw", reference["knobs"])]
     for row in verdict(runs, model, [])["rows"]:
         for judged in (row, row.get("fastest", {})):
             if judged.get("reached") and row["optimizer"] not in training.SECOND_ORDER:
