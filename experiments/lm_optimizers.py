@@ -224,14 +224,14 @@ def verdict(runs: list[dict], model: str, paired: list[dict]) -> dict:
     level = reference["final_validation_loss"]
     adam_seeds, adam_seconds_per_step = setting_curves(runs, reference)
     adam_steps = reference["steps"]
-    timed = lambda run: paired_time(paired, run)
-    paired_adamw = timed(reference)
+    paired_adamw = paired_time(paired, reference)
 
     def judged(run: dict) -> dict:
         losses, seconds_per_step = setting_curves(runs, run)
         cost, source = seconds_per_step / adam_seconds_per_step, "the runs' median"
-        if paired_adamw is not None and timed(run) is not None:
-            cost, source = timed(run) / paired_adamw, "paired timing"
+        timed = paired_time(paired, run)
+        if paired_adamw is not None and timed is not None:
+            cost, source = timed / paired_adamw, "paired timing"
         steps = [h["step"] for h in run["history"]]
         row = {"knobs": run["knobs"], "final_validation_loss": run["final_validation_loss"],
                "seconds_per_step_ratio": cost, "seconds_per_step_ratio_from": source,
@@ -278,8 +278,7 @@ def seed_spread(runs: list[dict], model: str, optimizer: str) -> dict | None:
     settings = []
     for r in mine:
         if r.get("repeat") and r["seed"] == 0:
-            finals = [o["final_validation_loss"] for o in mine if o["knobs"] == r["knobs"] and o.get("repeat")
-                      and not o["diverged"]]  # fmt: skip
+            finals = setting_curves(runs, r)[0][:, -1]
             settings.append({"knobs": r["knobs"], "mean": float(np.mean(finals)), "std": float(np.std(finals)),
                              "seeds": len(finals)})  # fmt: skip
     if not settings:

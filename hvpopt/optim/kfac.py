@@ -37,10 +37,9 @@ approximation, so changing ``lambda`` costs nothing. Then:
   floor; the floor then bounds the step ``g_i / (c_i + lambda)`` of the
   coordinates a small curvature batch barely sees (``c_i ~ 0``: the
   embedding rows of characters it lacks). Its default, ``1e-4``, is
-  measured: on the
-  Shakespeare LM with 8-example curvature batches a floor of ``1e-8`` let
-  the validation loss jump from 2.05 to 3.45 at step 200, ``1e-4`` trained
-  smoothly to 1.67, ``1e-2`` damped it to 1.82.
+  measured: on the Shakespeare LM with 8-example curvature batches a floor
+  of ``1e-8`` let the validation loss jump from 2.05 to 3.45 at step 200,
+  ``1e-4`` trained smoothly to 1.67, ``1e-2`` damped it to 1.82.
 
 References:
   Martens, Grosse, "Optimizing neural networks with Kronecker-factored
