@@ -38,16 +38,29 @@ def kronecker_matrix(factors, params) -> np.ndarray:
 
 
 def layer_indices(factors, params) -> list[np.ndarray]:
-    """Per layer, the flat parameter indices of its ``[in (+1), out]`` matrix, row-major."""
+    """Per layer and per layer of a stack, the flat parameter indices of its ``[in (+1), out]`` matrix, row-major."""
     offsets = np.cumsum([0] + [np.size(x) for x in jax.tree.leaves(params)])
+    sizes = [np.size(x) for x in jax.tree.leaves(params)]
     out = []
     for layer in factors.layers:
-        count = layer.in_features * layer.out_features
-        weight = np.arange(count) if layer.order is None else layer.order.indices
-        rows = (offsets[layer.weight] + weight).reshape(layer.in_features, layer.out_features)
+        whole = lambda index, leaf, shape: np.arange(sizes[leaf]).reshape(shape) if index is None else index.indices
+        weight = offsets[layer.weight] + whole(
+            layer.weight_index, layer.weight, (*layer.stack, layer.in_features, layer.out_features)
+        ).reshape(-1, layer.in_features, layer.out_features)
         if layer.bias is not None:
-            rows = np.concatenate([rows, offsets[layer.bias] + np.arange(layer.out_features)[None]])
-        out.append(rows.reshape(-1))
+            bias = offsets[layer.bias] + whole(layer.bias_index, layer.bias, (*layer.stack, layer.out_features))
+            weight = np.concatenate([weight, bias.reshape(-1, 1, layer.out_features)], axis=1)
+        out.extend(rows.reshape(-1) for rows in weight)
+    return out
+
+
+def per_layer(factors, name: str) -> list[np.ndarray]:
+    """A field of the factors as one array per layer and per layer of a stack (``input_bases``: identity if None)."""
+    out = []
+    for layer, array, values in zip(factors.layers, getattr(factors, name), factors.eigenvalues):
+        if array is None:  # an embedding's input basis
+            array = np.broadcast_to(np.eye(values.shape[-2]), (*layer.stack, *values.shape[-2:][:1] * 2))
+        out.extend(np.asarray(array).reshape(-1, *np.shape(array)[len(layer.stack) :]))
     return out
 
 
@@ -104,7 +117,7 @@ def test_tied_embeddings_used_as_the_head_are_a_dense_layer():
     (tied,) = [path for path in found if "token_embedding" in path]
     assert found[tied] == "kfac weight (tied: also an embedding lookup)"
     (layer,) = [x for x in hvpopt.find_dense_layers(model_fn, params, jnp.zeros((2, 4), jnp.int32)) if x.tied]
-    assert (layer.in_features, layer.out_features) == (4, 5) and layer.order is not None  # E^T: a transpose
+    assert (layer.in_features, layer.out_features) == (4, 5) and layer.weight_index is not None  # E^T: a transpose
 
 
 def test_the_mlp_and_the_classifier_are_dense_layers_but_their_norms():
@@ -147,15 +160,76 @@ def test_flax_nnx_linear_and_einsum_and_plain_jax_einsum_attention():
     assert found == {**{f"['{n}']": "kfac weight" for n in ("wq", "wk", "wv", "wo")}, "['gain']": "diagonal"}
 
 
-def test_plain_jax_dict_params_and_leaves_that_do_not_factor():
+def test_plain_jax_dict_params_and_leaves_that_do_not_factor_with_the_reason():
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2), "twice": jnp.ones((2, 2)), "scale": jnp.ones(2)}
-    model_fn = lambda p, x: ((x @ p["w"] + p["b"]) @ p["twice"]) @ p["twice"] * p["scale"]
-    assert treatments(model_fn, params, jnp.zeros((4, 3))) == {
-        "['b']": "kfac bias",
-        "['scale']": "diagonal",
-        "['twice']": "diagonal",  # used in two products
-        "['w']": "kfac weight",
-    }
+    params |= {"heads": jnp.ones((2, 2, 2)), "pair": jnp.ones((2, 2)), "state": jnp.ones(2), "unused": jnp.ones(1)}
+
+    def model_fn(p, x):
+        h = ((x @ p["w"] + p["b"]) @ p["twice"]) @ p["twice"] * p["scale"]
+        h = jnp.einsum("bh,hbk->bk", h[:2], p["heads"]).sum() + h  # a batch axis: per-example weights
+        h = h @ (p["pair"] @ p["pair"].T)  # a product of two parameters
+        carried, _ = jax.lax.scan(lambda c, _: (c * 2, None), p["state"], None, length=2)  # a loop's state
+        return h + carried
+
+    rows = {row.path: row for row in hvpopt.layer_coverage(model_fn, params, jnp.zeros((4, 3)))}
+    assert {path: row.treatment for path, row in rows.items()} == {
+        "['b']": "kfac bias", "['w']": "kfac weight",
+        **{f"['{name}']": "diagonal" for name in ("heads", "pair", "scale", "state", "twice", "unused")},
+    }  # fmt: skip
+    assert rows["['twice']"].detail.startswith("used in 2 products")
+    assert rows["['scale']"].detail == "multiplied elementwise (a scale or a gate)"
+    assert rows["['heads']"].detail == "a batch axis in its product (per-head weights)"
+    assert rows["['pair']"].detail == "a product of two parameters (does not factor)"
+    assert rows["['state']"].detail == "carried through a scan (a loop's state)"
+    assert rows["['unused']"].detail == "not used by the model"
+
+
+@jax.custom_vjp
+def custom_linear(x, w):
+    return x @ w
+
+
+custom_linear.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
+
+
+def structured_model(p, x):
+    """Layers inside a nested jit, a remat in a scan over stacked weights, a custom_vjp, static slices, a vmapped
+    linear with its bias (Equinox's ``Linear``), and an embedding lookup."""
+    h = jax.jit(lambda h: jnp.tanh(h @ p["first"]))(x[:, :3]) + p["table"][x[:, 3].astype(jnp.int32)]
+    body = lambda h, w: (jax.checkpoint(lambda h: jnp.tanh(h @ w["w"] + w["b"]))(h), None)
+    h, _ = jax.lax.scan(body, h, p["stack"])
+    h = jnp.tanh(custom_linear(h, p["custom"]))
+    for layer in range(2):
+        h = jnp.tanh(h @ p["sliced"][layer])
+    return jax.vmap(lambda v: p["head"]["w"] @ v + p["head"]["b"])(h)
+
+
+def structured_params():
+    keys = iter(jax.random.split(jax.random.key(7), 8))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float64) / 2
+    return {"first": normal(3, 3), "table": normal(4, 3), "stack": {"w": normal(2, 3, 3), "b": normal(2, 3)},
+            "custom": normal(3, 3), "sliced": normal(2, 3, 3), "head": {"w": normal(2, 3), "b": normal(2)}}  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:hvpopt. forward-mode autodiff is not defined")  # the dense GGN, through custom_vjp
+def test_kfac_through_jit_remat_scan_custom_vjp_slices_vmap_and_embeddings_is_the_exact_ggn_on_one_example():
+    params = structured_params()
+    x = jnp.array([[0.3, -1.2, 0.8, 2.0]])  # one example at one position: K-FAC's blocks are the GGN's exactly
+    y = jnp.array([1])
+    rows = {row.path: row for row in hvpopt.layer_coverage(structured_model, params, x, embeddings=True)}
+    assert all(row.treatment != "diagonal" for row in rows.values()), rows
+    assert rows["['stack']['w']"].detail == "a stack of 2 layers (scanned over)"
+    assert rows["['sliced']"].detail == "2 layers, one per slice" and rows["['table']"].treatment == "kfac embedding"
+    factors = hvpopt.fit_kronecker_factors(structured_model, CE, params, (x, y), kind="kfac", fisher="closed_form",
+                                           embeddings=True)  # fmt: skip
+    assert [layer.stack for layer in factors.layers].count((2,)) == 1 and len(factors.layers) == 7
+    ggn = dense(lambda v: hvpopt.ggn_vp(structured_model, CE, params, v, x, y), params)
+    fitted = kronecker_matrix(factors, params)
+    for rows_ in layer_indices(factors, params):  # 8 blocks: the stack holds two
+        block = np.ix_(rows_, rows_)
+        np.testing.assert_allclose(fitted[block], ggn[block], atol=1e-12)
+    covered = np.concatenate(layer_indices(factors, params))
+    assert np.unique(covered).size == covered.size == ggn.shape[0]  # every parameter, once
 
 
 def test_a_model_without_dense_layers_is_refused_and_poor_coverage_warns():
@@ -191,8 +265,8 @@ def test_ekfac_is_at_least_as_close_to_the_ggn_as_kfac_and_its_eigenvalues_are_t
     error = {kind: np.linalg.norm(kronecker_matrix(f, params) - ggn) for kind, f in fitted.items()}
     assert error["ekfac"] <= error["kfac"] * (1 + 1e-12), error
     ekfac = fitted["ekfac"]
-    for rows, q_a, q_g, values in zip(layer_indices(ekfac, params), ekfac.input_bases, ekfac.output_bases,
-                                      ekfac.eigenvalues):  # fmt: skip
+    for rows, q_a, q_g, values in zip(layer_indices(ekfac, params), *(per_layer(ekfac, name) for name in
+                                      ("input_bases", "output_bases", "eigenvalues"))):  # fmt: skip
         basis = np.kron(np.asarray(q_a), np.asarray(q_g))  # vec(Q_A^T V Q_G) = basis^T vec(V), row-major
         block = ggn[np.ix_(rows, rows)]
         np.testing.assert_allclose(np.diag(basis.T @ block @ basis), np.ravel(values), atol=1e-12)

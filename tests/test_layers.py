@@ -27,6 +27,7 @@ RANKS = {
     "hvpopt.losses": 0,
     "hvpopt.sharding": 0,
     "hvpopt.jacobians": 0,
+    "hvpopt.frameworks": 0,
     "hvpopt.curvature": 1,
     "hvpopt.linalg": 1,  # products and solvers know nothing of each other
     "hvpopt.optim": 2,  # consumers: the optimizers, which influence's validation retrains with

@@ -115,7 +115,7 @@ def test_the_curvature_batch_is_the_first_examples_of_each_batch():
     by_hand = optax.apply_updates(task.params, updates)
     whole = training.train(task, dataclasses.replace(options, curvature_batch_size=None)).params
     for a, b, c in zip(jax.tree.leaves(trained), jax.tree.leaves(by_hand), jax.tree.leaves(whole)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # float32: eager against jit rounding
         assert not np.allclose(a, c, rtol=1e-3, atol=0) or a.size == 0
     with pytest.raises(ValueError, match=r"curvature_batch_size \(33\) exceeds the batch size \(32\)"):
         training.train(task, dataclasses.replace(options, curvature_batch_size=33))

@@ -15,14 +15,7 @@ work on any operator and live in :mod:`hvpopt.linalg` (and at the top level).
 
 from hvpopt import _moved
 from hvpopt.curvature.averaged import average_over_batches, average_over_chunks
-from hvpopt.curvature.dense_layers import (
-    DenseLayer,
-    LeafTreatment,
-    TappedModel,
-    find_dense_layers,
-    layer_coverage,
-    tapped_model,
-)
+from hvpopt.curvature.dense_layers import DenseLayer, LeafTreatment, find_dense_layers, layer_coverage
 from hvpopt.curvature.fisher import (
     empirical_fisher_operator,
     empirical_fisher_vp,
@@ -48,6 +41,7 @@ from hvpopt.curvature.kronecker import (
     kronecker_to_arrays,
 )
 from hvpopt.curvature.sandwich import sandwich_operator
+from hvpopt.curvature.tapped import TappedModel, tapped_model
 
 __all__ = [
     "FISHER_TARGETS",

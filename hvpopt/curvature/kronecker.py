@@ -54,8 +54,10 @@ from jax.sharding import Mesh
 
 from hvpopt import _checks, sharding
 from hvpopt.curvature.averaged import average_over_chunks
-from hvpopt.curvature.dense_layers import DenseLayer, TappedModel, tapped_model
+from hvpopt.curvature.dense_layers import DenseLayer, scatter
 from hvpopt.curvature.fisher import weighted_score
+from hvpopt.curvature.tapped import TappedModel, tapped_model
+from hvpopt.frameworks import plain_arrays
 from hvpopt.losses import Loss
 from hvpopt.sharding import DATA_AXIS
 from hvpopt.types import MatVec, PyTree
@@ -77,16 +79,17 @@ class KroneckerFactors:
 
     Attributes:
       layers: the dense layers (:func:`hvpopt.find_dense_layers`).
-      input_bases: per layer, ``Q_A`` ``[in (+1), in (+1)]``, the eigenvectors of ``A`` (columns).
-      output_bases: per layer, ``Q_G`` ``[out, out]``.
-      eigenvalues: per layer, ``[in (+1), out]``: ``C``'s eigenvalues in the basis ``Q_A (x) Q_G``.
+      input_bases: per layer, ``Q_A`` ``[*stack, in (+1), in (+1)]``, the eigenvectors of ``A`` (columns); None
+        for an embedding, whose ``A`` is diagonal (``Q_A = I``).
+      output_bases: per layer, ``Q_G`` ``[*stack, out, out]``.
+      eigenvalues: per layer, ``[*stack, in (+1), out]``: ``C``'s eigenvalues in the basis ``Q_A (x) Q_G``.
       diagonal: per parameter leaf, the diagonal curvature of a leaf in no layer, else None.
       kind: ``"kfac"`` or ``"ekfac"``.
       treedef: the parameters' tree structure.
       shapes: the parameter leaves' shapes.
     """
 
-    input_bases: tuple[jax.Array, ...]
+    input_bases: tuple[jax.Array | None, ...]
     output_bases: tuple[jax.Array, ...]
     eigenvalues: tuple[jax.Array, ...]
     diagonal: tuple[jax.Array | None, ...]
@@ -112,8 +115,9 @@ class KroneckerStatistics:
 
     Attributes:
       layers: the dense layers (:func:`hvpopt.find_dense_layers`).
-      input_moments: per layer, ``A = E[a a^T]`` ``[in (+1), in (+1)]``.
-      output_moments: per layer, ``G = E_n[sum_p g g^T]`` ``[out, out]``.
+      input_moments: per layer, ``A = E[a a^T]`` ``[*stack, in (+1), in (+1)]``; for an embedding its
+        diagonal, the token frequencies ``[*stack, vocabulary]``.
+      output_moments: per layer, ``G = E_n[sum_p g g^T]`` ``[*stack, out, out]``.
       diagonal: per parameter leaf, ``E_n[(grad l_n)^2]`` of a leaf in no layer, else None.
       treedef: the parameters' tree structure.
       shapes: the parameter leaves' shapes.
@@ -138,6 +142,7 @@ def fit_kronecker_factors(
     key: jax.Array | None = None,
     chunk_size: int = 64,
     mesh: Mesh | None = None,
+    embeddings: bool = False,
 ) -> KroneckerFactors:
     """Fits K-FAC or EK-FAC to the Gauss-Newton / Fisher matrix of the mean loss over ``data``.
 
@@ -164,6 +169,8 @@ def fit_kronecker_factors(
       chunk_size: examples per chunk (per device with a ``mesh``); the chunks
         are evened out (100 examples in chunks of at most 64 are two chunks of 50).
       mesh: a :class:`jax.sharding.Mesh` to split the examples over.
+      embeddings: embedding tables are Kronecker-factored layers too, their input factor the token
+        frequencies (:func:`hvpopt.find_dense_layers`); else diagonal.
 
     Returns:
       The :class:`KroneckerFactors`.
@@ -180,9 +187,9 @@ def fit_kronecker_factors(
       {'b': (2,), 'w': (3, 2)}
     """
     _checks.check_choice("kind", kind, KRONECKER_KINDS)
-    data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh)
+    data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embeddings)
     factors = _fit(params, data, model_fn=model_fn, loss=loss, kind=kind, fisher=fisher, chunk_size=chunk_size,
-                   mesh=mesh)  # fmt: skip
+                   mesh=mesh, embeddings=embeddings)  # fmt: skip
     _check_finite(factors)
     return factors
 
@@ -197,6 +204,7 @@ def kronecker_statistics(
     key: jax.Array | None = None,
     chunk_size: int = 64,
     mesh: Mesh | None = None,
+    embeddings: bool = False,
 ) -> KroneckerStatistics:
     """K-FAC's second moments ``A`` and ``G`` per layer (and the diagonal elsewhere) over ``data``.
 
@@ -214,29 +222,31 @@ def kronecker_statistics(
       >>> [a.shape for a in stats.input_moments], [g.shape for g in stats.output_moments]
       ([(4, 4)], [(2, 2)])
     """
-    data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh)
-    return _statistics(params, data, model_fn=model_fn, loss=loss, fisher=fisher, chunk_size=chunk_size, mesh=mesh)
+    data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embeddings)
+    return _statistics(params, data, model_fn=model_fn, loss=loss, fisher=fisher, chunk_size=chunk_size, mesh=mesh,
+                       embeddings=embeddings)  # fmt: skip
 
 
 def kronecker_factors(statistics: KroneckerStatistics) -> KroneckerFactors:
     """K-FAC from its second moments: ``A = Q_A diag(a) Q_A^T``, ``G = Q_G diag(g) Q_G^T``, eigenvalues ``a g^T``.
 
-    Jittable; one ``eigh`` of each factor (eigenvalues clipped at 0).
+    Jittable; one ``eigh`` of each factor (eigenvalues clipped at 0), batched over a stack of layers; an
+    embedding's diagonal ``A`` needs none.
     """
     input_bases, output_bases, eigenvalues = [], [], []
-    for a, g in zip(statistics.input_moments, statistics.output_moments):
-        a_values, a_basis = _eigh(a)
+    for layer, a, g in zip(statistics.layers, statistics.input_moments, statistics.output_moments):
+        a_values, a_basis = (jnp.maximum(a, 0.0), None) if layer.lookup else _eigh(a)
         g_values, g_basis = _eigh(g)
         input_bases.append(a_basis)
         output_bases.append(g_basis)
-        eigenvalues.append(jnp.outer(a_values, g_values))
+        eigenvalues.append(a_values[..., :, None] * g_values[..., None, :])
     return KroneckerFactors(
         tuple(input_bases), tuple(output_bases), tuple(eigenvalues), statistics.diagonal, statistics.layers, "kfac",
         statistics.treedef, statistics.shapes,
     )  # fmt: skip
 
 
-def _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh) -> tuple[tuple, int]:
+def _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embeddings) -> tuple[tuple, int]:
     """Checks the arguments; ``(inputs, targets, keys, example weights)`` padded to whole chunks, and the chunk size.
 
     Chunks of equal size, as many as ``chunk_size`` asks for, padded with weight-0 copies of the
@@ -258,7 +268,7 @@ def _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh) -> tu
     if num_examples == 0:
         raise ValueError("data holds no examples; the factors are undefined.")
     one = jax.tree.map(lambda x: x[:1], data)
-    _check_coverage(tapped_model(model_fn, params, one[0]), params)
+    _check_coverage(tapped_model(model_fn, params, one[0], embeddings=embeddings), params)
     if fisher == "closed_form":
         outputs = jax.eval_shape(model_fn, params, one[0])
         if math.prod(outputs.shape[:-1]) != 1:
@@ -308,11 +318,11 @@ def _check_finite(factors: KroneckerFactors) -> None:
             )
 
 
-@jax.jit(static_argnames=("model_fn", "loss", "fisher", "chunk_size", "mesh"))
-def _statistics(params, data, *, model_fn, loss, fisher, chunk_size, mesh) -> KroneckerStatistics:
-    stats_fn = lambda p, chunk: _factor_statistics(model_fn, loss, fisher, p, chunk)
+@jax.jit(static_argnames=("model_fn", "loss", "fisher", "chunk_size", "mesh", "embeddings"))
+def _statistics(params, data, *, model_fn, loss, fisher, chunk_size, mesh, embeddings) -> KroneckerStatistics:
+    stats_fn = lambda p, chunk: _factor_statistics(model_fn, loss, fisher, embeddings, p, chunk)
     stats = _average(stats_fn, params, data, chunk_size, mesh)
-    layers = _layers(model_fn, params, data)
+    layers = _layers(model_fn, params, data, embeddings)
     covered = {leaf for layer in layers for leaf in (layer.weight, layer.bias) if leaf is not None}
     return KroneckerStatistics(
         tuple(a_sum / jnp.maximum(a_count, 1.0) for a_sum, a_count, _ in stats["layers"]),
@@ -331,26 +341,35 @@ def _average(stats_fn: Callable, operand: PyTree, data: tuple, chunk_size: int, 
     return jax.tree.map(lambda x: x * (weights.shape[0] / jnp.sum(weights)), total)
 
 
-@jax.jit(static_argnames=("model_fn", "loss", "kind", "fisher", "chunk_size", "mesh"))
-def _fit(params, data, *, model_fn, loss, kind, fisher, chunk_size, mesh) -> KroneckerFactors:
+@jax.jit(static_argnames=("model_fn", "loss", "kind", "fisher", "chunk_size", "mesh", "embeddings"))
+def _fit(params, data, *, model_fn, loss, kind, fisher, chunk_size, mesh, embeddings) -> KroneckerFactors:
     factors = kronecker_factors(
-        _statistics(params, data, model_fn=model_fn, loss=loss, fisher=fisher, chunk_size=chunk_size, mesh=mesh)
+        _statistics(
+            params,
+            data,
+            model_fn=model_fn,
+            loss=loss,
+            fisher=fisher,
+            chunk_size=chunk_size,
+            mesh=mesh,
+            embeddings=embeddings,
+        )  # fmt: skip
     )
     if kind == "kfac":
         return factors
     bases = (factors.input_bases, factors.output_bases)
-    correct_fn = lambda operand, chunk: _eigenvalue_statistics(model_fn, loss, fisher, *operand, chunk)
+    correct_fn = lambda operand, chunk: _eigenvalue_statistics(model_fn, loss, fisher, embeddings, *operand, chunk)
     eigenvalues = _average(correct_fn, (params, bases), data, chunk_size, mesh)
     return dataclasses.replace(factors, eigenvalues=tuple(eigenvalues), kind="ekfac")
 
 
-def _layers(model_fn, params, data) -> tuple[DenseLayer, ...]:
-    return tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], data[0])).layers
+def _layers(model_fn, params, data, embeddings) -> tuple[DenseLayer, ...]:
+    return tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], data[0]), embeddings=embeddings).layers
 
 
 def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Eigenvalues (clipped at 0: the factors are positive semi-definite) and eigenvectors."""
-    values, vectors = jnp.linalg.eigh((matrix + matrix.T) / 2)
+    """Eigenvalues (clipped at 0: the factors are positive semi-definite) and eigenvectors, batched."""
+    values, vectors = jnp.linalg.eigh((matrix + jnp.swapaxes(matrix, -1, -2)) / 2)
     return jnp.maximum(values, 0.0), vectors
 
 
@@ -396,28 +415,40 @@ def _pseudo_target_columns(loss: Loss, fisher: str, outputs, targets, weights, k
     return weighted_score(loss, outputs, targets, labels)[None]
 
 
-def _factor_statistics(model_fn, loss, fisher, params, chunk) -> dict:
+def _factor_statistics(model_fn, loss, fisher, embeddings, params, chunk) -> dict:
     """The chunk's mean per example of ``(sum_p m_p a a^T, sum_p m_p, sum_p g g^T)`` per layer, and of
     the squared parameter gradients (the diagonal); a padding example (weight 0) adds nothing."""
     *chunk, example_weights = chunk
-    tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], chunk[0]))
+    tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], chunk[0]), embeddings=embeddings)
     activations, (param_cot, output_cot), weights = _example_gradients(
         model_fn, loss, fisher, params, chunk, tapped=tapped
     )
-    size = example_weights.shape[0]
+    size, dtype = example_weights.shape[0], _dtype(params)
     layers = []
     for layer, a, g, positions in zip(tapped.layers, activations, output_cot, tapped.position_shapes):
-        mask = jnp.ones(a.shape[:2], a.dtype)
+        # a: [c, *stack, p, in] (an embedding's token ids: [c, *stack, p]); g: [c, S, *stack, p, out]
+        mask = jnp.ones((size, g.shape[-2]), dtype)
         if positions == weights.shape[1:]:  # the layer's positions are the loss's: padding is left out
-            mask = (weights > 0).reshape(size, -1).astype(a.dtype)
-        mask = mask * example_weights[:, None].astype(a.dtype)
-        if layer.bias is not None:
-            a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), a.dtype)], axis=-1)
-        a_sum = jnp.einsum("cpi,cp,cpj->ij", a, mask, a)
-        g_sum = jnp.einsum("c,cspi,cspj->ij", example_weights.astype(g.dtype), g, g)
+            mask = (weights > 0).reshape(size, -1).astype(dtype)
+        mask = mask * example_weights[:, None].astype(dtype)
+        if layer.lookup:
+            a_sum = _token_counts(a, mask, layer.in_features)
+        else:
+            if layer.bias is not None:
+                a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
+            a_sum = jnp.einsum("c...pi,cp,c...pj->...ij", a, mask.astype(a.dtype), a)
+        g_sum = jnp.einsum("c,cs...pi,cs...pj->...ij", example_weights.astype(g.dtype), g, g)
         layers.append((a_sum / size, jnp.sum(mask) / size, g_sum / size))
     diagonal = tuple(_weighted_mean(example_weights, x**2, (0, 1)) for x in jax.tree.leaves(param_cot))
     return {"layers": tuple(layers), "diagonal": diagonal}
+
+
+def _token_counts(tokens: jax.Array, mask: jax.Array, vocabulary: int) -> jax.Array:
+    """``[*stack, vocabulary]``: ``sum_{c,p} m_cp [token_cp = v]``, the diagonal of ``sum a a^T`` for one-hot ``a``."""
+    size, *stack, positions = tokens.shape
+    per_layer = jnp.moveaxis(tokens.reshape(size, -1, positions), 1, 0)
+    count = lambda t: jnp.zeros(vocabulary, mask.dtype).at[t.reshape(-1)].add(mask.reshape(-1))
+    return jax.vmap(count)(per_layer).reshape(*stack, vocabulary)
 
 
 def _weighted_mean(example_weights: jax.Array, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -427,16 +458,27 @@ def _weighted_mean(example_weights: jax.Array, x: jax.Array, axes: tuple[int, ..
 
 
 def _layer_matrix(layer: DenseLayer, leaves: list) -> jax.Array:
-    """A layer's weight (and bias, as a last row) of a vector's leaves, ``[in (+1), out]``."""
+    """A layer's weight (and bias, as a last row) of a vector's leaves, ``[*stack, in (+1), out]``."""
     matrix = layer.matrix(leaves[layer.weight])
     if layer.bias is not None:
-        matrix = jnp.concatenate([matrix, leaves[layer.bias].reshape(1, -1)], axis=0)
+        matrix = jnp.concatenate([matrix, layer.bias_rows(leaves[layer.bias])[..., None, :]], axis=-2)
     return matrix
 
 
-def _eigenvalue_statistics(model_fn, loss, fisher, params, bases, chunk) -> tuple:
+def _rotate(q_a: jax.Array | None, matrix: jax.Array, q_g: jax.Array) -> jax.Array:
+    """``Q_A^T V Q_G``, batched (``Q_A = I`` where None)."""
+    return (matrix if q_a is None else jnp.swapaxes(q_a, -1, -2) @ matrix) @ q_g
+
+
+def _rotate_back(q_a: jax.Array | None, coordinates: jax.Array, q_g: jax.Array) -> jax.Array:
+    """``Q_A X Q_G^T``, the inverse of :func:`_rotate`."""
+    back = coordinates @ jnp.swapaxes(q_g, -1, -2)
+    return back if q_a is None else q_a @ back
+
+
+def _eigenvalue_statistics(model_fn, loss, fisher, embeddings, params, bases, chunk) -> tuple:
     """EK-FAC: the chunk's mean of ``sum_s (Q_A^T grad_W Q_G)^2`` per layer, from per-example gradients."""
-    tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], chunk[0]))
+    tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], chunk[0]), embeddings=embeddings)
     inputs, targets, keys, example_weights = chunk
     fresh = jax.vmap(lambda k: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(k), 1)))(keys)
     _, cotangents, _ = _example_gradients(model_fn, loss, fisher, params, (inputs, targets, fresh), tapped=None)
@@ -445,8 +487,7 @@ def _eigenvalue_statistics(model_fn, loss, fisher, params, bases, chunk) -> tupl
     out = []
     for layer, q_a, q_g in zip(tapped.layers, *bases):
         matrices = jax.vmap(jax.vmap(lambda *ls, layer=layer: _layer_matrix(layer, list(ls))))(*leaves)
-        projected = jnp.einsum("ia,csij,jb->csab", q_a, matrices, q_g)
-        out.append(_weighted_mean(example_weights, projected**2, (0, 1)))
+        out.append(_weighted_mean(example_weights, _rotate(q_a, matrices, q_g) ** 2, (0, 1)))
     return tuple(out)
 
 
@@ -454,20 +495,29 @@ def _apply(factors: KroneckerFactors, v: PyTree, scale: Callable, scale_diagonal
     """``v`` transformed per layer in its eigenbasis by ``scale(eigenvalues, coordinates)`` and per
     diagonal leaf by ``scale_diagonal(diagonal, leaf)``."""
     leaves = jax.tree.leaves(v)
-    if jax.tree.structure(v) != factors.treedef:
+    if _plain_structure(jax.tree.structure(v)) != _plain_structure(factors.treedef):
         raise ValueError(
             f"v must have the structure of the fitted parameters, {factors.treedef}; got {jax.tree.structure(v)}."
         )
-    out = [None if d is None else scale_diagonal(d, leaf) for d, leaf in zip(factors.diagonal, leaves)]
+    out = [
+        None if d is None else scale_diagonal(d, leaf).astype(leaf.dtype) for d, leaf in zip(factors.diagonal, leaves)
+    ]
     for layer, q_a, q_g, values in zip(factors.layers, factors.input_bases, factors.output_bases, factors.eigenvalues):
-        matrix = _layer_matrix(layer, leaves).astype(q_a.dtype)
-        turned = q_a @ scale(values, q_a.T @ matrix @ q_g) @ q_g.T
-        weight_rows = turned[: layer.in_features]
-        out[layer.weight] = layer.unmatrix(weight_rows, factors.shapes[layer.weight]).astype(leaves[layer.weight].dtype)
+        matrix = _layer_matrix(layer, leaves).astype(q_g.dtype)
+        turned = _rotate_back(q_a, scale(values, _rotate(q_a, matrix, q_g)), q_g)
+        shape, dtype = factors.shapes[layer.weight], leaves[layer.weight].dtype
+        rows = turned[..., : layer.in_features, :]
+        out[layer.weight] = scatter(out[layer.weight], layer.weight_index, rows, shape).astype(dtype)
         if layer.bias is not None:
-            bias = turned[layer.in_features].reshape(factors.shapes[layer.bias])
-            out[layer.bias] = bias.astype(leaves[layer.bias].dtype)
-    return jax.tree.unflatten(factors.treedef, out)
+            shape, dtype = factors.shapes[layer.bias], leaves[layer.bias].dtype
+            bias = turned[..., layer.in_features, :]
+            out[layer.bias] = scatter(out[layer.bias], layer.bias_index, bias, shape).astype(dtype)
+    return jax.tree.unflatten(jax.tree.structure(v), out)
+
+
+def _plain_structure(treedef) -> Any:
+    """A tree structure with Flax NNX's ``Variable`` wrappers left out: factors fitted on either apply to both."""
+    return jax.tree.structure(plain_arrays(jax.tree.unflatten(treedef, [0] * treedef.num_leaves)))
 
 
 def kronecker_operator(factors: KroneckerFactors) -> MatVec:
@@ -501,9 +551,10 @@ def kronecker_inverse(factors: KroneckerFactors, *, damping: float) -> MatVec:
 
 def kronecker_to_arrays(factors: KroneckerFactors) -> dict[str, np.ndarray]:
     """The fitted arrays by name, for ``numpy.savez`` (no pickle); :func:`kronecker_from_arrays` reads them back."""
-    arrays = {"kind": np.array(factors.kind)}
+    arrays = {"kind": np.array(factors.kind), "embeddings": np.array(any(layer.lookup for layer in factors.layers))}
     for i, (q_a, q_g, values) in enumerate(zip(factors.input_bases, factors.output_bases, factors.eigenvalues)):
-        arrays |= {f"input_basis_{i}": q_a, f"output_basis_{i}": q_g, f"eigenvalues_{i}": values}
+        arrays |= {f"output_basis_{i}": q_g, f"eigenvalues_{i}": values}
+        arrays |= {} if q_a is None else {f"input_basis_{i}": q_a}
     arrays |= {f"diagonal_{leaf}": d for leaf, d in enumerate(factors.diagonal) if d is not None}
     return {name: np.asarray(value) for name, value in arrays.items()}
 
@@ -514,15 +565,18 @@ def kronecker_from_arrays(arrays: Any, model_fn: Callable, params: PyTree, input
     The layers are found again in ``model_fn`` (at ``inputs``' shapes); ValueError if the arrays were
     fitted on a model whose layers or shapes differ.
     """
-    layers = tapped_model(model_fn, params, inputs).layers
+    embeddings = bool(arrays["embeddings"]) if "embeddings" in arrays else False
+    layers = tapped_model(model_fn, params, inputs, embeddings=embeddings).layers
     leaves = jax.tree.leaves(params)
     covered = {leaf for layer in layers for leaf in (layer.weight, layer.bias) if leaf is not None}
-    expected = {"kind"}
+    expected = {"kind"} | ({"embeddings"} & set(arrays))
     for i, layer in enumerate(layers):
         size = layer.in_features + (layer.bias is not None)
-        expected |= {f"input_basis_{i}", f"output_basis_{i}", f"eigenvalues_{i}"}
-        shapes = {f"input_basis_{i}": (size, size), f"output_basis_{i}": (layer.out_features,) * 2}
-        shapes[f"eigenvalues_{i}"] = (size, layer.out_features)
+        shapes = {f"output_basis_{i}": (*layer.stack, layer.out_features, layer.out_features)}
+        shapes[f"eigenvalues_{i}"] = (*layer.stack, size, layer.out_features)
+        if not layer.lookup:
+            shapes[f"input_basis_{i}"] = (*layer.stack, size, size)
+        expected |= set(shapes)
         for name, shape in shapes.items():
             if name not in arrays or tuple(np.shape(arrays[name])) != shape:
                 raise ValueError(f"the saved factors do not fit this model: {name} should have shape {shape}.")
@@ -532,7 +586,7 @@ def kronecker_from_arrays(arrays: Any, model_fn: Callable, params: PyTree, input
     kind = str(arrays["kind"])
     _checks.check_choice("kind", kind, KRONECKER_KINDS)
     dtype = _dtype(params)
-    get = lambda name: jnp.asarray(arrays[name], dtype)
+    get = lambda name: jnp.asarray(arrays[name], dtype) if name in arrays else None
     return KroneckerFactors(
         tuple(get(f"input_basis_{i}") for i in range(len(layers))),
         tuple(get(f"output_basis_{i}") for i in range(len(layers))),

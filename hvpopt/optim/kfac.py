@@ -66,6 +66,7 @@ from hvpopt.curvature.kronecker import (
     kronecker_inverse,
     kronecker_statistics,
 )
+from hvpopt.frameworks import plain_arrays
 from hvpopt.losses import Loss
 from hvpopt.optim._common import require, skip_step, step_or_skip
 from hvpopt.tree import all_finite
@@ -130,6 +131,7 @@ def kfac(
     key: jax.Array | None = None,
     chunk_size: int = 64,
     mesh: Mesh | None = None,
+    embeddings: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC: the gradient preconditioned by moving-average Kronecker factors, KL-clipped, with momentum.
 
@@ -175,6 +177,8 @@ def kfac(
       chunk_size: examples per chunk of the statistics.
       mesh: a :class:`jax.sharding.Mesh` whose ``"data"`` axis the curvature
         batch is split over.
+      embeddings: embedding tables get Kronecker factors too (a diagonal
+        input factor of token frequencies), not the diagonal.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, hvpopt
@@ -218,10 +222,19 @@ def kfac(
         )
     schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
     statistics_of = lambda params, batch, k: kronecker_statistics(
-        model_fn, loss, params, tuple(batch), fisher=fisher, key=k, chunk_size=chunk_size, mesh=mesh
+        model_fn,
+        loss,
+        params,
+        tuple(batch),
+        fisher=fisher,
+        key=k,
+        chunk_size=chunk_size,
+        mesh=mesh,
+        embeddings=embeddings,
     )
 
     def init(params: Any) -> KFACState:
+        params = plain_arrays(params)  # nnx.Optimizer's are Variables here, plain arrays in update
         one = jax.tree.map(lambda x: x[:1], example_batch)
         shapes = jax.eval_shape(lambda p: statistics_of(p, one, jax.random.key(0)), params)
         statistics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -250,7 +263,8 @@ def kfac(
         if adapt_damping_every is not None:
             require("value_fn", value_fn, "kfac", "the loss as a function of the parameters, for the damping "
                     "adaptation (or adapt_damping_every=None: a fixed damping).")  # fmt: skip
-        grad = updates
+        structure = jax.tree.structure(updates)  # NNX Variables or not: the state is of plain arrays
+        grad, params = plain_arrays(updates), plain_arrays(params)
         sample_key, next_key = jax.random.split(state.key)
         skip = lambda: skip_step(grad, state, key=next_key, step_size=jnp.zeros_like(state.step_size))
 
@@ -355,18 +369,19 @@ def kfac(
             return jax.lax.cond(state.count % adapt_damping_every == 0, adapt, keep)
 
         finite = all_finite(jnp.zeros([]) if value is None else value, grad)
-        return step_or_skip(finite, step, skip)
+        step_updates, new_state = step_or_skip(finite, step, skip)
+        return jax.tree.unflatten(structure, jax.tree.leaves(step_updates)), new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _identity_factors(statistics: KroneckerStatistics) -> KroneckerFactors:
     """The factors of all-zero statistics (what ``kronecker_factors`` would give), without an ``eigh``."""
-    eye = lambda m: jnp.eye(m.shape[0], dtype=m.dtype)
+    eye = lambda m: jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
     return KroneckerFactors(
-        tuple(eye(a) for a in statistics.input_moments),
+        tuple(None if layer.lookup else eye(a) for layer, a in zip(statistics.layers, statistics.input_moments)),
         tuple(eye(g) for g in statistics.output_moments),
-        tuple(jnp.zeros((a.shape[0], g.shape[0]), a.dtype)
+        tuple(jnp.zeros((*g.shape[:-2], a.shape[-1], g.shape[-1]), a.dtype)
               for a, g in zip(statistics.input_moments, statistics.output_moments)),
         statistics.diagonal, statistics.layers, "kfac", statistics.treedef, statistics.shapes,
     )  # fmt: skip
