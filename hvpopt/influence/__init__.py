@@ -11,6 +11,7 @@ from hvpopt.influence.datamodels import (
     linear_datamodeling_score,
     subset_predictions,
 )
+from hvpopt.influence.example_loss import check_example_loss, example_loss
 from hvpopt.influence.gradients import flat_example_gradients, gradient_chunks
 from hvpopt.influence.inverse_curvature import (
     CURVATURES,
@@ -45,10 +46,12 @@ __all__ = [
     "InverseCurvature",
     "LinearDatamodelingScore",
     "agreement",
+    "check_example_loss",
     "curvature_operator",
     "datamodel_losses",
     "datamodel_subsets",
     "eigen_inverse",
+    "example_loss",
     "fit_inverse_curvature",
     "flat_example_gradients",
     "flipped_label_recall",

@@ -45,6 +45,7 @@ from hvpopt.curvature.averaged import average_over_chunks
 from hvpopt.curvature.ggn import ggn_vp
 from hvpopt.curvature.hvp import hvp
 from hvpopt.curvature.kronecker import KroneckerFactors, fit_kronecker_factors, kronecker_inverse
+from hvpopt.influence.example_loss import check_example_loss, example_loss
 from hvpopt.linalg.conjugate_gradient import cg
 from hvpopt.linalg.dense import dense_matrix
 from hvpopt.linalg.lanczos import eigsh
@@ -127,7 +128,7 @@ def curvature_operator(
 
 
 def fit_inverse_curvature(
-    loss_fn: Callable,
+    loss_fn: Callable | None,
     params: PyTree,
     data: PyTree,
     *,
@@ -144,12 +145,16 @@ def fit_inverse_curvature(
     fisher: str = "sampled",
     key: jax.Array | None = None,
     mesh: Mesh | None = None,
+    embeddings: bool = False,
 ) -> InverseCurvature:
     """Fits ``(H + damping I)^{-1}`` for the curvature ``H`` of the mean loss over ``data``.
 
     Args:
       loss_fn, params, data, curvature, model, chunk_size, mesh: as in
-        :func:`curvature_operator`. With a ``mesh`` the parameters are
+        :func:`curvature_operator`. ``loss_fn`` may be None where ``model`` is
+        given: it is then derived from it (:func:`hvpopt.influence.example_loss`);
+        where both are given they must be the same loss, checked on the first
+        examples of ``data`` (:func:`hvpopt.influence.check_example_loss`). With a ``mesh`` the parameters are
         copied to every device and ``data`` is split over them once, if its
         size is a multiple of the devices (else at every call).
       method: one of :data:`METHODS`.
@@ -167,6 +172,8 @@ def fit_inverse_curvature(
         :data:`hvpopt.curvature.FISHER_TARGETS` (default labels sampled from the model).
       key: random key of the Lanczos start vectors and of ``kfac``'s sampled
         labels (default ``jax.random.key(0)``).
+      embeddings: ``kfac``/``ekfac``: embedding tables are Kronecker-factored too
+        (:func:`hvpopt.fit_kronecker_factors`).
 
     The compiled solvers are cached per ``loss_fn``, ``model``, ``curvature``,
     ``chunk_size`` and ``mesh`` (static arguments of ``jax.jit``): fitting the
@@ -177,6 +184,7 @@ def fit_inverse_curvature(
     _checks.check_choice("method", method, METHODS)
     _checks.check_nonnegative("damping", damping, finite=True)
     _checks.check_choice("curvature", curvature, CURVATURES)
+    loss_fn = _one_loss(loss_fn, model, params, data)
     key = jax.random.key(0) if key is None else key
     if mesh is not None:
         params = sharding.replicate(params, mesh)
@@ -194,7 +202,15 @@ def fit_inverse_curvature(
         if not damping > 0:
             raise ValueError(f"method={method!r} needs damping > 0 (a layer's eigenvalues may be 0); got {damping:g}.")
         factors = fit_kronecker_factors(
-            *model, params, data, kind=method, fisher=fisher, key=key, chunk_size=chunk_size, mesh=mesh
+            *model,
+            params,
+            data,
+            kind=method,
+            fisher=fisher,
+            key=key,
+            chunk_size=chunk_size,
+            mesh=mesh,
+            embeddings=embeddings,
         )
         diagnostics = {"num_layers": len(factors.layers), "factor_bytes": factors.nbytes}
         return InverseCurvature(
@@ -312,6 +328,19 @@ def _top_eigenpairs(params, data, key, *, operator: _FlatCurvature, k: int, num_
 @jax.jit(static_argnames=("operator", "batch_size"))
 def _dense(params, data, *, operator: _FlatCurvature, batch_size: int):
     return dense_matrix(operator.on(params, data), ravel_pytree(params)[0], batch_size=batch_size)
+
+
+def _one_loss(loss_fn: Callable | None, model, params: PyTree, data: PyTree) -> Callable:
+    """``loss_fn``, derived from ``model`` where None, checked against it where both are given (outside ``jit``)."""
+    if loss_fn is None:
+        if model is None:
+            raise ValueError("loss_fn is None: pass the loss of one example, or model=(model_fn, output_loss).")
+        return example_loss(*model)
+    if model is None or loss_fn is example_loss(*model):
+        return loss_fn
+    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, data))):
+        check_example_loss(loss_fn, model, params, data)
+    return loss_fn
 
 
 def kronecker_inverse_rows(factors: KroneckerFactors, damping: float) -> Callable:
