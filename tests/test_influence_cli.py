@@ -241,7 +241,7 @@ def bad_file(tmp_path, text):
         (lambda lm, tmp: ["--checkpoint", lm, "--query", "far too long for the context"], "--query 1 ('far too"),
         (lambda lm, tmp: ["--checkpoint", lm, "--damping", "-1"], "argument --damping: must be a finite number >= 0"),
         (lambda lm, tmp: ["--task", "no_such_module:f"], "cannot be loaded"),
-        (lambda lm, tmp: ["--task", "collections:OrderedDict"], "returned no loss_fn, params, train"),
+        (lambda lm, tmp: ["--task", "collections:OrderedDict"], "returned no params, train, loss_fn or model"),
         (lambda lm, tmp: ["--checkpoint", lm, "--method", "ekfac", "--damping", "0"], "--damping must be > 0"),
         (lambda lm, tmp: ["--checkpoint", lm, "--method", "kfac", "--curvature", "hessian"], "use --curvature ggn"),
         (lambda lm, tmp: ["--checkpoint", lm, "--method", "ekfac", "--factors", str(tmp)], "holds no factors.npz"),

@@ -45,6 +45,7 @@ BAD_TEXT = {  # the argparse types of cli.flags, and text each must refuse
     flags.finite_float: ["inf", "-inf", "nan", "1e999", "x"],
     flags.device_count: ["0", str(10**6)],
     flags.batch_size_or_full: ["0", "-1", "inf", "fulll"],
+    flags.task_name: ["shakespear", "no/such"],
 }
 
 
@@ -286,7 +287,7 @@ def returning(given):
             HEADER + "def other():\n    pass\n",
             "cannot be loaded: AttributeError: module '{module}' has no attribute 'problem'",
         ),
-        (returning("[loss]"), "must return a dict with loss_fn, params and train; got a list"),
+        (returning("[loss]"), "must return a dict with params, train, and loss_fn or model; got a list"),
         (returning("{'loss_fn': 3, 'params': jnp.zeros(2), 'train': (x, y)}"), "loss_fn must be a function"),
         (
             returning("{'loss_fn': loss, 'params': jnp.zeros(2), 'train': (x, y), 'model': (1, 2)}"),
@@ -319,7 +320,7 @@ def returning(given):
         ),
         (
             returning("{'loss_fn': loss, 'params': jnp.zeros(2), 'train': 'abc'}"),
-            ": train must be arrays with a leading example axis",
+            ": train must be (inputs, targets) or a dict with inputs and targets; got a str",
         ),
         (
             returning("{'loss_fn': loss, 'params': jnp.zeros(2), 'train': (x, y), 'queries': (x[:2], y)}"),

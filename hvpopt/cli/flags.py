@@ -98,14 +98,35 @@ def batch_size_or_full(text: str) -> int | None:
     return None if text == "full" else positive_int(text)
 
 
-def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--task",
-        choices=tasks.TASKS,
-        default=tasks.DEFAULT_TASK,
-        help="a built-in task at its initial parameters (default: %(default)s)",
+def task_name(text: str) -> str:
+    """An ``argparse`` type: a built-in task's name, or your own as ``FILE.py:FUNCTION`` or ``MODULE:FUNCTION``."""
+    if text in tasks.TASKS or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"must be one of {', '.join(tasks.TASKS)}, or FILE.py:FUNCTION for a task of your own; got {text!r}"
     )
+
+
+def add_problem_arguments(parser: argparse.ArgumentParser, *, own_tasks: bool = False) -> None:
+    """``--task`` (a built-in task at its initial parameters; with ``own_tasks`` also the user's), ``--checkpoint``,
+    ``--batch-size`` and ``--seed``."""
+    source = parser.add_mutually_exclusive_group()
+    if own_tasks:
+        source.add_argument(
+            "--task",
+            type=task_name,
+            default=tasks.DEFAULT_TASK,
+            metavar="TASK",
+            help=f"a built-in task at its initial parameters ({', '.join(tasks.TASKS)}; default %(default)s), or "
+            "your own model as FILE.py:FUNCTION (docs/tasks.rst)",
+        )
+    else:
+        source.add_argument(
+            "--task",
+            choices=tasks.TASKS,
+            default=tasks.DEFAULT_TASK,
+            help="a built-in task at its initial parameters (default: %(default)s)",
+        )
     source.add_argument("--checkpoint", metavar="DIR", help="a checkpoint written by 'hvpopt train'")
     parser.add_argument(
         "--batch-size", type=positive_int, default=16, help="the first N training examples form the batch"
@@ -114,7 +135,7 @@ def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_problem(args):
-    """``(task, params)`` of ``--checkpoint``, or of ``--task`` at its initial parameters."""
+    """``(task, params)`` of ``--checkpoint``, or of a built-in ``--task`` at its initial parameters."""
     if args.checkpoint:
         loaded = checkpoint.load_checkpoint(args.checkpoint)
         return loaded.task, loaded.params

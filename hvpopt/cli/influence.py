@@ -10,13 +10,11 @@ last, after which the partial folder is removed.
 
 import csv
 import dataclasses
-import importlib
 import io
 import json
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +25,14 @@ from jax.sharding import Mesh
 
 import hvpopt
 from hvpopt import _checks, influence
-from hvpopt.cli import chunk_store, flags
+from hvpopt.cli import chunk_store, flags, user_task
 from hvpopt.influence import MAX_EXACT_PARAMETERS
 from hvpopt.testbed import checkpoint, files, interrupts, tasks, training
-from hvpopt.testbed.data import Dataset, make_dataset
+from hvpopt.testbed.data import Dataset
 from hvpopt.testbed.progress import Progress
 
 ACTIONS = ("score", "self", "validate")
+DEFAULT_QUERIES = 5  # a checkpoint's validation examples scored when no query is given
 FACTORS, FACTORS_FINGERPRINT = "factors.npz", "factors.json"
 #: The default method, chosen by the linear datamodeling score per second (experiments/influence.py): on a tiny
 #: LM, EK-FAC 0.146 +- 0.021 in 0.11 s, CG (25 iterations) 0.156 +- 0.029 in 13.6 s, identity 0.089.
@@ -61,6 +60,7 @@ class Problem:
     source: dict
     mesh: Mesh | None = None  # the devices the work is split over
     train_options: dict | None = None  # the checkpoint's training.TrainOptions, as recorded (the recipe)
+    own_task: user_task.UserTask | None = None  # a --task's: its encode turns --query/--queries/--train into examples
 
 
 def add_parser(commands) -> None:
@@ -78,8 +78,9 @@ def add_parser(commands) -> None:
     source.add_argument("--checkpoint", metavar="DIR", help="a checkpoint written by 'hvpopt train'")
     source.add_argument(
         "--task",
-        metavar="MODULE:FUNCTION",
-        help="a function returning {'loss_fn', 'params', 'train'[, 'queries', 'model', 'l2']}",
+        metavar="FILE.py:FUNCTION",
+        help="your own model: a function (in FILE.py, or MODULE:FUNCTION) returning {'params', 'train', 'loss_fn' "
+        "or 'model'[, 'queries', 'encode', 'l2']} (docs/tasks.rst)",
     )
     parser.add_argument(
         "--train",
@@ -94,8 +95,9 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--num-queries",
         type=flags.positive_int,
-        default=5,
-        help="with no --query or --queries: the first N validation examples (default 5)",
+        default=None,
+        help=f"score the first N queries (default: every query given, or the first {DEFAULT_QUERIES} validation "
+        "examples of a checkpoint)",
     )
     parser.add_argument("--out", default="influence-out", metavar="DIR", help="output folder (created)")
     parser.add_argument(
@@ -291,17 +293,19 @@ def load_problem(args, mesh: Mesh | None = None) -> Problem:
         )  # checked by the load
     train = problem.train
     if args.train:
-        train = _texts_dataset(problem, "--train", _read_jsonl("--train", args.train))
+        train = _texts_dataset(problem, "--train", _read_jsonl("--train", args.train), "train")
     if args.train_examples:
         train = train.take(range(min(args.train_examples, train.num_examples)))
     queries = problem.queries
     given = [{"text": text} for text in args.query] + (_read_jsonl("--queries", args.queries) if args.queries else [])
     if given:
-        queries = _texts_dataset(problem, "--queries", given)
-    elif args.action == "score":
-        if queries is None or queries.num_examples == 0:
-            raise ValueError("no queries: pass --query TEXT or --queries FILE.jsonl.")
-        queries = queries.take(range(min(args.num_queries, queries.num_examples)))
+        queries = _texts_dataset(problem, "--query" if args.query else "--queries", given, "queries")
+    elif args.action == "score" and (queries is None or queries.num_examples == 0):
+        raise ValueError("no queries: pass --query TEXT or --queries FILE.jsonl.")
+    # Every query given is used; of a checkpoint's validation split, the first five.
+    count = args.num_queries or (DEFAULT_QUERIES if problem.task is not None and not given else None)
+    if queries is not None and count is not None:
+        queries = queries.take(range(min(count, queries.num_examples)))
     return dataclasses.replace(problem, train=train, queries=queries)
 
 
@@ -342,68 +346,12 @@ def _train_default_model(folder: str, progress: bool, mesh: Mesh | None) -> str:
 
 
 def _user_task(spec: str) -> Problem:
-    """The problem a ``--task MODULE:FUNCTION`` returns, checked: anything wrong is one line naming the task."""
-    module_name, _, function_name = spec.partition(":")
-    where = f"--task {spec!r}"
-    if not module_name or not function_name:
-        raise ValueError(f"--task takes MODULE:FUNCTION; got {spec!r}.")
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except Exception as error:  # a missing module or function, or any error while the module runs
-        raise ValueError(f"{where} cannot be loaded: {_user_error(error)}") from None
-    if not callable(function):
-        raise ValueError(f"{where}: {function_name} is not a function; got {type(function).__name__}.")
-    try:
-        given = function()
-    except Exception as error:
-        raise ValueError(f"{where} raised {_user_error(error)}") from None
-    if not isinstance(given, dict):
-        raise ValueError(f"{where} must return a dict with loss_fn, params and train; got a {type(given).__name__}.")
-    missing = sorted({"loss_fn", "params", "train"} - set(given))
-    if missing:
-        raise ValueError(f"{where} returned no {', '.join(missing)}: the dict needs loss_fn, params and train.")
-    model = given.get("model")
-    if not callable(given["loss_fn"]):
-        raise ValueError(
-            f"{where}: loss_fn must be a function (params, example) -> loss; got {type(given['loss_fn']).__name__}."
-        )
-    if model is not None and not (isinstance(model, (tuple, list)) and len(model) == 2 and all(map(callable, model))):
-        raise ValueError(f"{where}: model must be a pair (model_fn, output_loss) of functions; got {model!r}.")
-    _checks.check_parameters(where, given["params"])
-    l2 = _checks.check_number(f"{where}: l2", given.get("l2", 0.0), "a finite number >= 0", lambda x: x >= 0)
-    as_dataset = lambda name, prefix: (
-        given[name] if isinstance(given[name], Dataset) else _arrays_dataset(given[name], prefix, f"{where}: {name}")
-    )
-    queries = None if given.get("queries") is None else as_dataset("queries", "query")
+    """The problem a ``--task FILE.py:FUNCTION`` (or ``MODULE:FUNCTION``) returns, checked field by field."""
+    task = user_task.load(spec)
     return Problem(
-        spec,
-        given["loss_fn"],
-        given["params"],
-        as_dataset("train", "train"),
-        queries,
-        None if model is None else tuple(model),
-        l2,
-        None,
-        {"task": spec},
-    )
-
-
-def _user_error(error: Exception) -> str:
-    """``"RuntimeError: boom (my_task.py line 7)"``: an error of a user's code, where it was raised there."""
-    if isinstance(error, SyntaxError):
-        return f"{type(error).__name__}: {error.msg} ({error.filename} line {error.lineno})"
-    library = (os.path.dirname(os.__file__), os.path.dirname(hvpopt.__file__), sys.prefix, sys.base_prefix)
-    frames = [
-        frame for frame in traceback.extract_tb(error.__traceback__) if not frame.filename.startswith(("<", *library))
-    ]
-    place = f" ({frames[-1].filename} line {frames[-1].lineno})" if frames else ""
-    return f"{type(error).__name__}: {error}{place}"
-
-
-def _arrays_dataset(examples, prefix: str, where: str) -> Dataset:
-    size = _checks.leading_size(where, examples)
-    inputs, targets = examples if isinstance(examples, tuple) and len(examples) == 2 else (examples, np.zeros(size))
-    return make_dataset(inputs, targets, [f"{prefix}-{i:05d}" for i in range(size)], [""] * size)
+        spec, task.loss_fn, task.params, task.train, task.queries, task.model, task.l2, None, {"task": spec},
+        own_task=task,
+    )  # fmt: skip
 
 
 def _read_jsonl(flag: str, path: str) -> list[dict]:
@@ -425,27 +373,27 @@ def _read_jsonl(flag: str, path: str) -> list[dict]:
                 raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f'{where}: expected an object with a "text" string.')
-            records.append({**record, "file": path, "line": number})
+            records.append({**record, "flag": flag, "file": path, "line": number})
     if not records:
         raise ValueError(f"{flag} {path} holds no examples.")
     return records
 
 
-def _texts_dataset(problem: Problem, flag: str, records: list[dict]) -> Dataset:
-    if problem.task is None:
-        raise ValueError(
-            f"{flag} needs a checkpoint or the built-in default: a --task MODULE:FUNCTION gives its examples as arrays."
-        )
-    prefix = flag.lstrip("-").split("/")[0]
+def _texts_dataset(problem: Problem, flag: str, records: list[dict], prefix: str) -> Dataset:
+    """Examples of ``records``' texts (ids ``PREFIX-1``, ... unless given); a refusal names ``flag``."""
+    if problem.task is None and problem.own_task is None:
+        raise ValueError(f"{flag} needs texts turned into examples: give a checkpoint, or a --task with encode.")
     ids = [str(r.get("id", f"{prefix}-{i + 1}")) for i, r in enumerate(records)]
-    names = [
-        f"{flag} {r['file']} line {r['line']}" if "line" in r else f"--query {i + 1}" for i, r in enumerate(records)
-    ]
+    names = [f"{r['flag']} {r['file']} line {r['line']}" if "line" in r else f"--query {i + 1}" for i, r in
+             enumerate(records)]  # fmt: skip
     first = {}
     for name, example_id in zip(names, ids):
         if first.setdefault(example_id, name) != name:
             raise ValueError(f"{name}: id {example_id!r} is already that of {first[example_id]}; ids must be unique.")
-    return tasks.examples_from_texts(problem.task, [r["text"] for r in records], ids=ids, names=names)
+    texts = [r["text"] for r in records]
+    if problem.task is None:
+        return user_task.encode_texts(problem.own_task, texts, ids, names, flag)
+    return tasks.examples_from_texts(problem.task, texts, ids=ids, names=names)
 
 
 def _settings(args, problem: Problem) -> dict:
@@ -687,8 +635,13 @@ def _score(args, problem: Problem, settings: dict, work: str) -> dict:
         settings["chunk_size"],
         not args.no_progress,
     )
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("the scores are not finite (the curvature solve failed); raise --damping.")
+    bad = np.flatnonzero(~np.isfinite(scores).all(axis=1))
+    if bad.size:
+        names = ", ".join(repr(str(problem.queries.ids[q])) for q in bad[:3]) + (" ..." if bad.size > 3 else "")
+        raise ValueError(
+            f"the scores of {bad.size} of the {scores.shape[0]} queries ({names}) are not finite: the curvature "
+            "solve failed for them; raise --damping."
+        )
     rows = _top_rows(scores, problem, args.top_k)
     outputs = {"scores.npy": lambda f: np.save(f, scores), **_factor_outputs(work)}
     summary = _finish(args, problem, settings, {**fit, **_solver_summary(solver)}, rows, outputs)
@@ -755,7 +708,7 @@ def _validate(args, problem: Problem, settings: dict, work: str) -> dict:
         problem = dataclasses.replace(problem, params=optimum)
         settings = {**settings, "curvature_examples": n}
     params = problem.params
-    queries = problem.queries.take(range(min(args.num_queries, problem.queries.num_examples)))
+    queries = problem.queries
     inverse, fit = _fit(problem, settings, work)
     scores = lambda **method: np.asarray(
         influence.pairwise_scores(
@@ -831,7 +784,7 @@ def _lds(args, problem: Problem, settings: dict, work: str) -> dict:
     it finishes, so that Ctrl-C stops between retrainings and the same command resumes.
     """
     lds, n = settings["lds"], problem.train.num_examples
-    queries = problem.queries.take(range(min(args.num_queries, problem.queries.num_examples)))
+    queries = problem.queries
     scores, fits = {}, {}
     for method in dict.fromkeys([*lds["methods"], "identity"]):
         scores[method], fits[method] = _lds_scores(problem, {**settings, "method": method}, queries, work)

@@ -12,7 +12,7 @@ import numpy as np
 
 import hvpopt
 from hvpopt import influence, spectrum
-from hvpopt.cli import flags
+from hvpopt.cli import flags, user_task
 from hvpopt.linalg import SpectralDensity
 from hvpopt.testbed import files, tasks
 
@@ -24,9 +24,10 @@ def add_parser(commands) -> None:
         help="top eigenvalues, trace and eigenvalue density of the Hessian or Gauss-Newton matrix",
         description="Lanczos for the largest and the smallest eigenvalues, Hutch++ for the "
         "trace and stochastic Lanczos quadrature for the density of the curvature of a "
-        "built-in task or a checkpoint. Writes spectrum.json and density.png to --out.",
+        "built-in task, a checkpoint or a model of your own (--task FILE.py:FUNCTION). Writes spectrum.json and "
+        "density.png to --out.",
     )
-    flags.add_problem_arguments(parser)
+    flags.add_problem_arguments(parser, own_tasks=True)
     parser.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian")
     parser.add_argument("--k", type=flags.positive_int, default=5, help="largest eigenvalues to find")
     parser.add_argument(
@@ -65,20 +66,16 @@ def run(args) -> int:
     if not args.out:
         raise ValueError("--out must name a folder.")
     flags.check_out_folder(args.out)
-    task, params = flags.load_problem(args)
-    inputs, targets = tasks.first_batch(task, args.batch_size)
+    description, name, loss_fn, params, batch, model = _problem(args)
     size = int(sum(x.size for x in jax.tree.leaves(params)))
     _check_spectrum_sizes(args, size)
+    if args.curvature == "ggn" and model is None:
+        raise ValueError(f"--curvature ggn needs the model: --task {args.task!r} returned no 'model'.")
 
     @jax.jit
     def report(params, key):
         matvec = influence.curvature_operator(
-            task.example_loss,
-            params,
-            (inputs, targets),
-            curvature=args.curvature,
-            model=(task.model_fn, task.loss),
-            chunk_size=args.batch_size,
+            loss_fn, params, batch, curvature=args.curvature, model=model, chunk_size=args.batch_size
         )
         return spectrum.curvature_spectrum(
             matvec,
@@ -95,13 +92,13 @@ def run(args) -> int:
 
     result = report(params, jax.random.key(args.seed))
     summary = {
-        "model": task.describe(),
+        "model": description,
         "curvature": args.curvature,
         "parameters": size,
         **spectrum.summarize(result),
         "hvpopt_version": hvpopt.__version__,
     }
-    title = f"{args.curvature} spectral density, {task.name}"
+    title = f"{args.curvature} spectral density, {name}"
     png_path, json_path = (os.path.join(args.out, name) for name in ("density.png", "spectrum.json"))
     with (
         files.owned_folder(args.out, "--out"),  # removed again if it is created here and the writes fail
@@ -113,6 +110,20 @@ def run(args) -> int:
             json.dump(summary, file, indent=2)
     print(json.dumps(summary, indent=2) if args.json else _format_spectrum(summary, args))
     return 0
+
+
+def _problem(args) -> tuple:
+    """``(description, name, loss_fn, params, batch, model)`` of ``--checkpoint``, a built-in task or your own."""
+    if args.checkpoint or ":" not in args.task:
+        task, params = flags.load_problem(args)
+        batch = tasks.first_batch(task, args.batch_size)
+        return task.describe(), task.name, task.example_loss, params, batch, (task.model_fn, task.loss)
+    own = user_task.load(args.task)
+    if args.batch_size > own.train.num_examples:
+        raise ValueError(f"--batch-size must be at most the {own.train.num_examples} training examples of --task "
+                         f"{args.task!r}; got {args.batch_size}.")  # fmt: skip
+    batch = jax.tree.map(lambda x: x[: args.batch_size], (own.train.inputs, own.train.targets))
+    return own.spec, os.path.basename(own.spec), own.loss_fn, own.params, batch, own.model
 
 
 def _check_spectrum_sizes(args, size: int) -> None:
