@@ -368,9 +368,18 @@ def _layers(model_fn, params, data, embeddings) -> tuple[DenseLayer, ...]:
 
 
 def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Eigenvalues (clipped at 0: the factors are positive semi-definite) and eigenvectors, batched."""
-    values, vectors = jnp.linalg.eigh((matrix + jnp.swapaxes(matrix, -1, -2)) / 2)
-    return jnp.maximum(values, 0.0), vectors
+    """Eigenvalues (clipped at 0: the factors are positive semi-definite) and eigenvectors, one matrix at a time.
+
+    A stack of factors is decomposed by ``lax.map``, not by one batched ``eigh``:
+    on the CPU (jaxlib 0.10.2), a program holding a batched ``eigh`` beside the
+    statistics of a scanned stack hung on its second or third call, measured,
+    with or without ``--xla_cpu_multi_thread_eigen=false``; mapped, it ran 24
+    calls out of 24.
+    """
+    one = lambda m: jnp.linalg.eigh((m + m.T) / 2)
+    flat = matrix.reshape(-1, *matrix.shape[-2:])
+    values, vectors = one(flat[0]) if matrix.ndim == 2 else jax.lax.map(one, flat)
+    return jnp.maximum(values, 0.0).reshape(matrix.shape[:-1]), vectors.reshape(matrix.shape)
 
 
 def _example_gradients(model_fn, loss, fisher, params, chunk, *, tapped: TappedModel | None):
