@@ -29,7 +29,9 @@ Five measurements, each against a ground truth:
    ``hvpopt influence validate --metric lds`` does), and the mean loss of 32 validation
    examples is correlated with each method's additive prediction. Methods: identity, CG (25
    iterations), Arnoldi (rank 50), K-FAC and EK-FAC, all on the Gauss-Newton matrix of the
-   400 examples with ``damping = lam``; EK-FAC also at damping 1e-2 and 1e-1 (same factors).
+   400 examples with ``damping = lam``; EK-FAC also at damping 1e-2 and 1e-1 (same factors);
+   K-FAC and EK-FAC also with the token embeddings as Kronecker-factored layers
+   (``embeddings=True``: a diagonal input factor of token frequencies) instead of diagonal.
    Reported per method: LDS mean and standard error over the queries, and the seconds of the
    fit and of the solves plus scoring, timed on a second call, with the first call's extra
    (compilation) apart. The subset models are kept in ``OUT/.cache`` (with XLA's compiled
@@ -47,6 +49,7 @@ Usage::
 
     taskset -c 1 python experiments/influence.py          # about 25 minutes on one CPU core (16 cached)
     python experiments/influence.py --quick --out-dir /tmp/inf
+    python experiments/influence.py --sections lds   # one section again, the others kept from influence.json
 
 Writes ``influence.json``, ``influence.png`` (scatter of predicted vs actual, recall curves)
 and ``influence_lds.png`` (LDS per method and task, with standard errors) to ``--out-dir``
@@ -72,6 +75,8 @@ from harness import cpu_load, environment  # noqa: E402
 from hvpopt import influence  # noqa: E402
 from hvpopt.influence import pearson, spearman  # noqa: E402
 from hvpopt.testbed import files, tasks, training  # noqa: E402
+
+SECTIONS = ("leave_one_out", "flipped_labels", "proximal_bregman_response", "lds", "mislabel_transformer")
 
 # ---------------------------------------------------------------- 1. leave-one-out
 
@@ -302,6 +307,8 @@ LDS_METHODS = {  # label: (method, options); every one with curvature="ggn" and 
     "arnoldi (rank 50)": ("arnoldi", {"rank": 50}),
     "kfac": ("kfac", {}),
     "ekfac": ("ekfac", {}),
+    "kfac (embedding factors)": ("kfac", {"embeddings": True}),
+    "ekfac (embedding factors)": ("ekfac", {"embeddings": True}),
 }
 EKFAC_EXTRA_DAMPINGS = (1e-2, 1e-1)  # the same factors, refitted at no cost
 
@@ -584,6 +591,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run with fewer examples")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+        help="the measurements to run; the others are kept from an existing influence.json in --out-dir",
+    )  # fmt: skip
     args = parser.parse_args()
     cache_dir = os.path.join(args.out_dir, ".cache")  # subset models, compiled programs: a rerun resumes
     os.makedirs(cache_dir, exist_ok=True)
@@ -591,22 +602,33 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # each retraining compiles its own step
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     load_before, start = cpu_load(), time.perf_counter()
-    with jax.enable_x64(True):
-        loo = {str(lam): leave_one_out(lam, args.quick) for lam in (0.1, 0.01)}
-    report = {
+    path = os.path.join(args.out_dir, "influence.json")
+    report = {}
+    if set(args.sections) != set(SECTIONS):
+        with open(path) as file:
+            report = json.load(file)
+    report |= {
         "experiment": "influence",
         "environment": environment(("jax", "jaxlib", "flax", "optax", "numpy", "scikit-learn", "hvpopt")),
         "cpu_load_before": load_before,
-        "leave_one_out": loo["0.1"],
-        "leave_one_out_lam_0.01": {k: v for k, v in loo["0.01"].items() if k != "scatter"},
-        "flipped_labels": {name: flipped_labels(name, args.quick) for name in ("blobs", "dyck")},
-        "proximal_bregman_response": bregman(args.quick),
-        "lds": {name: lds(name, args.quick, cache_dir) for name in ("shakespeare", "dyck")},
-        "mislabel_transformer": mislabel_transformer(args.quick),
+        "sections_run": args.sections,
     }
+    if "leave_one_out" in args.sections:
+        with jax.enable_x64(True):
+            loo = {str(lam): leave_one_out(lam, args.quick) for lam in (0.1, 0.01)}
+        report["leave_one_out"] = loo["0.1"]
+        report["leave_one_out_lam_0.01"] = {k: v for k, v in loo["0.01"].items() if k != "scatter"}
+    if "flipped_labels" in args.sections:
+        report["flipped_labels"] = {name: flipped_labels(name, args.quick) for name in ("blobs", "dyck")}
+    if "proximal_bregman_response" in args.sections:
+        report["proximal_bregman_response"] = bregman(args.quick)
+    if "lds" in args.sections:
+        report["lds"] = {name: lds(name, args.quick, cache_dir) for name in ("shakespeare", "dyck")}
+    if "mislabel_transformer" in args.sections:
+        report["mislabel_transformer"] = mislabel_transformer(args.quick)
     report["seconds"] = time.perf_counter() - start
     report["cpu_load_after"] = cpu_load()
-    with files.atomic_path(os.path.join(args.out_dir, "influence.json")) as temporary:
+    with files.atomic_path(path) as temporary:
         with open(temporary, "w") as file:
             json.dump(report, file, indent=1)
     plot(report, os.path.join(args.out_dir, "influence.png"))
@@ -617,9 +639,9 @@ def main() -> None:
                 "leave_one_out": {
                     lam: {
                         m: {k: round(v, 4) for k, v in r.items() if k != "seconds"}
-                        for m, r in (loo[lam]["methods"]).items()
+                        for m, r in report[key]["methods"].items()
                     }
-                    for lam in loo
+                    for lam, key in (("0.1", "leave_one_out"), ("0.01", "leave_one_out_lam_0.01"))
                 },
                 "flipped_recall_at_10_percent": {
                     k: v["recall_at_10_percent"] for k, v in report["flipped_labels"].items()

@@ -35,7 +35,7 @@ ACTIONS = ("score", "self", "validate")
 DEFAULT_QUERIES = 5  # a checkpoint's validation examples scored when no query is given
 FACTORS, FACTORS_FINGERPRINT = "factors.npz", "factors.json"
 #: The default method, chosen by the linear datamodeling score per second (experiments/influence.py): on a tiny
-#: LM, EK-FAC 0.146 +- 0.021 in 0.11 s, CG (25 iterations) 0.156 +- 0.029 in 13.6 s, identity 0.089.
+#: LM, EK-FAC 0.146 +- 0.021 in 0.13 s, CG (25 iterations) 0.153 +- 0.029 in 8.0 s, identity 0.089.
 DEFAULT_METHOD = "ekfac"
 METRICS = ("leave-one-out", "lds")  # validate --metric
 SIGN_CONVENTION = (
