@@ -277,7 +277,7 @@ def load_problem(args, mesh: Mesh | None = None) -> Problem:
         task = loaded.task
         problem = Problem(
             task.describe(),
-            task.example_loss,
+            influence.example_loss(task.model_fn, task.loss),  # task.example_loss, derived: nothing to check
             loaded.params,
             task.train,
             task.validation,
