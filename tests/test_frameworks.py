@@ -105,7 +105,7 @@ def test_every_optimizer_inside_nnx_optimizer_eagerly_and_under_nnx_jit_equals_t
             step(module, opt)
         return hvpopt.from_nnx(module)[1], model_fn
 
-    eager, model_fn = nnx_run(compiled=False)
+    eager, model_fn = nnx_run(compiled=False, steps=1)  # eagerly op by op: slow, one step
     compiled, _ = nnx_run(compiled=True)
 
     module = DropoutMLP(nnx.Rngs(0, dropout=1))
@@ -120,12 +120,13 @@ def test_every_optimizer_inside_nnx_optimizer_eagerly_and_under_nnx_jit_equals_t
         updates, state = tx.update(grads, state, params, **extra, **grad)
         return optax.apply_updates(params, updates), state
 
+    flat = lambda tree: np.asarray(ravel_pytree(tree)[0])
     state = tx.init(params)
     start = float(f(params))
-    for _ in range(3):
+    for count in range(3):
         params, state = step(params, state)
-    flat = lambda tree: np.asarray(ravel_pytree(tree)[0])
-    np.testing.assert_allclose(flat(eager), flat(params), rtol=2e-4, atol=1e-6)
+        if count == 0:
+            np.testing.assert_allclose(flat(eager), flat(params), rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(flat(compiled), flat(params), rtol=2e-4, atol=1e-6)
     assert float(f(params)) < start
     trained, _ = nnx_run(compiled=True, train=True, steps=2)  # dropout on, its RNG stream advancing

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 import scipy.optimize
-from conftest import flat, to_float64
+from conftest import flat, rerun_optimized, to_float64
 from jax.flatten_util import ravel_pytree
 from test_tasks import tiny_task
 
@@ -116,8 +116,15 @@ QUADRATICS = [
 ROSENBROCK_STARTS = [[-1.2, 1.0], [-1.2, 1.0, -1.2, 1.0, 0.5, 0.3]] + [[-1.2, 1.0] * (n // 2) for n in (20, 60, 100)]
 
 
-def test_newton_cg_needs_no_more_steps_than_scipy_newton_cg():
-    """Steps to scipy's final gradient norm (1e-8 at least) against scipy's iterations, same start."""
+def test_newton_cg_needs_no_more_steps_than_scipy_newton_cg(request):
+    """Steps to scipy's final gradient norm (1e-8 at least) against scipy's iterations, same start.
+
+    The quadratics of condition 1e8 are solved to the limit of float64, where the order of XLA's sums
+    matters: compiled without LLVM's optimization (the suite's setting), a 200-dimensional one stalled at
+    |g| = 1.8e-3 against scipy's 1.3e-4. So this test runs compiled as users run it.
+    """
+    if rerun_optimized(request):
+        return
     rows = []  # (problem, dimension, our steps, our HVPs, scipy's iterations, scipy's HVPs)
     for n, condition, options in QUADRATICS:
         a, b = spd_quadratic(n, condition)

@@ -67,6 +67,8 @@ def test_the_factors_of_a_scanned_stack_equal_those_of_the_model_unrolled(name):
                 if twin is None:  # NNX's twin names its layers by list index, not by slice
                     twin = _listed_twin(unrolled.layers, layer.name, level)
                 np.testing.assert_allclose(mine[level], getattr(unrolled, moments)[twin], atol=1e-10, rtol=1e-9)
+    if name != "pure":
+        return  # the factors of the other two are checked; EK-FAC's inverse on one model (compiles are costly)
     # EK-FAC's inverse, through the scan and through the loop, on a random vector
     vector = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, x.dtype), params)
     apply = lambda fn: hvpopt.kronecker_inverse(hvpopt.fit_kronecker_factors(fn, CE, params, data, chunk_size=6),
@@ -90,13 +92,14 @@ def test_five_kfac_steps_in_flax_nnx_with_nnx_optimizer():
     model_fn, _ = hvpopt.from_nnx(model)
     x, y = language_data(16)
     f = lambda p: CE(model_fn(p, x), y)
-    tx = hvpopt.kfac(model_fn, CE, example_batch=(x, y), damping=0.1)
+    # A fixed damping (adapt_damping_every=None) compiles a third faster; test_frameworks adapts it in nnx.Optimizer.
+    tx = hvpopt.kfac(model_fn, CE, example_batch=(x, y), damping=0.1, adapt_damping_every=None)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
     def step(model, optimizer):
         grads = nnx.grad(lambda m: CE(m(x), y))(model)
-        optimizer.update(model, grads, value_fn=f, curvature_batch=(x, y))
+        optimizer.update(model, grads, curvature_batch=(x, y))
 
     before = float(f(hvpopt.from_nnx(model)[1]))
     for _ in range(5):
@@ -110,8 +113,8 @@ def test_five_kfac_steps_in_the_frameworks_own_jitted_loop(name):
     model = MAKERS[name]()
     x, y = language_data(16)
     f = lambda p: CE(model.model_fn(p, x), y)
-    tx = hvpopt.kfac(model.model_fn, CE, example_batch=(x, y), damping=0.1)
-    extra = {"value_fn": f, "curvature_batch": (x, y)}
+    tx = hvpopt.kfac(model.model_fn, CE, example_batch=(x, y), damping=0.1, adapt_damping_every=None)
+    extra = {"curvature_batch": (x, y)}
     params, state = model.params, tx.init(model.params)
     # Equinox's module is its parameters: eqx.filter_jit and eqx.apply_updates, as its users write the loop.
     jit, apply = (eqx.filter_jit, eqx.apply_updates) if name == "equinox" else (jax.jit, optax.apply_updates)
