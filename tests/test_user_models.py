@@ -93,7 +93,8 @@ def test_five_kfac_steps_in_flax_nnx_with_nnx_optimizer():
     x, y = language_data(16)
     f = lambda p: CE(model_fn(p, x), y)
     # A fixed damping (adapt_damping_every=None) compiles a third faster; test_frameworks adapts it in nnx.Optimizer.
-    tx = hvpopt.kfac(model_fn, CE, example_batch=(x, y), damping=0.1, adapt_damping_every=None)
+    # Its two nnx.Embed tables as Kronecker-factored layers too (embeddings=True).
+    tx = hvpopt.kfac(model_fn, CE, example_batch=(x, y), damping=0.1, adapt_damping_every=None, embeddings=True)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
@@ -106,6 +107,7 @@ def test_five_kfac_steps_in_flax_nnx_with_nnx_optimizer():
         step(model, optimizer)
     assert float(f(hvpopt.from_nnx(model)[1])) < 0.9 * before
     assert int(optimizer.opt_state.skipped_steps[...]) == 0
+    assert sum(layer.lookup for layer in optimizer.opt_state.statistics.layers) == 2
 
 
 @pytest.mark.parametrize("name", ["linen", "equinox", "pure"])

@@ -66,7 +66,7 @@ def run(args) -> int:
     if not args.out:
         raise ValueError("--out must name a folder.")
     flags.check_out_folder(args.out)
-    description, name, loss_fn, params, batch, model = _problem(args)
+    description, label, loss_fn, params, batch, model = _problem(args)
     size = int(sum(x.size for x in jax.tree.leaves(params)))
     _check_spectrum_sizes(args, size)
     if args.curvature == "ggn" and model is None:
@@ -98,7 +98,7 @@ def run(args) -> int:
         **spectrum.summarize(result),
         "hvpopt_version": hvpopt.__version__,
     }
-    title = f"{args.curvature} spectral density, {name}"
+    title = f"{args.curvature} spectral density, {label}"
     png_path, json_path = (os.path.join(args.out, name) for name in ("density.png", "spectrum.json"))
     with (
         files.owned_folder(args.out, "--out"),  # removed again if it is created here and the writes fail
@@ -113,7 +113,7 @@ def run(args) -> int:
 
 
 def _problem(args) -> tuple:
-    """``(description, name, loss_fn, params, batch, model)`` of ``--checkpoint``, a built-in task or your own."""
+    """``(description, label, loss_fn, params, batch, model)`` of ``--checkpoint``, a built-in task or your own."""
     if args.checkpoint or ":" not in args.task:
         task, params = flags.load_problem(args)
         batch = tasks.first_batch(task, args.batch_size)

@@ -21,7 +21,11 @@ the per-example gradients projected onto it,
 .. math:: \\Lambda_{ij} = \\mathbb{E}_n\\big[(Q_A^\\top \\nabla_W \\hat l_n\\, Q_G)_{ij}^2\\big],
 
 the Frobenius-closest diagonal in that basis. Parameters in no dense layer get
-the diagonal ``E_n[(\\nabla \\hat l_n)^2]``.
+the diagonal ``E_n[(\\nabla \\hat l_n)^2]``. A stack of layers (a scanned
+weight, :func:`hvpopt.find_dense_layers`) has factors with leading layer axes,
+one Kronecker product per layer of the stack. An embedding table
+(``embeddings=True``) is a layer whose inputs are one-hot: ``A`` is the diagonal
+of token frequencies, its eigenbasis the identity.
 
 The pseudo-targets (``fisher``): ``"sampled"`` draws labels from the model
 (the true Fisher, unbiased; needs ``key``); ``"closed_form"`` backpropagates the
@@ -230,7 +234,7 @@ def kronecker_statistics(
 def kronecker_factors(statistics: KroneckerStatistics) -> KroneckerFactors:
     """K-FAC from its second moments: ``A = Q_A diag(a) Q_A^T``, ``G = Q_G diag(g) Q_G^T``, eigenvalues ``a g^T``.
 
-    Jittable; one ``eigh`` of each factor (eigenvalues clipped at 0), batched over a stack of layers; an
+    Jittable; one ``eigh`` of each factor (eigenvalues clipped at 0), each layer of a stack in turn; an
     embedding's diagonal ``A`` needs none.
     """
     input_bases, output_bases, eigenvalues = [], [], []
