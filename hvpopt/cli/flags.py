@@ -111,22 +111,13 @@ def add_problem_arguments(parser: argparse.ArgumentParser, *, own_tasks: bool = 
     """``--task`` (a built-in task at its initial parameters; with ``own_tasks`` also the user's), ``--checkpoint``,
     ``--batch-size`` and ``--seed``."""
     source = parser.add_mutually_exclusive_group()
+    built_in = f"a built-in task at its initial parameters ({', '.join(tasks.TASKS)}; default %(default)s)"
     if own_tasks:
-        source.add_argument(
-            "--task",
-            type=task_name,
-            default=tasks.DEFAULT_TASK,
-            metavar="TASK",
-            help=f"a built-in task at its initial parameters ({', '.join(tasks.TASKS)}; default %(default)s), or "
-            "your own model as FILE.py:FUNCTION (docs/tasks.rst)",
-        )
+        accepts = {"type": task_name, "metavar": "TASK", "help": f"{built_in}, or your own model as FILE.py:FUNCTION "
+                   "(docs/tasks.rst)"}  # fmt: skip
     else:
-        source.add_argument(
-            "--task",
-            choices=tasks.TASKS,
-            default=tasks.DEFAULT_TASK,
-            help="a built-in task at its initial parameters (default: %(default)s)",
-        )
+        accepts = {"choices": tasks.TASKS, "help": built_in}
+    source.add_argument("--task", default=tasks.DEFAULT_TASK, **accepts)
     source.add_argument("--checkpoint", metavar="DIR", help="a checkpoint written by 'hvpopt train'")
     parser.add_argument(
         "--batch-size", type=positive_int, default=16, help="the first N training examples form the batch"

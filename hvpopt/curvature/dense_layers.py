@@ -295,7 +295,7 @@ def _feature_map(site: Site, out_shape: tuple[int, ...]) -> np.ndarray:
     return np.transpose(positions.reshape(native), np.argsort(site.output_axes))
 
 
-def _bias_index(features: np.ndarray, origin: _Origin, out_shape, out_features: int) -> np.ndarray | None:
+def _bias_index(features: np.ndarray, origin: _Origin, out_shape) -> np.ndarray | None:
     """``[*stack, out]``: the bias entry added to each output feature, if the same at every position; else None."""
     ns = len(origin.levels)
     stack, shape = origin.index.shape[:ns], origin.index.shape[ns:]
@@ -308,7 +308,7 @@ def _bias_index(features: np.ndarray, origin: _Origin, out_shape, out_features: 
     except ValueError:
         return None
     features_seen, first = np.unique(features.reshape(-1), return_index=True)  # each feature's first position
-    if not np.array_equal(features_seen, np.arange(out_features)):
+    if not np.array_equal(features_seen, np.arange(features_seen.size)):
         return None
     rows = placed.reshape(*stack, -1)[..., first]
     if not np.array_equal(rows[..., features.reshape(-1)].reshape(placed.shape), placed):
@@ -381,8 +381,7 @@ def _classify(eqn, k: int, origin: _Origin, ins: list, here, loops, products: di
         other = eqn.invars[1 - k]
         if isinstance(other, core.Var) and other in products and ins[1 - k] is None:
             product, features = products[other]
-            out_features = int(features.max()) + 1 if features.size else 0
-            index = _bias_index(features, origin, eqn.outvars[0].aval.shape, out_features)
+            index = _bias_index(features, origin, eqn.outvars[0].aval.shape)
             if index is not None and features.shape == eqn.outvars[0].aval.shape:
                 return _Use(origin.leaf, "bias", product=product, index=index, levels=origin.levels)
     reason = _REASONS.get(name, f"used by {name}")
@@ -481,9 +480,13 @@ def _leaf_layers(leaf: int, uses: list[_Use], shape, path: str) -> list[tuple[De
 
 def _layer(name: str, leaf: int, site: Site, size: int, *, tied: bool = False) -> DenseLayer:
     stack = site.index.shape[: len(site.stack_levels)]
-    whole = np.array_equal(site.index.reshape(-1), np.arange(size))  # the leaf as it is, row-major
-    index = None if whole else Index(site.index)
+    index = _index(site.index, size)
     return DenseLayer(name, leaf, None, site.in_features, site.out_features, tuple(stack), tied, site.lookup, index)
+
+
+def _index(indices: np.ndarray, size: int) -> Index | None:
+    """``indices`` into a leaf of ``size`` entries, or None where they are the whole leaf as it is, row-major."""
+    return None if np.array_equal(indices.reshape(-1), np.arange(size)) else Index(indices)
 
 
 def _attach_biases(layers, sites, by_leaf, shapes, why) -> tuple[list[DenseLayer], dict[int, str]]:
@@ -505,8 +508,7 @@ def _attach_biases(layers, sites, by_leaf, shapes, why) -> tuple[list[DenseLayer
             why[leaf] = "added to its layers' outputs with entries used more than once"
             continue
         for k, u in targets:
-            whole = np.array_equal(u.index.reshape(-1), np.arange(math.prod(shapes[leaf])))
-            layers[k] = dataclasses.replace(layers[k], bias=leaf, bias_index=None if whole else Index(u.index))
+            layers[k] = dataclasses.replace(layers[k], bias=leaf, bias_index=_index(u.index, math.prod(shapes[leaf])))
         biased[leaf] = ", ".join(layers[k].name for k, _ in targets)
     return layers, biased
 
