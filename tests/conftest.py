@@ -56,6 +56,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hvpopt-test-compilations-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+os.environ.setdefault("HVPOPT_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])  # the command line's
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 # The sharded tests need several devices; with fewer, tests/test_multi_device.py

@@ -211,3 +211,22 @@ def test_ctrl_c_during_a_save_still_leaves_a_loadable_checkpoint(tmp_path, monke
     assert "interrupted after 6 steps" in capsys.readouterr().err
     loaded = checkpoint.load_checkpoint(out)
     assert calls == [3, 6, 6] and loaded.config["step"] == 6 and not loaded.config["completed"]
+
+
+def test_the_compilation_cache_is_on_by_default_off_on_request_and_skipped_where_unwritable(
+    tmp_path, monkeypatch, capsys
+):
+    from hvpopt.cli import compilation
+
+    monkeypatch.delenv(compilation.ENVIRONMENT, raising=False)
+    monkeypatch.setenv("HVPOPT_CACHE", str(tmp_path))
+    assert compilation.cache_folder(False) == str(tmp_path / "xla") and compilation.cache_folder(True) is None
+    monkeypatch.setenv(compilation.ENVIRONMENT, "off")
+    assert compilation.cache_folder(False) is None
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    before = jax.config.jax_compilation_cache_dir
+    assert compilation.use_cache(str(blocked / "xla")) is None  # a warning, not an error, and the cache unchanged
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "compiling without it" in err and err.count("\n") == 1
+    assert jax.config.jax_compilation_cache_dir == before

@@ -88,6 +88,9 @@ def test_scores_files_and_numbers_match_the_library(lm, tmp_path, capsys):
         and "positive: training example j helped" in metadata["sign_convention"]
     )
     assert metadata["diagnostics"]["max_iterations"] <= 5 and metadata["method"] == "cg"
+    seconds = metadata["seconds"]  # compiling apart from working, and where the compiled programs are kept
+    assert seconds["compile_seconds"] > 0 and seconds["work_seconds"] > 0
+    assert seconds["compilation_cache"] == os.environ["HVPOPT_COMPILATION_CACHE"]
     rows = [json.loads(line) for line in open(os.path.join(out, "top_k.jsonl"))]
     best = [r for r in rows if r["query_id"] == "romeo" and r["kind"] == "proponent" and r["rank"] == 1][0]
     assert best["score"] == pytest.approx(scores[1].max()) and best["train_text"] == train.texts[best["train_index"]]
@@ -204,7 +207,7 @@ def test_a_user_task_module(tmp_path, monkeypatch, capsys):
 
 
 def test_ekfac_writes_its_factors_and_a_later_run_reuses_them(blobs, tmp_path, capsys):
-    args = ["influence", "--checkpoint", blobs, "--method", "ekfac", "--num-queries", "2", *FAST]
+    args = ["influence", "--checkpoint", blobs, "--method", "ekfac", "--num-queries", "2", "--query-rank", "1", *FAST]
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     assert cli.main([*args, "--out", first]) == 0
     assert {"factors.npz", "factors.json"} <= set(os.listdir(first))
@@ -245,6 +248,7 @@ def bad_file(tmp_path, text):
         (lambda lm, tmp: ["--checkpoint", lm, "--method", "ekfac", "--damping", "0"], "--damping must be > 0"),
         (lambda lm, tmp: ["--checkpoint", lm, "--method", "kfac", "--curvature", "hessian"], "use --curvature ggn"),
         (lambda lm, tmp: ["--checkpoint", lm, "--method", "ekfac", "--factors", str(tmp)], "holds no factors.npz"),
+        (lambda lm, tmp: ["--checkpoint", lm, "--method", "cg", "--query-rank", "4"], "--query-rank keeps Kronecker"),
         (
             lambda lm, tmp: ["validate", "--checkpoint", lm, "--curvature", "hessian"],
             "Bregman response, which Gauss-Newton influence estimates: use --curvature ggn.",

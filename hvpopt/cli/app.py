@@ -8,7 +8,7 @@ import signal
 import sys
 
 import hvpopt
-from hvpopt.cli import demo, flags, influence, spectrum, train
+from hvpopt.cli import compilation, demo, flags, influence, spectrum, train
 
 COMMANDS = {
     "demo": demo.run,
@@ -30,6 +30,13 @@ def build_parser() -> flags.OneLineErrorParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (demo.add_parser, spectrum.add_parser, train.add_parser, train.add_eval_parser, influence.add_parser):
         add(commands)
+    for command in commands.choices.values():
+        command.add_argument(
+            "--no-compilation-cache",
+            action="store_true",
+            help=f"compile without the persistent cache (also: {compilation.ENVIRONMENT}=off; default folder "
+            "~/.cache/hvpopt/xla)",
+        )
     return parser
 
 
@@ -50,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    compilation.use_cache(compilation.cache_folder(args.no_compilation_cache))
     try:
         return COMMANDS[args.command](args)
     except (ValueError, TypeError, OSError) as err:

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 import hvpopt
 from hvpopt import _checks, influence
-from hvpopt.cli import chunk_store, flags, user_task
+from hvpopt.cli import chunk_store, compilation, flags, user_task
 from hvpopt.influence import MAX_EXACT_PARAMETERS
 from hvpopt.testbed import checkpoint, files, interrupts, tasks, training
 from hvpopt.testbed.data import Dataset
@@ -140,6 +140,19 @@ def add_parser(commands) -> None:
         metavar="DIR",
         help="kfac/ekfac: reuse the factors a finished run on the same checkpoint wrote to DIR (its --out)",
     )
+    parser.add_argument(
+        "--query-rank",
+        type=flags.positive_int,
+        default=None,
+        metavar="R",
+        help="kfac/ekfac: keep each layer's query direction at rank R (less memory for many queries; default: full)",
+    )
+    parser.add_argument(
+        "--score-dtype",
+        choices=influence.SCORE_DTYPES,
+        default=None,
+        help="kfac/ekfac: the dtype query directions are stored and scores contracted in (default: the model's)",
+    )
     parser.add_argument("--cg-iterations", type=flags.positive_int, default=50)
     parser.add_argument(
         "--rank",
@@ -202,6 +215,7 @@ def run(args) -> int:
     """The command: ``--out`` is this run's alone, Ctrl-C stops between chunks, and a run that fails
     leaves only finished work behind (in ``OUT/.partial``, for the same command to resume)."""
     flags.check_out_folder(args.out)
+    args.clock = compilation.CompileClock()  # compile seconds apart from work seconds, in metadata.json
     work = os.path.join(args.out, chunk_store.PARTIAL)
     try:
         with interrupts.deferred_interrupts(), files.owned_folder(args.out, "--out"):
@@ -414,6 +428,9 @@ def _settings(args, problem: Problem) -> dict:
         raise ValueError(f"--method {factored[0]} factors the Gauss-Newton matrix: use --curvature ggn.")
     if factored and not damping > 0:
         raise ValueError(f"--damping must be > 0 for --method {factored[0]} (a layer's eigenvalues may be 0).")
+    if (args.query_rank or args.score_dtype) and not factored:
+        flag = "--query-rank" if args.query_rank else "--score-dtype"
+        raise ValueError(f"{flag} keeps Kronecker-factored layers' directions: use it with --method kfac or ekfac.")
     if args.factors and (len(methods) > 1 or not factored):
         raise ValueError("--factors is for one --method kfac or --method ekfac.")
     if "exact" in methods and size > MAX_EXACT_PARAMETERS:
@@ -441,6 +458,8 @@ def _settings(args, problem: Problem) -> dict:
         "validate_examples": args.validate_examples if args.action == "validate" and not lds else None,
         "lds": _lds_settings(args, problem, methods) if lds else None,
         "fisher": args.fisher if factored else None,
+        "query_rank": args.query_rank,
+        "score_dtype": args.score_dtype,
     }
     if args.factors:
         settings["factors"] = _check_factors_folder(args.factors, settings)
@@ -580,7 +599,9 @@ def _fit_factors(problem: Problem, settings: dict, work: str) -> tuple[influence
         files.write_atomically(os.path.join(work, FACTORS), lambda file: np.savez(file, **arrays))
     interrupts.check_interrupt()  # a safe point: the fit is saved
     apply = influence.kronecker_inverse_rows(factors, settings["damping"])
-    inverse = influence.InverseCurvature(apply, settings["method"], settings["damping"], None, None, {}, factors)
+    inverse = influence.InverseCurvature(
+        apply, settings["method"], settings["damping"], None, None, {}, factors, problem.model
+    )
     return inverse, dict(diagnostics)
 
 
@@ -606,7 +627,7 @@ def _curvature_subset(problem: Problem, settings: dict) -> Dataset:
 
 def _score(args, problem: Problem, settings: dict, work: str) -> dict:
     inverse, fit = _fit(problem, settings, work)
-    saved = os.path.join(work, "directions.npz")
+    saved = os.path.join(work, "directions.npz")  # a solve's directions; factored ones take a gradient per query
     if os.path.exists(saved):
         with np.load(saved, allow_pickle=False) as file:
             directions, solver = jnp.asarray(file["directions"]), {k: file[k] for k in file.files if k != "directions"}
@@ -614,10 +635,17 @@ def _score(args, problem: Problem, settings: dict, work: str) -> dict:
         print(f"solving for {problem.queries.num_examples} queries", file=sys.stderr)
         start = time.perf_counter()
         directions, solver = influence.query_directions(
-            problem.loss_fn, problem.params, _examples(problem.queries), inverse, chunk_size=settings["chunk_size"]
+            problem.loss_fn,
+            problem.params,
+            _examples(problem.queries),
+            inverse,
+            chunk_size=settings["chunk_size"],
+            query_rank=settings["query_rank"],
+            score_dtype=settings["score_dtype"],
         )
         fit["query_solve_seconds"] = time.perf_counter() - start
-        files.write_atomically(saved, lambda file: np.savez(file, directions=np.asarray(directions), **solver))
+        if not isinstance(directions, influence.FactoredDirections):
+            files.write_atomically(saved, lambda file: np.savez(file, directions=np.asarray(directions), **solver))
     train = _examples(problem.train)
     scores = chunk_store.saved_chunks(
         lambda start: influence.score_blocks(
@@ -1014,6 +1042,7 @@ def _finish(args, problem: Problem, settings: dict, diagnostics: dict, rows, out
         "files": sorted(outputs),
         "devices": problem.mesh.size,
         "versions": {"hvpopt": hvpopt.__version__, "jax": jax.__version__},
+        "seconds": {**args.clock.seconds(), "compilation_cache": jax.config.jax_compilation_cache_dir},
     }
     chunk_store.write_json(os.path.join(args.out, METADATA), metadata)
     return {

@@ -129,6 +129,14 @@ class DenseLayer:
         """The bias leaf as ``[*stack, out_features]``."""
         return _gather(bias, self.bias_index, (*self.stack, self.out_features))
 
+    def block(self, leaves: list) -> jax.Array:
+        """The layer's part of a parameter-shaped vector's ``leaves``: ``[*stack, in_features (+1), out_features]``,
+        the weight with the bias (if any) as a last row."""
+        matrix = self.matrix(leaves[self.weight])
+        if self.bias is None:
+            return matrix
+        return jnp.concatenate([matrix, self.bias_rows(leaves[self.bias])[..., None, :]], axis=-2)
+
 
 def _gather(leaf: jax.Array, index: Index | None, shape: tuple[int, ...]) -> jax.Array:
     flat = leaf.reshape(-1)

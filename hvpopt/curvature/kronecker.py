@@ -470,14 +470,6 @@ def _weighted_mean(example_weights: jax.Array, x: jax.Array, axes: tuple[int, ..
     return jnp.sum(weighted, axis=axes) / example_weights.shape[0]
 
 
-def _layer_matrix(layer: DenseLayer, leaves: list) -> jax.Array:
-    """A layer's weight (and bias, as a last row) of a vector's leaves, ``[*stack, in (+1), out]``."""
-    matrix = layer.matrix(leaves[layer.weight])
-    if layer.bias is not None:
-        matrix = jnp.concatenate([matrix, layer.bias_rows(leaves[layer.bias])[..., None, :]], axis=-2)
-    return matrix
-
-
 def _rotate(q_a: jax.Array | None, matrix: jax.Array, q_g: jax.Array) -> jax.Array:
     """``Q_A^T V Q_G``, batched (``Q_A = I`` where None)."""
     return (matrix if q_a is None else jnp.swapaxes(q_a, -1, -2) @ matrix) @ q_g
@@ -499,7 +491,7 @@ def _eigenvalue_statistics(model_fn, loss, fisher, embeddings, params, bases, ch
     leaves = jax.tree.leaves(param_cot)  # each [c, S, *leaf]
     out = []
     for layer, q_a, q_g in zip(tapped.layers, *bases):
-        matrices = jax.vmap(jax.vmap(lambda *ls, layer=layer: _layer_matrix(layer, list(ls))))(*leaves)
+        matrices = jax.vmap(jax.vmap(lambda *ls, layer=layer: layer.block(list(ls))))(*leaves)
         out.append(_weighted_mean(example_weights, _rotate(q_a, matrices, q_g) ** 2, (0, 1)))
     return tuple(out)
 
@@ -516,7 +508,7 @@ def _apply(factors: KroneckerFactors, v: PyTree, scale: Callable, scale_diagonal
         None if d is None else scale_diagonal(d, leaf).astype(leaf.dtype) for d, leaf in zip(factors.diagonal, leaves)
     ]
     for layer, q_a, q_g, values in zip(factors.layers, factors.input_bases, factors.output_bases, factors.eigenvalues):
-        matrix = _layer_matrix(layer, leaves).astype(q_g.dtype)
+        matrix = layer.block(leaves).astype(q_g.dtype)
         turned = _rotate_back(q_a, scale(values, _rotate(q_a, matrix, q_g)), q_g)
         shape, dtype = factors.shapes[layer.weight], leaves[layer.weight].dtype
         rows = turned[..., : layer.in_features, :]

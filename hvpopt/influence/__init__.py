@@ -12,6 +12,12 @@ from hvpopt.influence.datamodels import (
     subset_predictions,
 )
 from hvpopt.influence.example_loss import check_example_loss, example_loss
+from hvpopt.influence.factored import (
+    SCORE_DTYPES,
+    FactoredDirections,
+    factored_query_directions,
+    factored_score_blocks,
+)
 from hvpopt.influence.gradients import flat_example_gradients, gradient_chunks
 from hvpopt.influence.inverse_curvature import (
     CURVATURES,
@@ -41,8 +47,10 @@ from hvpopt.influence.validation import (
 
 __all__ = [
     "CURVATURES",
+    "FactoredDirections",
     "MAX_EXACT_PARAMETERS",
     "METHODS",
+    "SCORE_DTYPES",
     "InverseCurvature",
     "LinearDatamodelingScore",
     "agreement",
@@ -52,6 +60,8 @@ __all__ = [
     "datamodel_subsets",
     "eigen_inverse",
     "example_loss",
+    "factored_query_directions",
+    "factored_score_blocks",
     "fit_inverse_curvature",
     "flat_example_gradients",
     "flipped_label_recall",

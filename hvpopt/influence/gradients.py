@@ -59,19 +59,30 @@ def padded_gradient_chunks(
     devices, the same for every chunk; rows from ``count`` on repeat the
     chunk's first example.
     """
+    params = params if mesh is None else sharding.replicate(params, mesh)
+    for first, count, chunk in padded_chunks(examples, chunk_size=chunk_size, start=start, mesh=mesh):
+        yield first, count, _flat_example_gradients(loss_fn, params, chunk)
+
+
+def padded_chunks(
+    examples: PyTree, *, chunk_size: int, start: int = 0, mesh: Mesh | None = None
+) -> Iterator[tuple[int, int, PyTree]]:
+    """``(first_index, count, chunk)``: consecutive chunks of ``examples``, each of the same number of rows.
+
+    ``rows`` is ``min(chunk_size, n)`` rounded up to a multiple of the mesh's
+    devices; rows from ``count`` on repeat the chunk's first example, so that
+    whatever is computed per chunk compiles once. With a ``mesh`` each chunk is
+    split over its ``"data"`` axis.
+    """
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
     num_examples = _checks.leading_size("examples", examples)
-    devices = 1
-    if mesh is not None:
-        devices, params = sharding.axis_size(mesh), sharding.replicate(params, mesh)
+    devices = 1 if mesh is None else sharding.axis_size(mesh)
     padded = -(-min(chunk_size, num_examples) // devices) * devices
     for first in range(start, num_examples, chunk_size):
         count = min(chunk_size, num_examples - first)
         rows = first + np.arange(padded)
         chunk = jax.tree.map(lambda x: x[np.where(rows < first + count, rows, first)], examples)
-        if mesh is not None:
-            chunk = sharding.shard_batch(chunk, mesh)
-        yield first, count, _flat_example_gradients(loss_fn, params, chunk)
+        yield first, count, chunk if mesh is None else sharding.shard_batch(chunk, mesh)
 
 
 _flat_example_gradients = jax.jit(flat_example_gradients, static_argnums=0)

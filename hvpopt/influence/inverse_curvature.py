@@ -72,6 +72,8 @@ class InverseCurvature(NamedTuple):
       eigenvectors: ``[k, P]`` orthonormal eigenvectors (``exact``, ``arnoldi``; else None).
       diagnostics: about the fit (products used, eigenvalue residuals, LiSSA's scale).
       factors: the fitted :class:`~hvpopt.curvature.kronecker.KroneckerFactors` (``kfac``, ``ekfac``; else None).
+      model: ``(model_fn, output_loss)`` the factors were fitted on (``kfac``, ``ekfac``): with it, queries
+        are scored per layer (:mod:`hvpopt.influence.factored`) instead of as flat gradient rows.
     """
 
     apply: Callable[[jax.Array], tuple[jax.Array, dict]]
@@ -81,6 +83,7 @@ class InverseCurvature(NamedTuple):
     eigenvectors: jax.Array | None
     diagnostics: dict
     factors: KroneckerFactors | None = None
+    model: tuple[Callable, Callable] | None = None
 
 
 def curvature_operator(
@@ -214,7 +217,7 @@ def fit_inverse_curvature(
         )
         diagnostics = {"num_layers": len(factors.layers), "factor_bytes": factors.nbytes}
         return InverseCurvature(
-            kronecker_inverse_rows(factors, damping), method, damping, None, None, diagnostics, factors
+            kronecker_inverse_rows(factors, damping), method, damping, None, None, diagnostics, factors, tuple(model)
         )
     operator = _FlatCurvature(loss_fn, curvature, None if model is None else tuple(model), chunk_size, mesh)
     try:

@@ -1,0 +1,90 @@
+"""Influence scored per Kronecker-factored layer equals the flat scores, through every structure a model may have."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import user_models
+from test_kronecker import structured_model, structured_params
+
+import hvpopt
+from hvpopt import influence
+
+CE = hvpopt.losses.softmax_cross_entropy
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with jax.enable_x64(True):
+        yield
+
+
+def structured_data(n: int):
+    """Inputs of :func:`structured_model`: three features and a token id in 0..3; two classes."""
+    x = jax.random.normal(jax.random.key(1), (n, 4), jnp.float64)
+    return x.at[:, 3].set(jnp.arange(n) % 4), jnp.arange(n) % 2
+
+
+def scores_both_ways(model, params, data, queries, **fit):
+    inverse = influence.fit_inverse_curvature(None, params, data, method="ekfac", curvature="ggn", model=model,
+                                              damping=0.1, chunk_size=8, **fit)  # fmt: skip
+    directions, _ = influence.query_directions(None, params, queries, inverse, chunk_size=8)
+    assert isinstance(directions, influence.FactoredDirections)
+    factored = influence.pairwise_scores(None, params, data, queries, inverse=inverse, chunk_size=8)
+    flat_inverse = inverse._replace(model=None)  # the same factors, applied to whole gradient rows
+    flat = influence.pairwise_scores(influence.example_loss(*model), params, data, queries, inverse=flat_inverse,
+                                     chunk_size=8)  # fmt: skip
+    return inverse, directions, np.asarray(factored), np.asarray(flat)
+
+
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_through_jit_remat_scan_custom_vjp_slices_vmap_and_embeddings(embeddings):
+    data = structured_data(20)
+    queries = jax.tree.map(lambda x: x[:3], data)
+    _, directions, factored, flat = scores_both_ways((structured_model, CE), structured_params(), data, queries,
+                                                     embeddings=embeddings)  # fmt: skip
+    assert len(directions.layers) == 6 + embeddings and directions.rest.shape[1] == (0 if embeddings else 12)
+    np.testing.assert_allclose(factored, flat, rtol=1e-10, atol=1e-14 * np.abs(flat).max())
+
+
+def test_a_tied_head_and_a_fused_qkv_in_a_scan():
+    model = user_models.pure_model(0, jnp.float64)
+    data = user_models.language_data(12)
+    queries = jax.tree.map(lambda x: x[:2], data)
+    inverse, _, factored, flat = scores_both_ways((model.model_fn, CE), model.params, data, queries)
+    assert any(layer.tied for layer in inverse.factors.layers)  # the tied head is scored with the flat leaves
+    np.testing.assert_allclose(factored, flat, rtol=1e-10, atol=1e-14 * np.abs(flat).max())
+
+
+def test_query_rank_is_a_near_optimal_truncation_and_low_precision_stays_close():
+    params, data = structured_params(), structured_data(20)
+    queries = jax.tree.map(lambda x: x[:3], data)
+    inverse, directions, _, flat = scores_both_ways((structured_model, CE), params, data, queries)
+    scored = lambda d: np.concatenate([b for _, b in influence.score_blocks(None, params, data, d, chunk_size=8)], 1)
+    low, _ = influence.query_directions(None, params, queries, inverse, query_rank=1)
+    assert sum(isinstance(kept, tuple) for kept in low.blocks) == 6  # every block: its smaller side is 2 or more
+    for full, kept in zip(directions.blocks, low.blocks):
+        optimal = np.linalg.svd(np.asarray(full), compute_uv=False)[..., 1:]  # the best rank-1 error, per block
+        error = np.linalg.norm(np.asarray(kept[0] @ jnp.swapaxes(kept[1], -1, -2) - full), axis=(-2, -1))
+        np.testing.assert_array_less(error, 1.01 * np.sqrt((optimal**2).sum(-1)) + 1e-12)
+    rebuilt = influence.FactoredDirections(
+        tuple(left @ jnp.swapaxes(right, -1, -2) for left, right in low.blocks), low.rest, low.layers,
+        low.rest_leaves, low.model, low.embeddings,
+    )  # fmt: skip
+    np.testing.assert_allclose(scored(low), scored(rebuilt), rtol=1e-10, atol=1e-14 * np.abs(flat).max())
+
+    half, _ = influence.query_directions(None, params, queries, inverse, score_dtype="bfloat16")
+    assert all(block.dtype == jnp.bfloat16 for block in half.blocks) and half.rest.dtype == jnp.bfloat16
+    np.testing.assert_allclose(scored(half), flat, rtol=0, atol=2e-2 * np.abs(flat).max())
+
+
+def test_query_rank_and_score_dtype_need_kronecker_factors():
+    params, data = jnp.ones(2), (jnp.ones((3, 2)), jnp.ones(3))
+    loss = lambda w, ex: (ex[0] @ w - ex[1]) ** 2
+    with pytest.raises(ValueError, match="query_rank and score_dtype keep Kronecker-factored"):
+        influence.pairwise_scores(loss, params, data, data, method="identity", query_rank=2)
+    model = (lambda p, x: x @ p, hvpopt.losses.squared_error)
+    data = (jnp.ones((3, 2)), jnp.ones((3, 1)))
+    with pytest.raises(ValueError, match="score_dtype must be one of"):
+        influence.pairwise_scores(None, jnp.ones((2, 1)), data, data, method="kfac", curvature="ggn", model=model,
+                                  damping=1.0, score_dtype="int8")  # fmt: skip
