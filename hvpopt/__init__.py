@@ -1,7 +1,7 @@
 """hvpopt: second-order optimization in JAX.
 
 The library, each layer importing only the ones above it:
-  types, tree, losses, sharding, jacobians   shared pieces
+  types, tree, losses, sharding, jacobians, compiled_memory   shared pieces
   frameworks   Flax NNX, Linen and Equinox models as (model_fn, params)
   curvature    Hessian, Gauss-Newton and Fisher products, operators averaged over data, K-FAC/EK-FAC
   linalg       cg, lissa, eigsh, trace, spectral_density, diagonals, dense matrices
@@ -26,15 +26,17 @@ __version__ = "0.2.0"
 # The names packed to keep this file on one screen; each subpackage's __all__ lists them one per line.
 # fmt: off
 from hvpopt import _moved
-from hvpopt import curvature, frameworks, influence, jacobians, linalg, losses, optim, sharding, spectrum, tree, types
+from hvpopt import (compiled_memory, curvature, frameworks, influence, jacobians, linalg, losses, optim, sharding,
+                    spectrum, tree, types)
+from hvpopt.compiled_memory import ProgramMemory, program_memory
 from hvpopt.curvature import (FISHER_TARGETS, HVP_MODES, KRONECKER_KINDS, DenseLayer, KroneckerFactors,
                               KroneckerStatistics, LeafTreatment, TappedModel, average_over_batches,
                               average_over_chunks, empirical_fisher_operator, empirical_fisher_vp, find_dense_layers,
                               fisher_operator, fisher_vp, fit_kronecker_factors, ggn_operator, ggn_vp,
-                              hessian_operator, hvp, kronecker_factors, kronecker_from_arrays, kronecker_inverse,
-                              kronecker_operator, kronecker_statistics, kronecker_to_arrays, layer_coverage,
-                              mc_fisher_operator, mc_fisher_vp, output_hessian, sampled_gradient, sandwich_operator,
-                              tapped_model)
+                              hessian_operator, hvp, kronecker_factors, kronecker_fit_memory, kronecker_from_arrays,
+                              kronecker_inverse, kronecker_operator, kronecker_statistics, kronecker_to_arrays,
+                              layer_coverage, mc_fisher_operator, mc_fisher_vp, output_hessian, sampled_gradient,
+                              sandwich_operator, tapped_model)
 from hvpopt.frameworks import from_equinox, from_linen, from_nnx
 from hvpopt.jacobians import SpectralNorm, jacobian, jacobian_spectral_norm
 from hvpopt.linalg import (CGResult, CGStatus, EigshResult, LanczosDecomposition, LissaResult, LissaStatus,
@@ -49,7 +51,8 @@ from hvpopt.sharding import data_mesh, replicate, shard_batch, shard_params
 
 __all__ = [
     "curvature", "frameworks", "influence", "jacobians", "linalg", "losses", "optim", "sharding", "spectrum", "tree",
-    "types", "testbed", "cli", "from_equinox", "from_linen", "from_nnx",
+    "types", "testbed", "cli", "compiled_memory", "from_equinox", "from_linen", "from_nnx", "ProgramMemory",
+    "program_memory",
     *curvature.__all__, *linalg.__all__, *optim.__all__,
     "SpectralNorm", "jacobian", "jacobian_spectral_norm", "data_mesh", "replicate", "shard_batch", "shard_params",
 ]

@@ -285,8 +285,14 @@ def test_sampled_factors_converge_to_the_closed_form(mlp, mlp_closed_form):
     copies = jax.tree.map(lambda a: jnp.concatenate([a] * 500), (mlp.inputs, mlp.targets))  # error ~ 1/sqrt(500)
     sampled = hvpopt.fit_kronecker_factors(mlp.model_fn, CE, mlp.params, copies, kind="kfac", chunk_size=500)
     truth = kronecker_matrix(mlp_closed_form["kfac"], mlp.params)
-    estimate = kronecker_matrix(sampled, mlp.params)
-    assert np.linalg.norm(estimate - truth) / np.linalg.norm(truth) < 0.1
+    error = lambda factors: np.linalg.norm(kronecker_matrix(factors, mlp.params) - truth) / np.linalg.norm(truth)
+    assert error(sampled) < 0.1
+    data = (mlp.inputs, mlp.targets)  # as many labels drawn per example instead of copies of it
+    fit = lambda samples: hvpopt.fit_kronecker_factors(mlp.model_fn, CE, mlp.params, data, kind="kfac",
+                                                       mc_samples=samples)  # fmt: skip
+    assert error(fit(500)) < 0.1 and error(fit(500)) < error(fit(1)) / 4
+    with pytest.raises(ValueError, match="mc_samples draws labels: it is for fisher='sampled', not 'empirical'"):
+        hvpopt.fit_kronecker_factors(mlp.model_fn, CE, mlp.params, data, fisher="empirical", mc_samples=2)
 
 
 def test_chunked_equals_unchunked_and_padding_changes_nothing():

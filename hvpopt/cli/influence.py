@@ -136,6 +136,13 @@ def add_parser(commands) -> None:
         "(classifiers), or the data's (empirical)",
     )
     parser.add_argument(
+        "--mc-samples",
+        type=flags.positive_int,
+        default=None,
+        metavar="S",
+        help=f"kfac/ekfac with --fisher sampled: labels drawn per example (default {influence.DEFAULT_MC_SAMPLES})",
+    )
+    parser.add_argument(
         "--factors",
         metavar="DIR",
         help="kfac/ekfac: reuse the factors a finished run on the same checkpoint wrote to DIR (its --out)",
@@ -428,6 +435,8 @@ def _settings(args, problem: Problem) -> dict:
         raise ValueError(f"--method {factored[0]} factors the Gauss-Newton matrix: use --curvature ggn.")
     if factored and not damping > 0:
         raise ValueError(f"--damping must be > 0 for --method {factored[0]} (a layer's eigenvalues may be 0).")
+    if args.mc_samples is not None and args.fisher != "sampled":
+        raise ValueError(f"--mc-samples draws labels: it is for --fisher sampled, not --fisher {args.fisher}.")
     if (args.query_rank or args.score_dtype) and not factored:
         flag = "--query-rank" if args.query_rank else "--score-dtype"
         raise ValueError(f"{flag} keeps Kronecker-factored layers' directions: use it with --method kfac or ekfac.")
@@ -458,6 +467,9 @@ def _settings(args, problem: Problem) -> dict:
         "validate_examples": args.validate_examples if args.action == "validate" and not lds else None,
         "lds": _lds_settings(args, problem, methods) if lds else None,
         "fisher": args.fisher if factored else None,
+        "mc_samples": (args.mc_samples or influence.DEFAULT_MC_SAMPLES)
+        if factored and args.fisher == "sampled"
+        else None,
         "query_rank": args.query_rank,
         "score_dtype": args.score_dtype,
     }
@@ -468,7 +480,7 @@ def _settings(args, problem: Problem) -> dict:
 
 def _factors_fingerprint(settings: dict) -> dict:
     """What K-FAC factors depend on: the model and its parameters, the curvature examples, the labels' draw."""
-    keys = ("method", "fisher", "curvature_examples", "seed", "source", "params_sha256", "train_sha256")
+    keys = ("method", "fisher", "mc_samples", "curvature_examples", "seed", "source", "params_sha256", "train_sha256")
     return {key: settings[key] for key in keys}
 
 
@@ -584,6 +596,7 @@ def _fit_factors(problem: Problem, settings: dict, work: str) -> tuple[influence
             model=problem.model,
             chunk_size=settings["chunk_size"],
             fisher=settings["fisher"],
+            mc_samples=settings["mc_samples"] or 1,
             key=jax.random.key(settings["seed"]),
             mesh=problem.mesh,
         ).factors

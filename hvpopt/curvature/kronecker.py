@@ -57,6 +57,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from hvpopt import _checks, sharding
+from hvpopt.compiled_memory import ProgramMemory, program_memory
 from hvpopt.curvature.averaged import average_over_chunks
 from hvpopt.curvature.dense_layers import DenseLayer, scatter
 from hvpopt.curvature.fisher import weighted_score
@@ -67,8 +68,8 @@ from hvpopt.sharding import DATA_AXIS
 from hvpopt.types import MatVec, PyTree
 
 __all__ = ["FISHER_TARGETS", "KRONECKER_KINDS", "KroneckerFactors", "KroneckerStatistics", "fit_kronecker_factors",
-           "kronecker_factors", "kronecker_from_arrays", "kronecker_inverse", "kronecker_operator",
-           "kronecker_statistics", "kronecker_to_arrays"]  # fmt: skip
+           "kronecker_factors", "kronecker_fit_memory", "kronecker_from_arrays", "kronecker_inverse",
+           "kronecker_operator", "kronecker_statistics", "kronecker_to_arrays"]  # fmt: skip
 
 #: How the output gradients are drawn: labels sampled from the model, the output Hessian's columns, the data's labels.
 FISHER_TARGETS = ("sampled", "closed_form", "empirical")
@@ -147,6 +148,7 @@ def fit_kronecker_factors(
     chunk_size: int = 64,
     mesh: Mesh | None = None,
     embeddings: bool = False,
+    mc_samples: int = 1,
 ) -> KroneckerFactors:
     """Fits K-FAC or EK-FAC to the Gauss-Newton / Fisher matrix of the mean loss over ``data``.
 
@@ -175,6 +177,9 @@ def fit_kronecker_factors(
       mesh: a :class:`jax.sharding.Mesh` to split the examples over.
       embeddings: embedding tables are Kronecker-factored layers too, their input factor the token
         frequencies (:func:`hvpopt.find_dense_layers`); else diagonal.
+      mc_samples: ``fisher="sampled"``: labels drawn per example (and per position), their outer
+        products averaged: the sampled Fisher's noise falls as ``1 / mc_samples``, its cost grows
+        with it (one backward pass per sample).
 
     Returns:
       The :class:`KroneckerFactors`.
@@ -191,11 +196,36 @@ def fit_kronecker_factors(
       {'b': (2,), 'w': (3, 2)}
     """
     _checks.check_choice("kind", kind, KRONECKER_KINDS)
-    data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embeddings)
+    data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embeddings, mc_samples)
     factors = _fit(params, data, model_fn=model_fn, loss=loss, kind=kind, fisher=fisher, chunk_size=chunk_size,
-                   mesh=mesh, embeddings=embeddings)  # fmt: skip
+                   mesh=mesh, embeddings=embeddings, mc_samples=mc_samples)  # fmt: skip
     _check_finite(factors)
     return factors
+
+
+def kronecker_fit_memory(
+    model_fn: Callable,
+    loss: Loss,
+    params: PyTree,
+    data: tuple[Any, Any],
+    *,
+    kind: str = "ekfac",
+    fisher: str = "sampled",
+    key: jax.Array | None = None,
+    chunk_size: int = 64,
+    mesh: Mesh | None = None,
+    embeddings: bool = False,
+    mc_samples: int = 1,
+) -> ProgramMemory | None:
+    """The memory :func:`fit_kronecker_factors` with these arguments will take, compiled and not run.
+
+    Its outputs are the factors; its temporaries hold one chunk's activations and gradients. The fit
+    that follows at the same arguments reuses the compilation.
+    """
+    _checks.check_choice("kind", kind, KRONECKER_KINDS)
+    data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embeddings, mc_samples)
+    return program_memory(_fit, params, data, model_fn=model_fn, loss=loss, kind=kind, fisher=fisher,
+                          chunk_size=chunk_size, mesh=mesh, embeddings=embeddings, mc_samples=mc_samples)  # fmt: skip
 
 
 def kronecker_statistics(
@@ -209,6 +239,7 @@ def kronecker_statistics(
     chunk_size: int = 64,
     mesh: Mesh | None = None,
     embeddings: bool = False,
+    mc_samples: int = 1,
 ) -> KroneckerStatistics:
     """K-FAC's second moments ``A`` and ``G`` per layer (and the diagonal elsewhere) over ``data``.
 
@@ -226,9 +257,9 @@ def kronecker_statistics(
       >>> [a.shape for a in stats.input_moments], [g.shape for g in stats.output_moments]
       ([(4, 4)], [(2, 2)])
     """
-    data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embeddings)
+    data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embeddings, mc_samples)
     return _statistics(params, data, model_fn=model_fn, loss=loss, fisher=fisher, chunk_size=chunk_size, mesh=mesh,
-                       embeddings=embeddings)  # fmt: skip
+                       embeddings=embeddings, mc_samples=mc_samples)  # fmt: skip
 
 
 def kronecker_factors(statistics: KroneckerStatistics) -> KroneckerFactors:
@@ -250,7 +281,7 @@ def kronecker_factors(statistics: KroneckerStatistics) -> KroneckerFactors:
     )  # fmt: skip
 
 
-def _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embeddings) -> tuple[tuple, int]:
+def _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embeddings, mc_samples) -> tuple[tuple, int]:
     """Checks the arguments; ``(inputs, targets, keys, example weights)`` padded to whole chunks, and the chunk size.
 
     Chunks of equal size, as many as ``chunk_size`` asks for, padded with weight-0 copies of the
@@ -258,6 +289,9 @@ def _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embed
     """
     _checks.check_choice("fisher", fisher, FISHER_TARGETS)
     _checks.check_positive_int("chunk_size", chunk_size)
+    _checks.check_positive_int("mc_samples", mc_samples)
+    if mc_samples > 1 and fisher != "sampled":
+        raise ValueError(f"mc_samples draws labels: it is for fisher='sampled', not {fisher!r}; leave it at 1.")
     _checks.check_floating("params", params)
     if not isinstance(loss, Loss):
         raise TypeError(
@@ -314,17 +348,26 @@ def _check_finite(factors: KroneckerFactors) -> None:
         return  # fitted inside a traced function (an optimizer step): the caller's step checks its numbers
     arrays = [*factors.eigenvalues, *factors.input_bases, *factors.output_bases, *factors.diagonal]
     names = [layer.name for layer in factors.layers] * 3 + ["a diagonal leaf"] * len(factors.diagonal)
-    for name, array in zip(names, arrays):
-        if array is not None and not bool(jnp.all(jnp.isfinite(array))):
+    finite = np.asarray(_all_finite([array for array in arrays if array is not None]))  # one program, one transfer
+    named = [name for name, array in zip(names, arrays) if array is not None]
+    for name, ok in zip(named, finite):
+        if not ok:
             raise ValueError(
                 f"the Kronecker factors of {name} are not finite: the activations or gradients hold NaN or "
                 "inf at these parameters and data."
             )
 
 
-@jax.jit(static_argnames=("model_fn", "loss", "fisher", "chunk_size", "mesh", "embeddings"))
-def _statistics(params, data, *, model_fn, loss, fisher, chunk_size, mesh, embeddings) -> KroneckerStatistics:
-    stats_fn = lambda p, chunk: _factor_statistics(model_fn, loss, fisher, embeddings, p, chunk)
+@jax.jit
+def _all_finite(arrays: list) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(array)) for array in arrays])
+
+
+@jax.jit(static_argnames=("model_fn", "loss", "fisher", "chunk_size", "mesh", "embeddings", "mc_samples"))
+def _statistics(
+    params, data, *, model_fn, loss, fisher, chunk_size, mesh, embeddings, mc_samples
+) -> KroneckerStatistics:
+    stats_fn = lambda p, chunk: _factor_statistics(model_fn, loss, (fisher, mc_samples), embeddings, p, chunk)
     stats = _average(stats_fn, params, data, chunk_size, mesh)
     layers = _layers(model_fn, params, data, embeddings)
     covered = {leaf for layer in layers for leaf in (layer.weight, layer.bias) if leaf is not None}
@@ -345,8 +388,8 @@ def _average(stats_fn: Callable, operand: PyTree, data: tuple, chunk_size: int, 
     return jax.tree.map(lambda x: x * (weights.shape[0] / jnp.sum(weights)), total)
 
 
-@jax.jit(static_argnames=("model_fn", "loss", "kind", "fisher", "chunk_size", "mesh", "embeddings"))
-def _fit(params, data, *, model_fn, loss, kind, fisher, chunk_size, mesh, embeddings) -> KroneckerFactors:
+@jax.jit(static_argnames=("model_fn", "loss", "kind", "fisher", "chunk_size", "mesh", "embeddings", "mc_samples"))
+def _fit(params, data, *, model_fn, loss, kind, fisher, chunk_size, mesh, embeddings, mc_samples) -> KroneckerFactors:
     factors = kronecker_factors(
         _statistics(
             params,
@@ -357,12 +400,14 @@ def _fit(params, data, *, model_fn, loss, kind, fisher, chunk_size, mesh, embedd
             chunk_size=chunk_size,
             mesh=mesh,
             embeddings=embeddings,
+            mc_samples=mc_samples,
         )  # fmt: skip
     )
     if kind == "kfac":
         return factors
     bases = (factors.input_bases, factors.output_bases)
-    correct_fn = lambda operand, chunk: _eigenvalue_statistics(model_fn, loss, fisher, embeddings, *operand, chunk)
+    pseudo = (fisher, mc_samples)
+    correct_fn = lambda operand, chunk: _eigenvalue_statistics(model_fn, loss, pseudo, embeddings, *operand, chunk)
     eigenvalues = _average(correct_fn, (params, bases), data, chunk_size, mesh)
     return dataclasses.replace(factors, eigenvalues=tuple(eigenvalues), kind="ekfac")
 
@@ -386,12 +431,12 @@ def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.maximum(values, 0.0).reshape(matrix.shape[:-1]), vectors.reshape(matrix.shape)
 
 
-def _example_gradients(model_fn, loss, fisher, params, chunk, *, tapped: TappedModel | None):
+def _example_gradients(model_fn, loss, pseudo, params, chunk, *, tapped: TappedModel | None):
     """Per example of ``chunk``, vmapped: ``(activations, cotangents, weights)``.
 
-    ``cotangents`` is ``(parameter cotangents, output cotangents)`` with ``tapped``, else
-    ``(parameter cotangents,)``; each has a leading axis of pseudo-target columns (1, or ``K``
-    for the closed form).
+    ``pseudo`` is ``(fisher, mc_samples)``. ``cotangents`` is ``(parameter cotangents, output
+    cotangents)`` with ``tapped``, else ``(parameter cotangents,)``; each has a leading axis of
+    pseudo-target columns (``mc_samples``, or ``K`` for the closed form).
     """
     inputs, targets, keys = chunk
 
@@ -405,7 +450,7 @@ def _example_gradients(model_fn, loss, fisher, params, chunk, *, tapped: TappedM
             zeros = tuple(jnp.zeros(shape, _dtype(params)) for shape in tapped.perturbation_shapes)
             outputs, pullback, activations = jax.vjp(lambda p, e: tapped.run(p, x, e), params, zeros, has_aux=True)
         weights = loss.weights(outputs, t)
-        columns = _pseudo_target_columns(loss, fisher, outputs, t, weights, key)
+        columns = _pseudo_target_columns(loss, pseudo, outputs, t, weights, key)
         cotangents = jax.vmap(pullback)(columns)
         return activations, cotangents, weights
 
@@ -416,25 +461,30 @@ def _dtype(params) -> Any:
     return jnp.result_type(*jax.tree.leaves(params))
 
 
-def _pseudo_target_columns(loss: Loss, fisher: str, outputs, targets, weights, key) -> jax.Array:
+def _pseudo_target_columns(loss: Loss, pseudo: tuple[str, int], outputs, targets, weights, key) -> jax.Array:
     """``[S, *outputs.shape]``: the output vectors whose backpropagation gives the pseudo-gradients.
 
-    ``E[sum_s c_s c_s^T] = diag(w) H_L`` per position, ``H_L`` the unweighted output Hessian.
+    ``pseudo`` is ``(fisher, mc_samples)``. ``E[sum_s c_s c_s^T] = diag(w) H_L`` per position,
+    ``H_L`` the unweighted output Hessian; ``S`` sampled labels are each scaled by ``1 / sqrt(S)``.
     """
+    fisher, samples = pseudo
     if fisher == "closed_form":
         root = jnp.sqrt(weights)[..., None, None]
         return jnp.moveaxis(loss.output_hessian_factor(outputs) * root, -1, 0)
-    labels = targets if fisher == "empirical" else loss.sample_targets(key, outputs, targets)
-    return weighted_score(loss, outputs, targets, labels)[None]
+    if fisher == "empirical":
+        return weighted_score(loss, outputs, targets, targets)[None]
+    draw = lambda k: weighted_score(loss, outputs, targets, loss.sample_targets(k, outputs, targets))
+    keys = key[None] if samples == 1 else jax.random.split(key, samples)  # one sample: the labels of before
+    return jax.vmap(draw)(keys) / jnp.sqrt(jnp.asarray(samples, outputs.dtype))
 
 
-def _factor_statistics(model_fn, loss, fisher, embeddings, params, chunk) -> dict:
+def _factor_statistics(model_fn, loss, pseudo, embeddings, params, chunk) -> dict:
     """The chunk's mean per example of ``(sum_p m_p a a^T, sum_p m_p, sum_p g g^T)`` per layer, and of
     the squared parameter gradients (the diagonal); a padding example (weight 0) adds nothing."""
     *chunk, example_weights = chunk
     tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], chunk[0]), embeddings=embeddings)
     activations, (param_cot, output_cot), weights = _example_gradients(
-        model_fn, loss, fisher, params, chunk, tapped=tapped
+        model_fn, loss, pseudo, params, chunk, tapped=tapped
     )
     size, dtype = example_weights.shape[0], _dtype(params)
     layers = []
@@ -481,12 +531,12 @@ def _rotate_back(q_a: jax.Array | None, coordinates: jax.Array, q_g: jax.Array) 
     return back if q_a is None else q_a @ back
 
 
-def _eigenvalue_statistics(model_fn, loss, fisher, embeddings, params, bases, chunk) -> tuple:
+def _eigenvalue_statistics(model_fn, loss, pseudo, embeddings, params, bases, chunk) -> tuple:
     """EK-FAC: the chunk's mean of ``sum_s (Q_A^T grad_W Q_G)^2`` per layer, from per-example gradients."""
     tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], chunk[0]), embeddings=embeddings)
     inputs, targets, keys, example_weights = chunk
     fresh = jax.vmap(lambda k: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(k), 1)))(keys)
-    _, cotangents, _ = _example_gradients(model_fn, loss, fisher, params, (inputs, targets, fresh), tapped=None)
+    _, cotangents, _ = _example_gradients(model_fn, loss, pseudo, params, (inputs, targets, fresh), tapped=None)
     (param_cot,) = cotangents
     leaves = jax.tree.leaves(param_cot)  # each [c, S, *leaf]
     out = []

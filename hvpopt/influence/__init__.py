@@ -21,6 +21,7 @@ from hvpopt.influence.factored import (
 from hvpopt.influence.gradients import flat_example_gradients, gradient_chunks
 from hvpopt.influence.inverse_curvature import (
     CURVATURES,
+    DEFAULT_MC_SAMPLES,
     MAX_EXACT_PARAMETERS,
     METHODS,
     InverseCurvature,
@@ -47,6 +48,7 @@ from hvpopt.influence.validation import (
 
 __all__ = [
     "CURVATURES",
+    "DEFAULT_MC_SAMPLES",
     "FactoredDirections",
     "MAX_EXACT_PARAMETERS",
     "METHODS",

@@ -56,6 +56,11 @@ METHODS = ("exact", "cg", "lissa", "arnoldi", "kfac", "ekfac", "identity")
 CURVATURES = ("hessian", "ggn")
 #: ``method="exact"`` refuses more parameters than this (the dense matrix has ``P^2`` entries).
 MAX_EXACT_PARAMETERS = 5000
+#: Labels drawn per example for ``kfac``/``ekfac``'s sampled Fisher. Measured against the closed form
+#: (``benchmarks/bench_fisher_samples.py``): on a digits MLP the mean per-query Pearson of EK-FAC's
+#: scores went from 0.913 with one label to 0.968 with 4 (0.976 with 16), for 0.45 s more fitting; on
+#: the default language model, against 16 labels, from 0.995 to 0.999, in about the same fit time.
+DEFAULT_MC_SAMPLES = 4
 
 
 class InverseCurvature(NamedTuple):
@@ -149,6 +154,7 @@ def fit_inverse_curvature(
     key: jax.Array | None = None,
     mesh: Mesh | None = None,
     embeddings: bool = False,
+    mc_samples: int | None = None,
 ) -> InverseCurvature:
     """Fits ``(H + damping I)^{-1}`` for the curvature ``H`` of the mean loss over ``data``.
 
@@ -177,6 +183,8 @@ def fit_inverse_curvature(
         labels (default ``jax.random.key(0)``).
       embeddings: ``kfac``/``ekfac``: embedding tables are Kronecker-factored too
         (:func:`hvpopt.fit_kronecker_factors`).
+      mc_samples: ``kfac``/``ekfac`` with ``fisher="sampled"``: labels drawn per example
+        (:func:`hvpopt.fit_kronecker_factors`); default :data:`DEFAULT_MC_SAMPLES`, else 1.
 
     The compiled solvers are cached per ``loss_fn``, ``model``, ``curvature``,
     ``chunk_size`` and ``mesh`` (static arguments of ``jax.jit``): fitting the
@@ -214,6 +222,7 @@ def fit_inverse_curvature(
             chunk_size=chunk_size,
             mesh=mesh,
             embeddings=embeddings,
+            mc_samples=(DEFAULT_MC_SAMPLES if fisher == "sampled" else 1) if mc_samples is None else mc_samples,
         )
         diagnostics = {"num_layers": len(factors.layers), "factor_bytes": factors.nbytes}
         return InverseCurvature(
