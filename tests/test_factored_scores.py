@@ -88,3 +88,21 @@ def test_query_rank_and_score_dtype_need_kronecker_factors():
     with pytest.raises(ValueError, match="score_dtype must be one of"):
         influence.pairwise_scores(None, jnp.ones((2, 1)), data, data, method="kfac", curvature="ggn", model=model,
                                   damping=1.0, score_dtype="int8")  # fmt: skip
+
+
+def test_the_memory_said_before_the_run_is_that_of_the_factors_and_directions_it_makes():
+    model, params, data = (structured_model, CE), structured_params(), structured_data(20)
+    queries = jax.tree.map(lambda x: x[:3], data)
+    said = hvpopt.kronecker_fit_memory(*model, params, data, chunk_size=8)
+    factors = hvpopt.fit_kronecker_factors(*model, params, data, chunk_size=8)
+    pointers = 8 * len(jax.tree.leaves(factors))  # XLA's output size counts the table of the outputs too
+    assert said.outputs == factors.nbytes + pointers and said.temporaries > 0
+    like = influence.factored_directions_like(model, params, data[0][:1], 3, query_rank=1)
+    made = influence.factored_query_directions(model, params, queries, factors, 0.1, query_rank=1)
+    shapes = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+    assert shapes(like) == shapes(made) and jax.tree.structure(like) == jax.tree.structure(made)
+    stages = influence.kronecker_memory(model, params, data, data, 3, chunk_size=8, query_rank=1)
+    params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    assert stages["fit"] == said.total - params_bytes
+    assert stages["query directions"] == said.outputs + made.nbytes + 3 * params_bytes
+    assert stages["scoring"] > said.outputs + made.nbytes

@@ -211,10 +211,15 @@ def test_ekfac_writes_its_factors_and_a_later_run_reuses_them(blobs, tmp_path, c
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     assert cli.main([*args, "--out", first]) == 0
     assert {"factors.npz", "factors.json"} <= set(os.listdir(first))
+    memory = json.load(open(os.path.join(first, "metadata.json")))["memory"]  # estimated before, measured after
+    assert set(memory["stages_bytes"]) == {"fit", "query directions", "scoring"}
+    assert memory["held_before_bytes"] < memory["estimated_peak_bytes"] and memory["measured_peak_bytes"] > 0
     capsys.readouterr()
     assert cli.main([*args, "--factors", first, "--out", second, "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["factors_from"] == os.path.join(first, "factors.npz") and "fitting" not in capsys.readouterr().err
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["factors_from"] == os.path.join(first, "factors.npz") and "fitting" not in captured.err
+    assert "memory, estimated: query directions" in captured.err  # no fit stage: the factors are read
     scores = [np.load(os.path.join(out, "scores.npy")) for out in (first, second)]
     np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5, atol=1e-8)
     third = tmp_path / "third"  # factors of another fit: refused before any work
@@ -249,6 +254,8 @@ def bad_file(tmp_path, text):
         (lambda lm, tmp: ["--checkpoint", lm, "--method", "kfac", "--curvature", "hessian"], "use --curvature ggn"),
         (lambda lm, tmp: ["--checkpoint", lm, "--method", "ekfac", "--factors", str(tmp)], "holds no factors.npz"),
         (lambda lm, tmp: ["--checkpoint", lm, "--method", "cg", "--query-rank", "4"], "--query-rank keeps Kronecker"),
+        (lambda lm, tmp: ["--checkpoint", lm, "--max-memory", "1MB"], "--max-memory 1 MB: this run would need about"),
+        (lambda lm, tmp: ["--checkpoint", lm, "--max-memory", "4 bytes"], "expected a size such as 4GB"),
         (
             lambda lm, tmp: ["validate", "--checkpoint", lm, "--curvature", "hessian"],
             "Bregman response, which Gauss-Newton influence estimates: use --curvature ggn.",

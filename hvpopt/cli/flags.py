@@ -57,6 +57,19 @@ def positive_float(text: str) -> float:
     return _bounded_float(text, lambda x: x > 0, "a finite number > 0")
 
 
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}  # fmt: skip
+
+
+def byte_size(text: str) -> int:
+    """An ``argparse`` type: a memory size, ``4GB``, ``500MB``, ``4G`` or bytes (units of 1024)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS or not float(match.group(1)) > 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4GB, 500MB or 4G; got {text!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 def fraction(text: str) -> float:
     """An ``argparse`` type: a number in ``[0, 1)``."""
     return _bounded_float(text, lambda x: 0 <= x < 1, "a number in [0, 1)")

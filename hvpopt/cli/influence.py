@@ -13,6 +13,7 @@ import dataclasses
 import io
 import json
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -160,6 +161,14 @@ def add_parser(commands) -> None:
         default=None,
         help="kfac/ekfac: the dtype query directions are stored and scores contracted in (default: the model's)",
     )
+    parser.add_argument(
+        "--max-memory",
+        type=flags.byte_size,
+        default=None,
+        metavar="SIZE",
+        help="kfac/ekfac scores: refuse to start a run whose estimated peak memory (printed before the work) is "
+        "above SIZE, e.g. 4GB",
+    )
     parser.add_argument("--cg-iterations", type=flags.positive_int, default=50)
     parser.add_argument(
         "--rank",
@@ -271,11 +280,16 @@ def _run(args) -> dict:
         )
     if args.action == "validate":
         _check_validate(problem, settings)
+    args.memory = _memory(args, problem, settings)  # checked against --max-memory before any work
     print(
         f"influence ({args.action}, {settings['method']}, {settings['curvature']}, damping "
         f"{settings['damping']:g}) on {problem.description}",
         file=sys.stderr,
     )
+    if args.memory:
+        said = ", ".join(f"{stage} {_size(size)}" for stage, size in args.memory["stages_bytes"].items())
+        held, peak = args.memory["held_before_bytes"], args.memory["estimated_peak_bytes"]
+        print(f"memory, estimated: {said}; peak about {_size(peak)} with the {_size(held)} held now", file=sys.stderr)
     with chunk_store.work_folder(args.out, settings) as work:
         validate = _lds if settings["metric"] == "lds" else _validate
         return {"score": _score, "self": _self, "validate": validate}[args.action](args, problem, settings, work)
@@ -616,6 +630,71 @@ def _fit_factors(problem: Problem, settings: dict, work: str) -> tuple[influence
         apply, settings["method"], settings["damping"], None, None, {}, factors, problem.model
     )
     return inverse, dict(diagnostics)
+
+
+def _memory(args, problem: Problem, settings: dict) -> dict | None:
+    """K-FAC / EK-FAC scores: each stage's estimated bytes beyond what this process holds now, refused
+    above ``--max-memory``; None for the other runs (not estimated)."""
+    if args.action != "score" or settings["method"] not in ("kfac", "ekfac"):
+        if args.max_memory:
+            raise ValueError("--max-memory is estimated for 'score' with --method kfac or ekfac only.")
+        return None
+    cached = settings.get("factors") or os.path.join(args.out, chunk_store.PARTIAL, FACTORS)
+    fitted = None
+    if os.path.exists(cached):
+        with np.load(cached, allow_pickle=False) as saved:
+            fitted = sum(saved[name].nbytes for name in saved.files)
+    subset = _curvature_subset(problem, settings)
+    stages = influence.kronecker_memory(
+        problem.model,
+        problem.params,
+        (subset.inputs, subset.targets),
+        _examples(problem.train),
+        problem.queries.num_examples,
+        factors_bytes=fitted,
+        kind=settings["method"],
+        fisher=settings["fisher"],
+        mc_samples=settings["mc_samples"] or 1,
+        chunk_size=settings["chunk_size"],
+        mesh=problem.mesh,
+        query_rank=settings["query_rank"],
+        score_dtype=settings["score_dtype"],
+    )
+    if not stages:
+        return None
+    held = _resident_bytes()
+    peak = held + max(stages.values())
+    if args.max_memory and peak > args.max_memory:
+        largest = max(stages, key=stages.get)
+        remedy = {
+            "fit": "lower --chunk-size (a chunk of curvature examples is held at once)",
+            "query directions": "pass --query-rank 32 or --score-dtype bfloat16, or score fewer queries",
+            "scoring": "lower --chunk-size, or pass --query-rank 32 or --score-dtype bfloat16",
+        }[largest]
+        raise ValueError(
+            f"--max-memory {_size(args.max_memory)}: this run would need about {_size(peak)} at its peak "
+            f"({largest}: {_size(stages[largest])} beyond the {_size(held)} held now); {remedy}."
+        )
+    return {"stages_bytes": stages, "held_before_bytes": held, "estimated_peak_bytes": peak}
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as file:
+            return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return _peak_resident_bytes()
+
+
+def _peak_resident_bytes() -> int:
+    """This process's peak resident memory so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**30:.2f} GB" if size >= 2**30 else f"{size / 2**20:.0f} MB"
 
 
 def _factor_outputs(work: str) -> dict:
@@ -1056,6 +1135,7 @@ def _finish(args, problem: Problem, settings: dict, diagnostics: dict, rows, out
         "devices": problem.mesh.size,
         "versions": {"hvpopt": hvpopt.__version__, "jax": jax.__version__},
         "seconds": {**args.clock.seconds(), "compilation_cache": jax.config.jax_compilation_cache_dir},
+        "memory": {**(args.memory or {}), "measured_peak_bytes": _peak_resident_bytes()},
     }
     chunk_store.write_json(os.path.join(args.out, METADATA), metadata)
     return {

@@ -15,8 +15,10 @@ from hvpopt.influence.example_loss import check_example_loss, example_loss
 from hvpopt.influence.factored import (
     SCORE_DTYPES,
     FactoredDirections,
+    factored_directions_like,
     factored_query_directions,
     factored_score_blocks,
+    factored_scoring_memory,
 )
 from hvpopt.influence.gradients import flat_example_gradients, gradient_chunks
 from hvpopt.influence.inverse_curvature import (
@@ -30,6 +32,7 @@ from hvpopt.influence.inverse_curvature import (
     fit_inverse_curvature,
     kronecker_inverse_rows,
 )
+from hvpopt.influence.memory import kronecker_memory
 from hvpopt.influence.proximal_bregman import proximal_bregman_response
 from hvpopt.influence.scores import (
     pairwise_scores,
@@ -62,13 +65,16 @@ __all__ = [
     "datamodel_subsets",
     "eigen_inverse",
     "example_loss",
+    "factored_directions_like",
     "factored_query_directions",
     "factored_score_blocks",
+    "factored_scoring_memory",
     "fit_inverse_curvature",
     "flat_example_gradients",
     "flipped_label_recall",
     "gradient_chunks",
     "kronecker_inverse_rows",
+    "kronecker_memory",
     "leave_one_out_changes",
     "linear_datamodeling_score",
     "pairwise_scores",

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hvpopt import _checks, sharding
+from hvpopt.compiled_memory import ProgramMemory, program_memory
 from hvpopt.curvature.dense_layers import DenseLayer
 from hvpopt.curvature.kronecker import KroneckerFactors, kronecker_inverse
 from hvpopt.curvature.tapped import tapped_model
@@ -37,7 +38,8 @@ from hvpopt.influence.example_loss import example_loss
 from hvpopt.influence.gradients import padded_chunks
 from hvpopt.types import PyTree
 
-__all__ = ["SCORE_DTYPES", "FactoredDirections", "factored_query_directions", "factored_score_blocks"]
+__all__ = ["SCORE_DTYPES", "FactoredDirections", "factored_directions_like", "factored_query_directions",
+           "factored_score_blocks", "factored_scoring_memory"]  # fmt: skip
 
 #: The dtypes scores may be contracted in (``score_dtype``); the products accumulate in float32 or wider.
 SCORE_DTYPES = ("float64", "float32", "bfloat16", "float16")
@@ -147,10 +149,61 @@ def factored_score_blocks(
     :class:`FactoredDirections`; arguments as there.
     """
     num_train = _checks.leading_size("train", train)
-    params = params if mesh is None else sharding.replicate(params, mesh)
-    gathered = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    params, directions, gathered = _placed(params, directions, mesh)
     for first, count, chunk in padded_chunks(tuple(train), chunk_size=chunk_size, start=start, mesh=mesh):
         yield first, _chunk_scores(params, chunk, directions, num_train, gathered)[:, :count]
+
+
+def factored_directions_like(
+    model: tuple[Callable, Callable],
+    params: PyTree,
+    inputs: Any,
+    num_queries: int,
+    *,
+    query_rank: int | None = None,
+    score_dtype: str | None = None,
+    embeddings: bool = False,
+) -> FactoredDirections:
+    """The shapes and dtypes (:class:`jax.ShapeDtypeStruct`) of :func:`factored_query_directions`' result,
+    without computing it; ``inputs`` are one example's, with a leading axis of 1."""
+    layers = tapped_model(model[0], params, inputs, embeddings=embeddings).layers
+    dtype = _score_dtype(score_dtype, params)
+    kept = tuple(layer for layer in layers if not layer.tied)
+    covered = {leaf for layer in kept for leaf in (layer.weight, layer.bias) if leaf is not None}
+    leaves = jax.tree.leaves(params)
+    rest = tuple(leaf for leaf in range(len(leaves)) if leaf not in covered)
+    like = lambda *shape: jax.ShapeDtypeStruct((num_queries, *shape), dtype)
+    blocks = []
+    for layer in kept:
+        rows = layer.in_features + (layer.bias is not None)
+        if query_rank is None or query_rank >= min(rows, layer.out_features):
+            blocks.append(like(*layer.stack, rows, layer.out_features))
+        else:
+            blocks.append((like(*layer.stack, rows, query_rank), like(*layer.stack, layer.out_features, query_rank)))
+    rest_size = sum(leaves[leaf].size for leaf in rest)
+    return FactoredDirections(tuple(blocks), like(rest_size), kept, rest, tuple(model), embeddings)
+
+
+def factored_scoring_memory(
+    params: PyTree, train: PyTree, directions: FactoredDirections, *, chunk_size: int = 64, mesh: Mesh | None = None
+) -> ProgramMemory | None:
+    """The memory of one chunk of :func:`factored_score_blocks` (compiled, not run; its arguments include
+    the parameters and the directions, which may be :func:`factored_directions_like`'s)."""
+    num_train = _checks.leading_size("train", train)
+    params, directions, gathered = _placed(params, directions, mesh)
+    _, _, chunk = next(padded_chunks(tuple(train), chunk_size=chunk_size, mesh=mesh))
+    return program_memory(_chunk_scores, params, chunk, directions, num_train, gathered)
+
+
+def _placed(params: PyTree, directions: FactoredDirections, mesh: Mesh | None) -> tuple:
+    """The parameters and directions on every device of ``mesh`` (shapes given for arrays, too), and the
+    sharding the scores are gathered to; as they were without a mesh."""
+    if mesh is None:
+        return params, directions, None
+    everywhere = NamedSharding(mesh, PartitionSpec())
+    place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere) if isinstance(
+        x, jax.ShapeDtypeStruct) else jax.device_put(x, everywhere)  # fmt: skip
+    return sharding.replicate(params, mesh), jax.tree.map(place, directions), everywhere
 
 
 def _score_dtype(score_dtype: str | None, params: PyTree) -> Any:

@@ -197,10 +197,7 @@ def fit_inverse_curvature(
     _checks.check_choice("curvature", curvature, CURVATURES)
     loss_fn = _one_loss(loss_fn, model, params, data)
     key = jax.random.key(0) if key is None else key
-    if mesh is not None:
-        params = sharding.replicate(params, mesh)
-        if _checks.leading_size("data", data) % sharding.axis_size(mesh) == 0:
-            data = sharding.shard_batch(data, mesh)
+    params, data = placed(params, data, mesh)
     num_params, damping = ravel_pytree(params)[0].size, float(damping)
     if method == "identity":
         return InverseCurvature(lambda rows: (rows, {}), method, damping, None, None, {})
@@ -283,6 +280,17 @@ def fit_inverse_curvature(
             ),
         },
     )
+
+
+def placed(params: PyTree, data: PyTree, mesh: Mesh | None) -> tuple[PyTree, PyTree]:
+    """``params`` copied to every device of ``mesh`` and ``data`` split over them (if its size is a multiple of
+    the devices), as a fit computes on them; unchanged without a mesh."""
+    if mesh is None:
+        return params, data
+    params = sharding.replicate(params, mesh)
+    if _checks.leading_size("data", data) % sharding.axis_size(mesh) == 0:
+        data = sharding.shard_batch(data, mesh)
+    return params, data
 
 
 class _FlatCurvature(NamedTuple):
