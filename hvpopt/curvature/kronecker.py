@@ -480,7 +480,8 @@ def _pseudo_target_columns(loss: Loss, pseudo: tuple[str, int], outputs, targets
 
 def _factor_statistics(model_fn, loss, pseudo, embeddings, params, chunk) -> dict:
     """The chunk's mean per example of ``(sum_p m_p a a^T, sum_p m_p, sum_p g g^T)`` per layer, and of
-    the squared parameter gradients (the diagonal); a padding example (weight 0) adds nothing."""
+    the squared parameter gradients of the leaves in no layer (the diagonal; None for the others, whose
+    per-example gradients are then never formed); a padding example (weight 0) adds nothing."""
     *chunk, example_weights = chunk
     tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], chunk[0]), embeddings=embeddings)
     activations, (param_cot, output_cot), weights = _example_gradients(
@@ -502,7 +503,11 @@ def _factor_statistics(model_fn, loss, pseudo, embeddings, params, chunk) -> dic
             a_sum = jnp.einsum("c...pi,cp,c...pj->...ij", a, mask.astype(a.dtype), a)
         g_sum = jnp.einsum("c,cs...pi,cs...pj->...ij", example_weights.astype(g.dtype), g, g)
         layers.append((a_sum / size, jnp.sum(mask) / size, g_sum / size))
-    diagonal = tuple(_weighted_mean(example_weights, x**2, (0, 1)) for x in jax.tree.leaves(param_cot))
+    covered = {leaf for layer in tapped.layers for leaf in (layer.weight, layer.bias) if leaf is not None}
+    diagonal = tuple(
+        None if leaf in covered else _weighted_mean(example_weights, x**2, (0, 1))
+        for leaf, x in enumerate(jax.tree.leaves(param_cot))
+    )
     return {"layers": tuple(layers), "diagonal": diagonal}
 
 
@@ -532,18 +537,56 @@ def _rotate_back(q_a: jax.Array | None, coordinates: jax.Array, q_g: jax.Array) 
 
 
 def _eigenvalue_statistics(model_fn, loss, pseudo, embeddings, params, bases, chunk) -> tuple:
-    """EK-FAC: the chunk's mean of ``sum_s (Q_A^T grad_W Q_G)^2`` per layer, from per-example gradients."""
+    """EK-FAC: the chunk's mean of ``sum_s (Q_A^T grad_W Q_G)^2`` per layer.
+
+    A layer's per-example gradient ``sum_p a_p g_p^T`` is formed in its eigenbasis from its inputs and
+    output gradients, one example at a time; a tied embedding's (whose lookups add to it) from the
+    parameter gradient of its leaf. No other per-example parameter gradient is formed.
+    """
     tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], chunk[0]), embeddings=embeddings)
     inputs, targets, keys, example_weights = chunk
     fresh = jax.vmap(lambda k: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(k), 1)))(keys)
-    _, cotangents, _ = _example_gradients(model_fn, loss, pseudo, params, (inputs, targets, fresh), tapped=None)
-    (param_cot,) = cotangents
-    leaves = jax.tree.leaves(param_cot)  # each [c, S, *leaf]
+    activations, (param_cot, output_cot), _ = _example_gradients(
+        model_fn, loss, pseudo, params, (inputs, targets, fresh), tapped=tapped
+    )
+    leaves = jax.tree.leaves(param_cot)  # each [c, S, *leaf]; only a tied layer's is computed
     out = []
-    for layer, q_a, q_g in zip(tapped.layers, *bases):
-        matrices = jax.vmap(jax.vmap(lambda *ls, layer=layer: layer.block(list(ls))))(*leaves)
-        out.append(_weighted_mean(example_weights, _rotate(q_a, matrices, q_g) ** 2, (0, 1)))
+    for layer, a, g, q_a, q_g in zip(tapped.layers, activations, output_cot, *bases):
+        if layer.tied:
+            matrices = jax.vmap(jax.vmap(lambda *ls, layer=layer: layer.block(list(ls))))(*leaves)
+            out.append(_weighted_mean(example_weights, _rotate(q_a, matrices, q_g) ** 2, (0, 1)))
+        else:
+            out.append(_rotated_squares(layer, a, g, q_a, q_g, example_weights))
     return tuple(out)
+
+
+def _rotated_squares(layer: DenseLayer, a, g, q_a, q_g, example_weights) -> jax.Array:
+    """``sum_{c,s} w_c (Q_A^T (sum_p a_p g_p^T) Q_G)^2 / C`` ``[*stack, in (+1), out]``, one example at a time.
+
+    ``a``: ``[c, *stack, p, in]`` (an embedding's token ids ``[c, *stack, p]``); ``g``: ``[c, S, *stack, p, out]``.
+    """
+    g = g @ q_g.astype(g.dtype)
+    if not layer.lookup:
+        if layer.bias is not None:
+            a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
+        a = a @ q_a.astype(a.dtype)
+    rows = layer.in_features + (layer.bias is not None)
+
+    def gradients(a, g):  # one example's [S, *stack, rows, out]
+        if not layer.lookup:
+            return jnp.einsum("...pi,s...po->s...io", a, g)
+        scatter = lambda ids, g: jnp.zeros((rows, g.shape[-1]), g.dtype).at[ids].add(g)
+        flat_ids, flat_g = a.reshape(-1, a.shape[-1]), g.reshape(g.shape[0], -1, *g.shape[-2:])
+        per_layer = jax.vmap(jax.vmap(scatter), in_axes=(None, 0))(flat_ids, flat_g)
+        return per_layer.reshape(g.shape[0], *layer.stack, rows, g.shape[-1])
+
+    def add(total, example):
+        a, g, weight = example
+        return total + weight.astype(g.dtype) * jnp.sum(gradients(a, g) ** 2, axis=0), None
+
+    zero = jnp.zeros((*layer.stack, rows, layer.out_features), g.dtype)
+    total, _ = jax.lax.scan(add, zero, (a, g, example_weights))
+    return total / example_weights.shape[0]
 
 
 def _apply(factors: KroneckerFactors, v: PyTree, scale: Callable, scale_diagonal: Callable) -> PyTree:
