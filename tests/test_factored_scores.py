@@ -34,6 +34,9 @@ def scores_both_ways(model, params, data, queries, **fit):
     flat_inverse = inverse._replace(model=None)  # the same factors, applied to whole gradient rows
     flat = influence.pairwise_scores(influence.example_loss(*model), params, data, queries, inverse=flat_inverse,
                                      chunk_size=8)  # fmt: skip
+    own = influence.self_scores(None, params, data, inverse=inverse, chunk_size=8)
+    flat_own = influence.self_scores(influence.example_loss(*model), params, data, inverse=flat_inverse, chunk_size=8)
+    np.testing.assert_allclose(own, flat_own, rtol=1e-10, atol=1e-14 * np.abs(flat_own).max())
     return inverse, directions, np.asarray(factored), np.asarray(flat)
 
 
@@ -47,13 +50,21 @@ def test_through_jit_remat_scan_custom_vjp_slices_vmap_and_embeddings(embeddings
     np.testing.assert_allclose(factored, flat, rtol=1e-10, atol=1e-14 * np.abs(flat).max())
 
 
-def test_a_tied_head_and_a_fused_qkv_in_a_scan():
+def test_a_tied_head_and_a_fused_qkv_in_a_scan_and_low_rank_blocks_rebuilt_per_chunk():
     model = user_models.pure_model(0, jnp.float64)
-    data = user_models.language_data(12)
-    queries = jax.tree.map(lambda x: x[:2], data)
+    data = user_models.language_data(24)
+    queries = jax.tree.map(lambda x: x[:20], data)
     inverse, _, factored, flat = scores_both_ways((model.model_fn, CE), model.params, data, queries)
     assert any(layer.tied for layer in inverse.factors.layers)  # the tied head is scored with the flat leaves
     np.testing.assert_allclose(factored, flat, rtol=1e-10, atol=1e-14 * np.abs(flat).max())
+    # 20 queries at rank 3: rebuilding a block for the chunk is cheaper than contracting every position with it
+    low, _ = influence.query_directions(None, model.params, queries, inverse, query_rank=3)
+    rebuilt = influence.FactoredDirections(
+        tuple(left @ jnp.swapaxes(right, -1, -2) for left, right in low.blocks), low.rest, low.layers,
+        low.rest_leaves, low.model, low.embeddings,
+    )  # fmt: skip
+    scored = lambda d: np.concatenate([b for _, b in influence.score_blocks(None, model.params, data, d)], 1)
+    np.testing.assert_allclose(scored(low), scored(rebuilt), rtol=1e-10, atol=1e-14 * np.abs(flat).max())
 
 
 def test_query_rank_is_a_near_optimal_truncation_and_low_precision_stays_close():
@@ -106,3 +117,16 @@ def test_the_memory_said_before_the_run_is_that_of_the_factors_and_directions_it
     assert stages["fit"] == said.total - params_bytes
     assert stages["query directions"] == said.outputs + made.nbytes + 3 * params_bytes
     assert stages["scoring"] > said.outputs + made.nbytes
+
+
+def test_a_bfloat16_model_gets_float32_factors_and_close_scores():
+    params, data = structured_params(), structured_data(20)
+    queries = jax.tree.map(lambda x: x[:3], data)
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    fit = lambda p: influence.fit_inverse_curvature(None, p, data, method="ekfac", curvature="ggn",
+                                                    model=(structured_model, CE), damping=0.1)  # fmt: skip
+    inverse = fit(half)
+    assert {x.dtype for x in jax.tree.leaves(inverse.factors)} == {jnp.dtype(jnp.float32)}
+    scores = lambda p, inverse: np.asarray(influence.pairwise_scores(None, p, data, queries, inverse=inverse), float)
+    reference = scores(params, fit(params))
+    np.testing.assert_allclose(scores(half, inverse), reference, atol=0.05 * np.abs(reference).max())

@@ -458,7 +458,9 @@ def _example_gradients(model_fn, loss, pseudo, params, chunk, *, tapped: TappedM
 
 
 def _dtype(params) -> Any:
-    return jnp.result_type(*jax.tree.leaves(params))
+    """The factors' dtype: the parameters', at least float32 (a half-precision model's are accumulated and
+    decomposed in float32)."""
+    return jnp.promote_types(jnp.result_type(*jax.tree.leaves(params)), jnp.float32)
 
 
 def _pseudo_target_columns(loss: Loss, pseudo: tuple[str, int], outputs, targets, weights, key) -> jax.Array:
@@ -498,14 +500,15 @@ def _factor_statistics(model_fn, loss, pseudo, embeddings, params, chunk) -> dic
         if layer.lookup:
             a_sum = _token_counts(a, mask, layer.in_features)
         else:
+            a = a.astype(dtype)
             if layer.bias is not None:
                 a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
-            a_sum = jnp.einsum("c...pi,cp,c...pj->...ij", a, mask.astype(a.dtype), a)
+            a_sum = jnp.einsum("c...pi,cp,c...pj->...ij", a, mask, a)
         g_sum = jnp.einsum("c,cs...pi,cs...pj->...ij", example_weights.astype(g.dtype), g, g)
         layers.append((a_sum / size, jnp.sum(mask) / size, g_sum / size))
     covered = {leaf for layer in tapped.layers for leaf in (layer.weight, layer.bias) if leaf is not None}
     diagonal = tuple(
-        None if leaf in covered else _weighted_mean(example_weights, x**2, (0, 1))
+        None if leaf in covered else _weighted_mean(example_weights, x.astype(dtype) ** 2, (0, 1))
         for leaf, x in enumerate(jax.tree.leaves(param_cot))
     )
     return {"layers": tuple(layers), "diagonal": diagonal}
@@ -565,11 +568,12 @@ def _rotated_squares(layer: DenseLayer, a, g, q_a, q_g, example_weights) -> jax.
 
     ``a``: ``[c, *stack, p, in]`` (an embedding's token ids ``[c, *stack, p]``); ``g``: ``[c, S, *stack, p, out]``.
     """
-    g = g @ q_g.astype(g.dtype)
+    g = g.astype(q_g.dtype) @ q_g
     if not layer.lookup:
+        a = a.astype(q_a.dtype)
         if layer.bias is not None:
             a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
-        a = a @ q_a.astype(a.dtype)
+        a = a @ q_a
     rows = layer.in_features + (layer.bias is not None)
 
     def gradients(a, g):  # one example's [S, *stack, rows, out]
@@ -605,11 +609,11 @@ def _apply(factors: KroneckerFactors, v: PyTree, scale: Callable, scale_diagonal
         turned = _rotate_back(q_a, scale(values, _rotate(q_a, matrix, q_g)), q_g)
         shape, dtype = factors.shapes[layer.weight], leaves[layer.weight].dtype
         rows = turned[..., : layer.in_features, :]
-        out[layer.weight] = scatter(out[layer.weight], layer.weight_index, rows, shape).astype(dtype)
+        out[layer.weight] = scatter(out[layer.weight], layer.weight_index, rows.astype(dtype), shape)
         if layer.bias is not None:
             shape, dtype = factors.shapes[layer.bias], leaves[layer.bias].dtype
             bias = turned[..., layer.in_features, :]
-            out[layer.bias] = scatter(out[layer.bias], layer.bias_index, bias, shape).astype(dtype)
+            out[layer.bias] = scatter(out[layer.bias], layer.bias_index, bias.astype(dtype), shape)
     return jax.tree.unflatten(jax.tree.structure(v), out)
 
 

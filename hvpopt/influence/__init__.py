@@ -19,6 +19,7 @@ from hvpopt.influence.factored import (
     factored_query_directions,
     factored_score_blocks,
     factored_scoring_memory,
+    factored_self_score_blocks,
 )
 from hvpopt.influence.gradients import flat_example_gradients, gradient_chunks
 from hvpopt.influence.inverse_curvature import (
@@ -69,6 +70,7 @@ __all__ = [
     "factored_query_directions",
     "factored_score_blocks",
     "factored_scoring_memory",
+    "factored_self_score_blocks",
     "fit_inverse_curvature",
     "flat_example_gradients",
     "flipped_label_recall",

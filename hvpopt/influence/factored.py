@@ -39,11 +39,13 @@ from hvpopt.influence.gradients import padded_chunks
 from hvpopt.types import PyTree
 
 __all__ = ["SCORE_DTYPES", "FactoredDirections", "factored_directions_like", "factored_query_directions",
-           "factored_score_blocks", "factored_scoring_memory"]  # fmt: skip
+           "factored_score_blocks", "factored_scoring_memory", "factored_self_score_blocks"]  # fmt: skip
 
 #: The dtypes scores may be contracted in (``score_dtype``); the products accumulate in float32 or wider.
 SCORE_DTYPES = ("float64", "float32", "bfloat16", "float16")
 _OVERSAMPLING, _POWER_ITERATIONS = 8, 2
+#: Numbers in the low-rank query blocks rebuilt at once while scoring a chunk (32 MB in float32).
+_REBUILT_ELEMENTS = 2**23
 
 
 @jax.tree_util.register_dataclass
@@ -251,12 +253,33 @@ def _compressed(block: jax.Array, rank: int | None) -> jax.Array | tuple[jax.Arr
 
 @jax.jit(static_argnums=(3, 4))
 def _chunk_scores(params, chunk, directions: FactoredDirections, num_train: int, sharding_of_scores):
-    model_fn, output_loss = directions.model
-    inputs, targets = chunk
-    tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], inputs), embeddings=directions.embeddings)
-    taps = [k for k, layer in enumerate(tapped.layers) if not layer.tied]
+    _, grads, activations, output_grads = _example_taps(
+        directions.model, params, chunk, directions.embeddings, directions.rest_leaves
+    )
     dtype = directions.rest.dtype
-    accumulate = jnp.promote_types(jnp.result_type(*jax.tree.leaves(params)), jnp.float32)
+    accumulate = _accumulation_dtype(params)
+    contract = lambda spec, *xs: jnp.einsum(spec, *xs, preferred_element_type=accumulate)
+    size = jax.tree.leaves(chunk)[0].shape[0]
+    flat = jnp.concatenate([g.reshape(size, -1) for g in grads] or [jnp.zeros((size, 0))], axis=1)
+    scores = contract("qr,cr->qc", directions.rest, flat.astype(dtype))
+    for layer, block, a, g in zip(directions.layers, directions.blocks, activations, output_grads):
+        scores = scores + _layer_scores(layer, block, a, g, dtype, contract)
+    return _gathered(scores / num_train, sharding_of_scores)
+
+
+def _example_taps(model, params, chunk, embeddings: bool, leaves_wanted: tuple[int, ...]) -> tuple:
+    """Per example of ``chunk``, vmapped: ``(layers, gradients, activations, output gradients)``.
+
+    ``layers`` are the model's layers but a tied embedding, ``activations`` and ``output gradients``
+    their inputs ``[c, *stack, p, in]`` and the loss's gradients with respect to their outputs
+    ``[c, *stack, p, out]``, and ``gradients`` those of the parameter leaves ``leaves_wanted``
+    (the other leaves' per-example gradients are never formed).
+    """
+    model_fn, output_loss = model
+    inputs, targets = chunk
+    tapped = tapped_model(model_fn, params, jax.tree.map(lambda x: x[:1], inputs), embeddings=embeddings)
+    taps = [k for k, layer in enumerate(tapped.layers) if not layer.tied]
+    accumulate = _accumulation_dtype(params)
 
     def one(x, t):
         x, t = jax.tree.map(lambda a: a[None], (x, t))
@@ -268,18 +291,107 @@ def _chunk_scores(params, chunk, directions: FactoredDirections, num_train: int,
 
         (param_grads, output_grads), activations = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, zeros)
         leaves = jax.tree.leaves(param_grads)
-        flat = jnp.concatenate([jnp.ravel(leaves[leaf]) for leaf in directions.rest_leaves] or [jnp.zeros(0)])
-        return flat, tuple(activations[k] for k in taps), tuple(output_grads[k] for k in taps)
+        return (
+            tuple(leaves[leaf] for leaf in leaves_wanted),
+            tuple(activations[k] for k in taps),
+            tuple(output_grads[k] for k in taps),
+        )
 
-    flat, activations, output_grads = jax.vmap(one)(inputs, targets)
-    contract = lambda spec, *xs: jnp.einsum(spec, *xs, preferred_element_type=accumulate)
-    scores = contract("qr,cr->qc", directions.rest, flat.astype(dtype))
-    for layer, block, a, g in zip(directions.layers, directions.blocks, activations, output_grads):
-        scores = scores + _layer_scores(layer, block, a, g, dtype, contract)
-    scores = scores / num_train
-    if sharding_of_scores is None:
-        return scores
-    return jax.lax.with_sharding_constraint(scores, sharding_of_scores)
+    grads, activations, output_grads = jax.vmap(one)(inputs, targets)
+    return tuple(tapped.layers[k] for k in taps), grads, activations, output_grads
+
+
+def _accumulation_dtype(params: PyTree) -> Any:
+    return jnp.promote_types(jnp.result_type(*jax.tree.leaves(params)), jnp.float32)
+
+
+def _gathered(scores: jax.Array, sharding_of_scores) -> jax.Array:
+    return scores if sharding_of_scores is None else jax.lax.with_sharding_constraint(scores, sharding_of_scores)
+
+
+def factored_self_score_blocks(
+    model: tuple[Callable, Callable],
+    params: PyTree,
+    train: PyTree,
+    factors: KroneckerFactors,
+    damping: float,
+    *,
+    chunk_size: int = 64,
+    start: int = 0,
+    mesh: Mesh | None = None,
+) -> Iterator[tuple[int, jax.Array]]:
+    """Yields ``(first_index, self-influence [c])``, ``(1/n) grad l_j^T (C + damping I)^{-1} grad l_j``, per layer.
+
+    Each layer's share is ``sum (Q_A^T G_j Q_G)^2 / (Lambda + damping)`` with ``G_j = sum_p a_p g_p^T``
+    formed from the tapped inputs and output gradients, one layer at a time; arguments as in
+    :func:`factored_query_directions` and :func:`factored_score_blocks`.
+    """
+    model, damping = tuple(model), _checks.check_number("damping", damping, "> 0 and finite", lambda x: x > 0)
+    num_train = _checks.leading_size("train", train)
+    params = params if mesh is None else sharding.replicate(params, mesh)
+    gathered = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    for first, count, chunk in padded_chunks(tuple(train), chunk_size=chunk_size, start=start, mesh=mesh):
+        yield first, _chunk_self_scores(params, chunk, factors, damping, model, num_train, gathered)[:count]
+
+
+@jax.jit(static_argnums=(4, 5, 6))
+def _chunk_self_scores(params, chunk, factors: KroneckerFactors, damping, model, num_train: int, sharding_of_scores):
+    kept = [k for k, layer in enumerate(factors.layers) if not layer.tied]
+    covered = {leaf for k in kept for leaf in (factors.layers[k].weight, factors.layers[k].bias) if leaf is not None}
+    rest = tuple(leaf for leaf in range(len(factors.shapes)) if leaf not in covered)
+    embeddings = any(layer.lookup for layer in factors.layers)
+    _, grads, activations, output_grads = _example_taps(model, params, chunk, embeddings, rest)
+    dtype = _accumulation_dtype(params)
+    leaves = dict(zip(rest, (g.astype(dtype) for g in grads)))
+    size = jax.tree.leaves(chunk)[0].shape[0]
+    total = jnp.zeros(size, dtype)
+    for k, a, g in zip(kept, activations, output_grads):
+        gradients = lambda a, g, layer=factors.layers[k]: _example_layer_gradients(layer, a, g)  # noqa: E731
+        total = total + _layer_self_scores(factors, k, gradients, (a, g), damping)
+    for k, layer in enumerate(factors.layers):
+        if layer.tied:  # its leaf's whole gradient: the lookups add to it
+            listed = [leaves.get(leaf) for leaf in range(len(factors.shapes))]
+            gradients = lambda listed, layer=layer: jax.vmap(lambda *ls: layer.block(list(ls)))(*listed)  # noqa: E731
+            total = total + _layer_self_scores(factors, k, gradients, (listed,), damping, stacked=False)
+    for leaf, diagonal in enumerate(factors.diagonal):
+        if diagonal is not None:
+            squares = leaves[leaf] ** 2 / (diagonal + damping)
+            total = total + jnp.sum(squares.reshape(size, -1), axis=1)
+    return _gathered(total / num_train, sharding_of_scores)
+
+
+def _example_layer_gradients(layer: DenseLayer, a: jax.Array, g: jax.Array) -> jax.Array:
+    """``[c, in (+1), out]``: each example's ``sum_p a_p g_p^T`` for one layer (of a stack), from its inputs
+    ``[c, p, in]`` (an embedding's token ids ``[c, p]``) and output gradients ``[c, p, out]``."""
+    if layer.lookup:
+        add = lambda ids, g: jnp.zeros((layer.in_features, g.shape[-1]), g.dtype).at[ids].add(g)
+        return jax.vmap(add)(a, g)
+    a = a.astype(g.dtype)
+    if layer.bias is not None:
+        a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
+    return jnp.einsum("cpi,cpo->cio", a, g)
+
+
+def _layer_self_scores(factors, k: int, gradients: Callable, operands: tuple, damping, *, stacked=True):
+    """``[c]``: ``sum (Q_A^T G Q_G)^2 / (Lambda + damping)`` of layer ``k``'s per-example gradients ``G``,
+    ``gradients(*operands)``; with ``stacked``, the operands ``[c, *stack, ...]`` are taken one layer of
+    the stack at a time, else ``G`` holds every layer of it."""
+    layer = factors.layers[k]
+    bases = (factors.input_bases[k], factors.output_bases[k], factors.eigenvalues[k])
+
+    def one(args):
+        operands, (q_a, q_g, values) = args
+        g = gradients(*operands).astype(q_g.dtype)
+        rotated = (g if q_a is None else jnp.swapaxes(q_a, -1, -2) @ g) @ q_g
+        squares = rotated**2 / (values + damping)
+        return jnp.sum(squares.reshape(squares.shape[0], -1), axis=1)
+
+    depth = len(layer.stack)
+    if not stacked or depth == 0:
+        return one((operands, bases))
+    flat_bases = jax.tree.map(lambda x: x.reshape(-1, *x.shape[depth:]), bases)
+    moved = jax.tree.map(lambda x: _stack_first(x, depth), operands)
+    return jnp.sum(jax.lax.map(one, (moved, flat_bases)), axis=0)
 
 
 def _layer_scores(layer: DenseLayer, block, a: jax.Array, g: jax.Array, dtype, contract) -> jax.Array:
@@ -294,22 +406,40 @@ def _layer_scores(layer: DenseLayer, block, a: jax.Array, g: jax.Array, dtype, c
 
     def one(operands):
         a, g, block = operands
+        if isinstance(block, tuple) and not layer.lookup and _per_position_is_cheaper(a.shape, g.shape, block):
+            inputs = contract("cpi,qir->qcpr", a.astype(dtype), block[0])
+            return jnp.sum(inputs * contract("cpo,qor->qcpr", g.astype(dtype), block[1]), axis=(2, 3))
         if layer.lookup:  # the table's gradient: the output gradients added into the rows of their tokens
             gradient = jax.vmap(lambda ids, g: jnp.zeros((layer.in_features, g.shape[-1]), g.dtype).at[ids].add(g))
             gradient = gradient(a, g).astype(dtype)
-            if isinstance(block, tuple):
-                return contract("cio,qir,qor->qc", gradient, *block)
+        else:
+            gradient = contract("cpi,cpo->cio", a, g).astype(dtype)
+        if not isinstance(block, tuple):
             return contract("cio,qio->qc", gradient, block)
-        if isinstance(block, tuple):
-            inputs, outputs = (
-                contract("cpi,qir->qcpr", a.astype(dtype), block[0]),
-                contract("cpo,qor->qcpr", g.astype(dtype), block[1]),
-            )
-            return jnp.sum(inputs * outputs, axis=(2, 3))
-        gradient = contract("cpi,cpo->cio", a, g).astype(dtype)
-        return contract("cio,qio->qc", gradient, block)
+        return _rebuilt_scores(gradient, *block, dtype, contract)
 
     return jnp.sum(jax.lax.map(one, (a, g, block)), axis=0)
+
+
+def _rebuilt_scores(gradient: jax.Array, left: jax.Array, right: jax.Array, dtype, contract) -> jax.Array:
+    """``[q, c]``: ``<L_q R_q^T, G_c>``, each block ``L_q R_q^T`` rebuilt in turn for a group of queries of at
+    most :data:`_REBUILT_ELEMENTS` numbers, so that a chunk never holds every query's whole block."""
+    q, i, o = left.shape[0], left.shape[1], right.shape[1]
+    group = max(1, min(q, _REBUILT_ELEMENTS // (i * o)))
+    padding = -q % group
+    pad = lambda x: jnp.concatenate([x, jnp.zeros((padding, *x.shape[1:]), x.dtype)]) if padding else x
+    groups = lambda x: pad(x).reshape(-1, group, *x.shape[1:])
+    one = lambda lr: contract("cio,qio->qc", gradient, contract("qir,qor->qio", *lr).astype(dtype))
+    return jax.lax.map(one, (groups(left), groups(right))).reshape(-1, gradient.shape[0])[:q]
+
+
+def _per_position_is_cheaper(a_shape, g_shape, block: tuple) -> bool:
+    """Whether ``sum_p (a_p^T L)(R^T g_p)`` takes fewer multiplications than rebuilding ``L R^T`` for the chunk
+    and contracting it with the examples' gradients ``sum_p a_p g_p^T``."""
+    (c, p, i), o, (q, _, r) = a_shape, g_shape[-1], block[0].shape
+    per_position = c * q * p * r * (i + o)
+    rebuilt = q * i * o * r + c * p * i * o + c * q * i * o
+    return per_position < rebuilt
 
 
 def _stack_first(x: jax.Array, depth: int) -> jax.Array:

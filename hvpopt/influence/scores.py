@@ -32,7 +32,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hvpopt import _checks, sharding
 from hvpopt.influence.example_loss import example_loss
-from hvpopt.influence.factored import FactoredDirections, factored_query_directions, factored_score_blocks
+from hvpopt.influence.factored import (
+    FactoredDirections,
+    factored_query_directions,
+    factored_score_blocks,
+    factored_self_score_blocks,
+)
 from hvpopt.influence.gradients import padded_gradient_chunks
 from hvpopt.influence.inverse_curvature import InverseCurvature, fit_inverse_curvature
 from hvpopt.types import PyTree
@@ -225,7 +230,15 @@ def self_score_blocks(
     start: int = 0,
     mesh: Mesh | None = None,
 ) -> Iterator[tuple[int, jax.Array]]:
-    """Yields ``(first_index, self-influence [c])`` for consecutive chunks of ``train`` (resumable at ``start``)."""
+    """Yields ``(first_index, self-influence [c])`` for consecutive chunks of ``train`` (resumable at ``start``).
+
+    With a ``kfac`` or ``ekfac`` inverse (its ``model`` known) each layer's share is computed from its
+    inputs and output gradients (:func:`hvpopt.influence.factored_self_score_blocks`).
+    """
+    if inverse.factors is not None and inverse.model is not None:  # scored per layer
+        yield from factored_self_score_blocks(inverse.model, params, train, inverse.factors, inverse.damping,
+                                              chunk_size=chunk_size, start=start, mesh=mesh)  # fmt: skip
+        return
     num_train = _checks.leading_size("train", train)
     chunks = padded_gradient_chunks(loss_fn, params, train, chunk_size=chunk_size, start=start, mesh=mesh)
     for first, count, gradients in chunks:  # padding rows repeat a solved row: no extra CG iterations
