@@ -51,6 +51,7 @@ PUBLIC = [
     "hvpopt.losses",
     "hvpopt.sharding",
     "hvpopt.jacobians",
+    "hvpopt.compiled_memory",
     "hvpopt.frameworks",
     "hvpopt.curvature",
     "hvpopt.linalg",

@@ -666,14 +666,16 @@ def _memory(args, problem: Problem, settings: dict) -> dict | None:
     peak = held + max(stages.values())
     if args.max_memory and peak > args.max_memory:
         largest = max(stages, key=stages.get)
+        unset = {"--query-rank 32": settings["query_rank"], "--score-dtype bfloat16": settings["score_dtype"]}
+        smaller = [flag for flag, value in unset.items() if value is None]
         remedy = {
-            "fit": "lower --chunk-size (a chunk of curvature examples is held at once)",
-            "query directions": "pass --query-rank 32 or --score-dtype bfloat16, or score fewer queries",
-            "scoring": "lower --chunk-size, or pass --query-rank 32 or --score-dtype bfloat16",
+            "fit": ["a lower --chunk-size (a chunk of curvature examples is held at once)"],
+            "query directions": [*smaller, "fewer queries"],
+            "scoring": ["a lower --chunk-size", *smaller],
         }[largest]
         raise ValueError(
             f"--max-memory {_size(args.max_memory)}: this run would need about {_size(peak)} at its peak "
-            f"({largest}: {_size(stages[largest])} beyond the {_size(held)} held now); {remedy}."
+            f"({largest}: {_size(stages[largest])} beyond the {_size(held)} held now); try {' or '.join(remedy)}."
         )
     return {"stages_bytes": stages, "held_before_bytes": held, "estimated_peak_bytes": peak}
 

@@ -44,8 +44,8 @@ __all__ = ["SCORE_DTYPES", "FactoredDirections", "factored_directions_like", "fa
 #: The dtypes scores may be contracted in (``score_dtype``); the products accumulate in float32 or wider.
 SCORE_DTYPES = ("float64", "float32", "bfloat16", "float16")
 _OVERSAMPLING, _POWER_ITERATIONS = 8, 2
-#: Numbers in the low-rank query blocks rebuilt at once while scoring a chunk (32 MB in float32).
-_REBUILT_ELEMENTS = 2**23
+#: Numbers in the low-rank query blocks rebuilt at once while scoring a chunk (128 MB in float32).
+_REBUILT_ELEMENTS = 2**25
 
 
 @jax.tree_util.register_dataclass

@@ -58,8 +58,8 @@ CURVATURES = ("hessian", "ggn")
 MAX_EXACT_PARAMETERS = 5000
 #: Labels drawn per example for ``kfac``/``ekfac``'s sampled Fisher. Measured against the closed form
 #: (``benchmarks/bench_fisher_samples.py``): on a digits MLP the mean per-query Pearson of EK-FAC's
-#: scores went from 0.913 with one label to 0.968 with 4 (0.976 with 16), for 0.45 s more fitting; on
-#: the default language model, against 16 labels, from 0.995 to 0.999, in about the same fit time.
+#: scores went from 0.913 with one label to 0.968 with 4 (0.976 with 16), for 0.45 s more fitting on
+#: 1,000 examples; a 2-class transformer classifier was at 0.998 with one.
 DEFAULT_MC_SAMPLES = 4
 
 
