@@ -28,6 +28,7 @@ RANKS = {
     "hvpopt.sharding": 0,
     "hvpopt.jacobians": 0,
     "hvpopt.frameworks": 0,
+    "hvpopt.compiled_memory": 0,
     "hvpopt.curvature": 1,
     "hvpopt.linalg": 1,  # products and solvers know nothing of each other
     "hvpopt.optim": 2,  # consumers: the optimizers, which influence's validation retrains with

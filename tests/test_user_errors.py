@@ -46,6 +46,7 @@ BAD_TEXT = {  # the argparse types of cli.flags, and text each must refuse
     flags.device_count: ["0", str(10**6)],
     flags.batch_size_or_full: ["0", "-1", "inf", "fulll"],
     flags.task_name: ["shakespear", "no/such"],
+    flags.byte_size: ["0", "-1GB", "4XB", "nan", "inf", "1e9", "x"],
 }
 
 
@@ -95,6 +96,9 @@ def test_a_bad_number_is_refused_naming_its_flag(tmp_path, capsys, command, flag
         (flags.positive_float, "1e-300", 1e-300),
         (flags.fraction, "0", 0.0),
         (flags.fraction, "0.999", 0.999),
+        (flags.byte_size, "1", 1),
+        (flags.byte_size, "4GB", 4 * 2**30),
+        (flags.byte_size, "1.5 MiB", 3 * 2**19),
     ],
 )
 def test_the_edges_of_each_range_are_taken(kind, text, value):

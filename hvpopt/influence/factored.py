@@ -7,8 +7,11 @@ gradient ``D_q = [(H + lambda I)^{-1} grad L_q]_W`` the layer's share of the sco
 
 .. math:: \\langle D_q, \\nabla_W l_j \\rangle = \\sum_p a_p^\\top D_q\\, g_p ,
 
-and with ``D_q ~ L_q R_q^T`` kept at rank ``r`` (``query_rank``),
-``sum_p (a_p^T L_q)(R_q^T g_p)``. The activations and output gradients come
+and with ``D_q ~ L_q R_q^T`` kept at rank ``r`` (``query_rank``) either
+``sum_p (a_p^T L_q)(R_q^T g_p)`` or ``L_q R_q^T`` rebuilt for the chunk, a
+group of queries at a time, whichever takes fewer multiplications.
+Self-influence is, per layer, ``sum (Q_A^T G_j Q_G)^2 / (Lambda + lambda)`` with
+``G_j`` the same per-example gradient. The activations and output gradients come
 from one backward pass of the tapped model (:func:`hvpopt.curvature.tapped.tapped_model`),
 so a chunk of training examples never holds the ``[examples, P]`` gradient rows
 of :func:`hvpopt.influence.score_blocks`' flat path: its largest array is one
@@ -74,6 +77,7 @@ class FactoredDirections:
 
     @property
     def num_queries(self) -> int:
+        """The number of queries (the leading axis of every array)."""
         return self.rest.shape[0]
 
     @property
