@@ -137,6 +137,22 @@ class DenseLayer:
             return matrix
         return jnp.concatenate([matrix, self.bias_rows(leaves[self.bias])[..., None, :]], axis=-2)
 
+    def with_bias_input(self, inputs: jax.Array) -> jax.Array:
+        """The layer's inputs ``[..., in]`` with a trailing 1 where it has a bias (an embedding's token ids
+        unchanged): the rows of :meth:`block`."""
+        if self.lookup or self.bias is None:
+            return inputs
+        return jnp.concatenate([inputs, jnp.ones((*inputs.shape[:-1], 1), inputs.dtype)], axis=-1)
+
+    def gradient(self, inputs: jax.Array, output_gradients: jax.Array) -> jax.Array:
+        """``sum_p a_p g_p^T`` ``[in (+1), out]``, the gradient of one application's :meth:`block`, from its
+        inputs ``[p, in (+1)]`` (:meth:`with_bias_input`; an embedding's token ids ``[p]``, whose rows the
+        output gradients are added into) and output gradients ``[p, out]``."""
+        g = output_gradients
+        if self.lookup:
+            return jnp.zeros((self.in_features, g.shape[-1]), g.dtype).at[inputs].add(g)
+        return inputs.astype(g.dtype).T @ g
+
 
 def _gather(leaf: jax.Array, index: Index | None, shape: tuple[int, ...]) -> jax.Array:
     flat = leaf.reshape(-1)

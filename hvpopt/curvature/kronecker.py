@@ -195,10 +195,9 @@ def fit_kronecker_factors(
       >>> jax.tree.map(jnp.shape, inverse(params))
       {'b': (2,), 'w': (3, 2)}
     """
-    _checks.check_choice("kind", kind, KRONECKER_KINDS)
-    data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embeddings, mc_samples)
-    factors = _fit(params, data, model_fn=model_fn, loss=loss, kind=kind, fisher=fisher, chunk_size=chunk_size,
-                   mesh=mesh, embeddings=embeddings, mc_samples=mc_samples)  # fmt: skip
+    arguments, options = _fit_call(model_fn, loss, params, data, kind, fisher, key, chunk_size, mesh, embeddings,
+                                   mc_samples)  # fmt: skip
+    factors = _fit(*arguments, **options)
     _check_finite(factors)
     return factors
 
@@ -222,10 +221,19 @@ def kronecker_fit_memory(
     Its outputs are the factors; its temporaries hold one chunk's activations and gradients. The fit
     that follows at the same arguments reuses the compilation.
     """
+    arguments, options = _fit_call(model_fn, loss, params, data, kind, fisher, key, chunk_size, mesh, embeddings,
+                                   mc_samples)  # fmt: skip
+    return program_memory(_fit, *arguments, **options)
+
+
+def _fit_call(model_fn, loss, params, data, kind, fisher, key, chunk_size, mesh, embeddings, mc_samples):
+    """``_fit``'s arguments and static options, checked and with the data padded to whole chunks: one place,
+    so that :func:`kronecker_fit_memory` compiles exactly the program :func:`fit_kronecker_factors` runs."""
     _checks.check_choice("kind", kind, KRONECKER_KINDS)
     data, chunk_size = _prepared(model_fn, loss, params, data, fisher, key, chunk_size, mesh, embeddings, mc_samples)
-    return program_memory(_fit, params, data, model_fn=model_fn, loss=loss, kind=kind, fisher=fisher,
-                          chunk_size=chunk_size, mesh=mesh, embeddings=embeddings, mc_samples=mc_samples)  # fmt: skip
+    options = dict(model_fn=model_fn, loss=loss, kind=kind, fisher=fisher, chunk_size=chunk_size, mesh=mesh,
+                   embeddings=embeddings, mc_samples=mc_samples)  # fmt: skip
+    return (params, data), options
 
 
 def kronecker_statistics(
@@ -500,9 +508,7 @@ def _factor_statistics(model_fn, loss, pseudo, embeddings, params, chunk) -> dic
         if layer.lookup:
             a_sum = _token_counts(a, mask, layer.in_features)
         else:
-            a = a.astype(dtype)
-            if layer.bias is not None:
-                a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
+            a = layer.with_bias_input(a.astype(dtype))
             a_sum = jnp.einsum("c...pi,cp,c...pj->...ij", a, mask, a)
         g_sum = jnp.einsum("c,cs...pi,cs...pj->...ij", example_weights.astype(g.dtype), g, g)
         layers.append((a_sum / size, jnp.sum(mask) / size, g_sum / size))
@@ -570,19 +576,13 @@ def _rotated_squares(layer: DenseLayer, a, g, q_a, q_g, example_weights) -> jax.
     """
     g = g.astype(q_g.dtype) @ q_g
     if not layer.lookup:
-        a = a.astype(q_a.dtype)
-        if layer.bias is not None:
-            a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
-        a = a @ q_a
-    rows = layer.in_features + (layer.bias is not None)
+        a = layer.with_bias_input(a.astype(q_a.dtype)) @ q_a
+    rows, depth = layer.in_features + (layer.bias is not None), len(layer.stack)
 
-    def gradients(a, g):  # one example's [S, *stack, rows, out]
-        if not layer.lookup:
-            return jnp.einsum("...pi,s...po->s...io", a, g)
-        scatter = lambda ids, g: jnp.zeros((rows, g.shape[-1]), g.dtype).at[ids].add(g)
-        flat_ids, flat_g = a.reshape(-1, a.shape[-1]), g.reshape(g.shape[0], -1, *g.shape[-2:])
-        per_layer = jax.vmap(jax.vmap(scatter), in_axes=(None, 0))(flat_ids, flat_g)
-        return per_layer.reshape(g.shape[0], *layer.stack, rows, g.shape[-1])
+    def gradients(a, g):  # one example's [S, *stack, rows, out], each layer of the stack in turn
+        flat = lambda x: x.reshape(-1, *x.shape[depth:])
+        per_sample = lambda g: jax.vmap(layer.gradient)(flat(a), flat(g))
+        return jax.vmap(per_sample)(g).reshape(g.shape[0], *layer.stack, rows, g.shape[-1])
 
     def add(total, example):
         a, g, weight = example

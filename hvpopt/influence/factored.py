@@ -350,7 +350,8 @@ def _chunk_self_scores(params, chunk, factors: KroneckerFactors, damping, model,
     size = jax.tree.leaves(chunk)[0].shape[0]
     total = jnp.zeros(size, dtype)
     for k, a, g in zip(kept, activations, output_grads):
-        gradients = lambda a, g, layer=factors.layers[k]: _example_layer_gradients(layer, a, g)  # noqa: E731
+        layer = factors.layers[k]
+        gradients = lambda a, g, layer=layer: jax.vmap(layer.gradient)(layer.with_bias_input(a), g)  # noqa: E731
         total = total + _layer_self_scores(factors, k, gradients, (a, g), damping)
     for k, layer in enumerate(factors.layers):
         if layer.tied:  # its leaf's whole gradient: the lookups add to it
@@ -362,18 +363,6 @@ def _chunk_self_scores(params, chunk, factors: KroneckerFactors, damping, model,
             squares = leaves[leaf] ** 2 / (diagonal + damping)
             total = total + jnp.sum(squares.reshape(size, -1), axis=1)
     return _gathered(total / num_train, sharding_of_scores)
-
-
-def _example_layer_gradients(layer: DenseLayer, a: jax.Array, g: jax.Array) -> jax.Array:
-    """``[c, in (+1), out]``: each example's ``sum_p a_p g_p^T`` for one layer (of a stack), from its inputs
-    ``[c, p, in]`` (an embedding's token ids ``[c, p]``) and output gradients ``[c, p, out]``."""
-    if layer.lookup:
-        add = lambda ids, g: jnp.zeros((layer.in_features, g.shape[-1]), g.dtype).at[ids].add(g)
-        return jax.vmap(add)(a, g)
-    a = a.astype(g.dtype)
-    if layer.bias is not None:
-        a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
-    return jnp.einsum("cpi,cpo->cio", a, g)
 
 
 def _layer_self_scores(factors, k: int, gradients: Callable, operands: tuple, damping, *, stacked=True):
@@ -404,20 +393,14 @@ def _layer_scores(layer: DenseLayer, block, a: jax.Array, g: jax.Array, dtype, c
     ``a``: ``[c, *stack, p, in]`` (an embedding's token ids ``[c, *stack, p]``); ``g``: ``[c, *stack, p, out]``.
     """
     stack_first = lambda x: _stack_first(x, len(layer.stack))
-    a, g, block = stack_first(a), stack_first(g), jax.tree.map(stack_first, block)
-    if not layer.lookup and layer.bias is not None:
-        a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
+    a, g, block = layer.with_bias_input(stack_first(a)), stack_first(g), jax.tree.map(stack_first, block)
 
     def one(operands):
         a, g, block = operands
         if isinstance(block, tuple) and not layer.lookup and _per_position_is_cheaper(a.shape, g.shape, block):
             inputs = contract("cpi,qir->qcpr", a.astype(dtype), block[0])
             return jnp.sum(inputs * contract("cpo,qor->qcpr", g.astype(dtype), block[1]), axis=(2, 3))
-        if layer.lookup:  # the table's gradient: the output gradients added into the rows of their tokens
-            gradient = jax.vmap(lambda ids, g: jnp.zeros((layer.in_features, g.shape[-1]), g.dtype).at[ids].add(g))
-            gradient = gradient(a, g).astype(dtype)
-        else:
-            gradient = contract("cpi,cpo->cio", a, g).astype(dtype)
+        gradient = jax.vmap(layer.gradient)(a, g).astype(dtype)
         if not isinstance(block, tuple):
             return contract("cio,qio->qc", gradient, block)
         return _rebuilt_scores(gradient, *block, dtype, contract)

@@ -34,6 +34,7 @@ from hvpopt import _checks, sharding
 from hvpopt.influence.example_loss import example_loss
 from hvpopt.influence.factored import (
     FactoredDirections,
+    _gathered,
     factored_query_directions,
     factored_score_blocks,
     factored_self_score_blocks,
@@ -257,7 +258,4 @@ def _given_or_derived(loss_fn: Callable | None, model: tuple[Callable, Callable]
 
 @jax.jit(static_argnums=3)
 def _block(directions, gradients, num_train, sharding_of_scores):
-    scores = directions @ gradients.T / num_train
-    if sharding_of_scores is None:
-        return scores
-    return jax.lax.with_sharding_constraint(scores, sharding_of_scores)
+    return _gathered(directions @ gradients.T / num_train, sharding_of_scores)
